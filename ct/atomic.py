@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _replace_with(path: Path, write: Any) -> None:
+def write_via(path: Path, write: Any) -> None:
     """Write through `write(tmp_path)` into a temp file beside `path`, fsync, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -27,7 +27,11 @@ def _replace_with(path: Path, write: Any) -> None:
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
-    _replace_with(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_via(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    write_via(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -35,7 +39,7 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    _replace_with(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
+    write_via(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def append_line(path: str | os.PathLike[str], line: str) -> None:
