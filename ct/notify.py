@@ -1,0 +1,337 @@
+"""Mail the pipeline's news (best model, tuning result, failure). Standard library only.
+
+    python3 -m ct.notify --workspace W [--event best-model|tuned|failed] [--note TEXT] [--dry-run]
+
+Settings come from the environment: SMTP_HOST, SMTP_PORT (25; 465 = implicit TLS),
+SMTP_STARTTLS (0/1), SMTP_USER, SMTP_PASSWORD, NOTIFY_FROM, NOTIFY_TO (comma-separated).
+Without SMTP_HOST, or when sending fails, the message is kept in W/outbox/ as an .eml file.
+Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import smtplib
+import ssl
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+from ct import atomic, gate
+
+SMTP_TIMEOUT_S = 30
+SMTP_SSL_PORT = 465
+DEFAULT_FROM = "ct-pipeline@localhost"
+OUTBOX = "outbox"
+ATTACHMENTS = (gate.METRICS_FILE, gate.BEST_FILE)
+EVENTS = {
+    "best-model": "the best model is being created",
+    "tuned": "tuning finished",
+    "failed": "the pipeline failed",
+}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+class NotifyError(Exception):
+    """Bad settings or input; its text is the one line printed on stderr (exit 2)."""
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """The SMTP configuration, read once from the environment."""
+
+    host: str
+    port: int
+    starttls: bool
+    user: str
+    password: str = field(repr=False)
+    sender: str
+    recipients: tuple[str, ...]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SmtpSettings:
+        host = env.get("SMTP_HOST", "").strip()
+        recipients = tuple(a.strip() for a in env.get("NOTIFY_TO", "").split(",") if a.strip())
+        if host and not recipients:
+            raise NotifyError("SMTP_HOST is set but NOTIFY_TO is empty; set NOTIFY_TO=a@b[,c@d]")
+        return cls(
+            host=host,
+            port=_port(env.get("SMTP_PORT", "").strip() or "25"),
+            starttls=_flag("SMTP_STARTTLS", env.get("SMTP_STARTTLS", "")),
+            user=env.get("SMTP_USER", ""),
+            password=env.get("SMTP_PASSWORD", ""),
+            sender=env.get("NOTIFY_FROM", "").strip() or DEFAULT_FROM,
+            recipients=recipients,
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise NotifyError(f"SMTP_PORT {text!r} is not a port number; set it to e.g. 25, 587, 465")
+    return int(text)
+
+
+def _flag(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise NotifyError(f"{name} {text!r} is not 0 or 1; set {name}=0 or {name}=1")
+    return value in _TRUE
+
+
+# ---------------------------------------------------------------- what the message says
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the workspace tells about the run, read leniently where the event allows it."""
+
+    event: str
+    metrics: dict[str, Any] | None
+    metrics_problem: str
+    commit: str
+    best: dict[str, Any] | None
+    gate: dict[str, str]
+    promotion: dict[str, str]
+    note: str
+
+
+def read_facts(workspace: Path, event: str | None, note: str) -> Facts:
+    try:
+        metrics, problem = gate.load_metrics(workspace), ""
+    except gate.GateError as err:
+        if event != "failed":
+            raise NotifyError(str(err)) from None
+        metrics, problem = None, str(err)
+    try:
+        best = gate.load_best(workspace)
+    except gate.GateError:
+        best = None
+    if event is None:
+        event = "tuned" if metrics and metrics.get("mode") == "tune" else "best-model"
+    return Facts(
+        event=event,
+        metrics=metrics,
+        metrics_problem=problem,
+        commit=gate.read_commit(workspace, metrics),
+        best=best,
+        gate=gate.read_properties(workspace / gate.GATE_PROPERTIES),
+        promotion=gate.read_properties(workspace / gate.PROMOTION_PROPERTIES),
+        note=note,
+    )
+
+
+def short_commit(commit: str) -> str:
+    return commit[:7] if commit else "nocommit"
+
+
+def percent(value: Any) -> str:
+    return f"{gate.fmt_number(value)}%" if gate.is_percentage(value) else "n/a"
+
+
+def show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def subject(facts: Facts) -> str:
+    at = short_commit(facts.commit)
+    accuracy = percent(facts.metrics["accuracy"]) if facts.metrics else None
+    if facts.event == "failed":
+        tail = f": last accuracy {accuracy}" if accuracy else ""
+        return f"[CT] {EVENTS['failed']} at {at}{tail}"
+    return f"[CT] {EVENTS[facts.event]}: {accuracy} at {at}"
+
+
+def threshold_line(gate_props: Mapping[str, str]) -> str:
+    if "THRESHOLD" not in gate_props:
+        return "threshold:           not checked (no gate.properties)"
+    verdict = "passed" if gate_props.get("PASSED") == "true" else "below, tuning needed"
+    return (
+        f"threshold:           {gate_props['THRESHOLD']}% -> {verdict} "
+        f"(gate saw {gate_props.get('ACCURACY', '?')}%)"
+    )
+
+
+def summary_lines(facts: Facts) -> list[str]:
+    metrics = facts.metrics or {}
+    lines = [
+        f"accuracy:            {percent(metrics.get('accuracy'))}",
+        f"validation accuracy: {percent(metrics.get('val_accuracy'))}",
+        f"commit:              {facts.commit or 'unknown'}",
+        threshold_line(facts.gate),
+    ]
+    if facts.promotion:
+        promoted = facts.promotion.get("PROMOTED") == "true"
+        lines.append(f"promoted:            {'yes' if promoted else 'no'}")
+    if facts.best:
+        best = facts.best
+        lines.append(
+            f"best model:          {percent(best.get('accuracy'))} from run {best.get('run_id')}"
+            f" at {short_commit(best.get('commit') or '')} ({gate.BEST_MODEL})"
+        )
+    return lines
+
+
+def run_lines(metrics: Mapping[str, Any]) -> list[str]:
+    facts = [
+        ("run id", metrics.get("run_id")),
+        ("mode", metrics.get("mode")),
+        ("epochs", metrics.get("epochs")),
+        ("trials", metrics.get("trials")),
+        ("wall time (s)", metrics.get("wall_time_s")),
+        ("images/s", metrics.get("images_per_s")),
+        ("test loss", metrics.get("test_loss")),
+        ("device", metrics.get("device")),
+        ("torch", metrics.get("torch")),
+        ("run dir", metrics.get("run_dir")),
+        ("model", metrics.get("model")),
+    ]
+    return [f"  {name}: {show(value)}" for name, value in facts if value is not None]
+
+
+def body(facts: Facts) -> str:
+    lines = [f"{EVENTS[facts.event][0].upper()}{EVENTS[facts.event][1:]}.", ""]
+    if facts.note:
+        lines += [facts.note, ""]
+    if facts.metrics_problem:
+        lines += [f"No usable run summary: {facts.metrics_problem}", ""]
+    lines += summary_lines(facts)
+    if facts.metrics:
+        params = gate.run_params(facts.metrics)
+        lines += ["", "parameters:"] + [f"  {k} = {show(params[k])}" for k in sorted(params)]
+        lines += ["", "run:", *run_lines(facts.metrics)]
+    return "\n".join(lines) + "\n"
+
+
+def build_message(workspace: Path, facts: Facts, settings: SmtpSettings) -> EmailMessage:
+    msg = EmailMessage()
+    msg["Subject"] = subject(facts)
+    msg["From"] = settings.sender
+    if settings.recipients:
+        msg["To"] = ", ".join(settings.recipients)
+    msg["Date"] = formatdate(usegmt=True)
+    msg["Message-ID"] = make_msgid(domain=settings.sender.rpartition("@")[2] or "localhost")
+    msg.set_content(body(facts))
+    for name in ATTACHMENTS:
+        path = workspace / name
+        if path.is_file():
+            data = path.read_bytes()
+            msg.add_attachment(data, maintype="application", subtype="json", filename=name)
+    return msg
+
+
+# ---------------------------------------------------------------- where the message goes
+
+
+def keep_in_outbox(workspace: Path, msg: EmailMessage, commit: str) -> Path:
+    """Write the message to W/outbox/<UTC time>-<commit7>.eml, never over an older one."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"{stamp}-{short_commit(commit)}"
+    path = workspace / OUTBOX / f"{stem}.eml"
+    count = 1
+    while path.exists():
+        count += 1
+        path = workspace / OUTBOX / f"{stem}-{count}.eml"
+    atomic.write_bytes(path, msg.as_bytes())
+    return path
+
+
+def send(msg: EmailMessage, settings: SmtpSettings) -> None:
+    """Deliver through the configured server; raises OSError or smtplib.SMTPException."""
+    client: smtplib.SMTP
+    if settings.port == SMTP_SSL_PORT:
+        context = ssl.create_default_context()
+        client = smtplib.SMTP_SSL(
+            settings.host, settings.port, timeout=SMTP_TIMEOUT_S, context=context
+        )
+    else:
+        client = smtplib.SMTP(settings.host, settings.port, timeout=SMTP_TIMEOUT_S)
+    with client:
+        if settings.starttls and settings.port != SMTP_SSL_PORT:
+            client.starttls(context=ssl.create_default_context())
+        if settings.user:
+            client.login(settings.user, settings.password)
+        client.send_message(msg, from_addr=settings.sender, to_addrs=list(settings.recipients))
+
+
+def describe_failure(err: Exception, settings: SmtpSettings) -> str:
+    text = f"{type(err).__name__}: {err}".replace("\n", " ")
+    return text.replace(settings.password, "***") if settings.password else text
+
+
+def deliver(workspace: Path, msg: EmailMessage, facts: Facts, settings: SmtpSettings) -> int:
+    if not settings.host:
+        path = keep_in_outbox(workspace, msg, facts.commit)
+        print(f"ct.notify: no SMTP_HOST set; message kept in {path}")
+        return 0
+    try:
+        send(msg, settings)
+    except (OSError, smtplib.SMTPException) as err:
+        path = keep_in_outbox(workspace, msg, facts.commit)
+        reason = describe_failure(err, settings)
+        print(
+            f"ct.notify: mailing via {settings.address} failed ({reason}); message kept in {path}",
+            file=sys.stderr,
+        )
+        return 1
+    recipients = ", ".join(settings.recipients)
+    print(f"ct.notify: mailed {recipients} via {settings.address}: {msg['Subject']}")
+    return 0
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ct.notify", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        default=os.environ.get("CT_WORKSPACE"),
+        help="the pipeline workspace (default: $CT_WORKSPACE)",
+    )
+    parser.add_argument(
+        "--event",
+        choices=sorted(EVENTS),
+        help="what happened (default: tuned for a tune run, else best-model)",
+    )
+    parser.add_argument("--note", default="", help="a line to put at the top of the body")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the message instead of sending or keeping it"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workspace is None:
+        parser.error("--workspace is required (or set CT_WORKSPACE)")
+    workspace = Path(args.workspace)
+    try:
+        if not workspace.is_dir():
+            raise NotifyError(f"workspace {workspace} is not a directory; check --workspace")
+        settings = SmtpSettings.from_env(os.environ)
+        facts = read_facts(workspace, args.event, args.note)
+        msg = build_message(workspace, facts, settings)
+    except NotifyError as err:
+        print(f"ct.notify: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(msg.as_string())
+        return 0
+    return deliver(workspace, msg, facts, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
