@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# job3 train: run the training image (or, on the local runtime, train.py on the host) on the
+# workspace, stream its log, and record how it ended in status/train.properties (exit code,
+# OOM-killed). Exit 0 when training finished; 1 when it failed (job6 restarts it).
+#
+#   scripts/job3-train.sh            (extra train.py flags: CT_TRAIN_ARGS)
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+require_workspace_code
+resolve_runtime
+ensure_data
+
+image=local
+if [[ "$CT_RUNTIME" == docker ]]; then
+  image="$(props_get "$CT_WORKSPACE/status/image.properties" TRAIN_IMAGE)"
+  if [[ -z "$image" || "$image" == local ]] || ! docker image inspect "$image" >/dev/null 2>&1; then
+    image="$(ensure_image train)"
+  fi
+fi
+
+read -ra args <<<"$CT_TRAIN_ARGS"
+start_process train "$image" "${args[@]}"
+code=0
+follow train || code=$?
+state="$(state_file train)"
+if ((code != 0)); then
+  die "training ended with exit code $code (OOM-killed: $(props_get "$state" OOM_KILLED)); job6 (scripts/job6-monitor.sh) restarts it from its last checkpoint"
+fi
+log "training finished: accuracy $(cat "$CT_WORKSPACE/accuracy.txt" 2>/dev/null || echo '?')%"

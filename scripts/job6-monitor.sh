@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# job6 monitor + weekly retrain.
+#
+#   scripts/job6-monitor.sh [monitor] [--follow]
+#       One monitor cycle: a training or tuning process of this workspace that failed (non-zero
+#       exit, OOM-killed) or vanished is started again (`docker start` of the same container, or a
+#       new one with the same image and flags when it is gone); train.py resumes from the last
+#       checkpoint. At most CT_MAX_RESTARTS restarts per run, then it reports that it gives up
+#       (exit 1). --follow streams the restarted run to its end and retries within that limit
+#       (what scripts/pipeline.sh uses); without it, the cycle returns at once (Jenkins, every 5 min).
+#   scripts/job6-monitor.sh weekly
+#       Retrain: POST $JENKINS_URL/job/$CT_RETRAIN_JOB/build?token=$CT_TRIGGER_TOKEN with the
+#       API credentials JENKINS_USER / JENKINS_API_TOKEN (all from the environment).
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+weekly() {
+  [[ -n "$JENKINS_USER" && -n "$JENKINS_API_TOKEN" && -n "$CT_TRIGGER_TOKEN" ]] ||
+    die "the weekly retrain needs JENKINS_USER, JENKINS_API_TOKEN and CT_TRIGGER_TOKEN in the environment" 2
+  local url="${JENKINS_URL%/}/job/$CT_RETRAIN_JOB/build" status
+  # Credentials go to curl on stdin, not on its command line (which other users can read).
+  status="$(printf 'user = "%s:%s"\n' "$JENKINS_USER" "$JENKINS_API_TOKEN" |
+    curl -sS -K - -o /dev/null -w '%{http_code}' --max-time 30 -X POST -G \
+      --data-urlencode "token=$CT_TRIGGER_TOKEN" "$url")" ||
+    die "weekly retrain: cannot reach $url"
+  [[ "$status" =~ ^2 ]] || die "weekly retrain: $url answered HTTP $status"
+  log "weekly retrain requested: POST $url -> HTTP $status"
+}
+
+# observe ROLE: print "running", "ok", "gave-up" or "failed <reason>".
+observe() {
+  local file name
+  file="$(state_file "$1")"
+  name="$(props_get "$file" CONTAINER)"
+  if [[ "$(props_get "$file" STATUS)" == gave-up ]]; then echo gave-up; return; fi
+  if [[ "$(props_get "$file" RUNTIME)" == docker ]]; then
+    local st code oom
+    if ! read -r st code oom < <(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}' "$name" 2>/dev/null); then
+      if [[ "$(props_get "$file" EXIT_CODE)" == 0 ]]; then echo ok; else echo "failed vanished (no container $name)"; fi
+      return
+    fi
+    case "$st" in
+      running | restarting | created) echo running ;;
+      *)
+        if [[ "$code" == 0 && "$oom" == false ]]; then
+          echo ok
+        else
+          echo "failed exit code $code, OOM-killed $oom"
+        fi
+        ;;
+    esac
+  else
+    local pid="${name#pid-}" code
+    code="$(props_get "$file" EXIT_CODE)"
+    if [[ "$(props_get "$file" STATUS)" == running ]]; then
+      if kill -0 "$pid" 2>/dev/null; then echo running; else echo "failed vanished (process $pid gone)"; fi
+    elif [[ "$code" == 0 ]]; then
+      echo ok
+    else
+      echo "failed exit code ${code:-?}"
+    fi
+  fi
+}
+
+# restart ROLE: start the same run again (train.py resumes from its last checkpoint); sets SINCE.
+# Runs in this shell, not in $(...): a local process must stay this shell's child to be followed.
+restart() {
+  local role="$1" file name
+  file="$(state_file "$role")"
+  name="$(props_get "$file" CONTAINER)"
+  SINCE="$(date -u +%FT%TZ)"
+  if [[ "$(props_get "$file" RUNTIME)" == docker ]] && docker inspect "$name" >/dev/null 2>&1; then
+    docker start "$name" >/dev/null || die "docker start $name failed"
+  else
+    local args=()
+    eval "args=($(props_get "$file" ARGS))"
+    CT_RUNTIME="$(props_get "$file" RUNTIME)"
+    export CT_RUNTIME
+    launch "$role" "$(props_get "$file" IMAGE)" "${args[@]}"
+    props_set "$file" CONTAINER "$LAUNCHED"
+  fi
+  props_set "$file" STATUS running EXIT_CODE "" OOM_KILLED "" FINISHED_AT ""
+}
+
+monitor_role() { # ROLE FOLLOW: 0 when fine or restarted, 1 when it gives up
+  local role="$1" follow="$2" file state restarts name
+  file="$(state_file "$role")"
+  [[ -f "$file" ]] || return 0
+  name="$(props_get "$file" CONTAINER)"
+  # Bounded: every pass either returns or uses up one of CT_MAX_RESTARTS restarts.
+  while true; do
+    state="$(observe "$role")"
+    restarts="$(props_get "$file" RESTARTS)"
+    case "$state" in
+      running) log "$role: $name is running (restarts so far: ${restarts:-0})"; return 0 ;;
+      ok) log "$role: $name finished"; return 0 ;;
+      gave-up) log "$role: gave up on $name earlier; a new run (job3/job5) resets this"; return 0 ;;
+    esac
+    if ((${restarts:-0} >= CT_MAX_RESTARTS)); then
+      props_set "$file" STATUS gave-up
+      log "giving up on $role $name: ${state#failed } after ${restarts:-0} restart(s) (CT_MAX_RESTARTS=$CT_MAX_RESTARTS)"
+      return 1
+    fi
+    restarts=$((${restarts:-0} + 1))
+    props_set "$file" RESTARTS "$restarts"
+    log "$role: $name ${state#failed }: restarting it ($restarts of $CT_MAX_RESTARTS), resuming from its last checkpoint"
+    restart "$role"
+    name="$(props_get "$file" CONTAINER)"
+    [[ "$follow" == 1 ]] || return 0
+    follow "$role" "$SINCE" || true
+  done
+}
+
+mode="${1:-monitor}"
+follow_flag=0
+for arg in "${@:2}"; do
+  case "$arg" in
+    --follow) follow_flag=1 ;;
+    *) die "usage: job6-monitor.sh [monitor [--follow] | weekly]" 2 ;;
+  esac
+done
+case "$mode" in
+  weekly) weekly ;;
+  monitor)
+    require_uint CT_MAX_RESTARTS "$CT_MAX_RESTARTS"
+    resolve_runtime
+    rc=0
+    for role in train tune; do monitor_role "$role" "$follow_flag" || rc=1; done
+    exit "$rc"
+    ;;
+  *) die "usage: job6-monitor.sh [monitor [--follow] | weekly]" 2 ;;
+esac

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The local chain runner: the six jobs in Jenkins' order, without Jenkins (what `make run` runs).
+#
+#   scripts/pipeline.sh [REPO [REF]]    (default: CT_REPO_URL = this checkout, CT_GIT_REF = HEAD)
+#
+# job1 pull -> job2 image -> job3 train -> (failed: job6 monitor --follow) -> job4 gate
+#   -> (below the threshold: job5 tune). Exit 0 when the chain went through.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+here="$(cd "$(dirname "$0")" && pwd)"
+resolve_runtime
+log "runtime: $CT_RUNTIME; workspace: $CT_WORKSPACE; threshold: $CT_THRESHOLD%"
+
+step() { # SCRIPT ARGS...: run one job, timing it
+  local t0=$SECONDS rc=0
+  log "---- $1 $*"
+  "$here/$1" "${@:2}" || rc=$?
+  log "---- $1 exit $rc after $((SECONDS - t0)) s"
+  return "$rc"
+}
+
+step job1-pull.sh "$@" >/dev/null
+step job2-image.sh >/dev/null
+if ! step job3-train.sh; then
+  log "training failed: job6 restarts it (at most CT_MAX_RESTARTS=$CT_MAX_RESTARTS times)"
+  step job6-monitor.sh monitor --follow || die "training failed and job6 gave up; see $(state_file train)"
+fi
+step job4-gate.sh
+if [[ "$(props_get "$CT_WORKSPACE/gate.properties" PASSED)" != true ]]; then
+  if ! step job5-tune.sh; then
+    log "tuning failed: job6 restarts it"
+    step job6-monitor.sh monitor --follow || die "tuning failed and job6 gave up; see $(state_file tune)"
+    ct_py ct.gate promote --workspace "$CT_WORKSPACE"
+    ct_py ct.notify --workspace "$CT_WORKSPACE" --event tuned
+  fi
+fi
+best="$(props_get "$CT_WORKSPACE/promotion.properties" BEST_ACCURACY)"
+log "done: commit $(current_commit), accuracy $(cat "$CT_WORKSPACE/accuracy.txt")%, best model ${best:-?}% ($CT_WORKSPACE/best.json)"

@@ -1,0 +1,274 @@
+"""A real Docker engine for the tests, and a base image built without a registry.
+
+There is no registry here, so the base image is made from scratch and cached between runs under
+``${CT_TEST_CACHE:-/var/cache/ct-tests}`` (outside the clone):
+
+1. ``debootstrap --variant=minbase bookworm`` into a rootfs, kept as a tarball;
+2. ``docker import`` of that tarball;
+3. ``docker build --network host`` on it: python3 + a venv with the local CPU torch wheel and numpy
+   from PyPI (the host's CA bundle is copied into a temporary build context, never into the repo).
+
+The engine itself is a ``dockerd`` started with its data root in the cache (so images survive the
+run) and stopped by PID when the last pytest session using it ends. Run this module directly to
+warm the cache: ``python -m tests.docker_engine``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE = Path(os.environ.get("CT_TEST_CACHE", "/var/cache/ct-tests"))
+RUN_DIR = Path(os.environ.get("CT_TEST_RUN_DIR", "/run/ct-tests"))
+MIRROR = os.environ.get("CT_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+WHEEL_DIR = Path(os.environ.get("CT_TEST_WHEEL_DIR", "/opt/wheels"))
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+ROOTFS_IMAGE = "ct-test-rootfs:bookworm"
+
+BASE_DOCKERFILE = """\
+FROM {rootfs}
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \\
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates passwd \\
+ && rm -rf /var/lib/apt/lists/*
+COPY host-ca.crt {wheel} /tmp/build/
+RUN python3 -m venv /opt/venv \\
+ && PIP_CERT=/tmp/build/host-ca.crt /opt/venv/bin/pip install --no-cache-dir \\
+      /tmp/build/{wheel} "numpy>=1.26" \\
+ && rm -rf /tmp/build
+ENV PATH=/opt/venv/bin:$PATH
+"""
+
+
+class EngineUnavailable(RuntimeError):
+    """No Docker engine could be reached or started; the message says why."""
+
+
+@dataclass
+class Engine:
+    host: str  # DOCKER_HOST value
+    base_image: str  # a BASE_IMAGE for Dockerfile.train / Dockerfile.tune
+    started_here: bool
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "DOCKER_HOST": self.host, "DOCKER_BUILDKIT": "0"}
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 600) -> str:
+        proc = subprocess.run(
+            ["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+
+def _log(msg: str) -> None:
+    print(f"[docker_engine] {msg}", file=sys.stderr, flush=True)
+
+
+def _answers(host: str) -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        proc = subprocess.run(
+            ["docker", "version", "--format", "{{.Server.Version}}"],
+            env={**os.environ, "DOCKER_HOST": host},
+            capture_output=True,
+            timeout=10,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0
+
+
+def _socket_host() -> str:
+    return f"unix://{RUN_DIR / 'docker.sock'}"
+
+
+def _start_dockerd() -> None:
+    if shutil.which("dockerd") is None:
+        raise EngineUnavailable(
+            "no Docker engine answers and dockerd is not installed "
+            "(apt-get install -y docker.io debootstrap)"
+        )
+    if os.geteuid() != 0:
+        raise EngineUnavailable("no Docker engine answers and starting dockerd needs root")
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    (CACHE / "docker").mkdir(parents=True, exist_ok=True)
+    log = open(CACHE / "dockerd.log", "ab")  # noqa: SIM115 - handed to the daemon
+    subprocess.Popen(
+        [
+            "dockerd",
+            "--data-root", str(CACHE / "docker"),
+            "--exec-root", str(RUN_DIR / "exec"),
+            "--pidfile", str(RUN_DIR / "dockerd.pid"),
+            "-H", _socket_host(),
+            "--storage-driver=overlay2",
+            "--iptables=false",
+            "--ip6tables=false",
+        ],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if _answers(_socket_host()):
+            return
+        time.sleep(0.3)
+    raise EngineUnavailable(f"dockerd did not answer within 60 s; see {CACHE / 'dockerd.log'}")
+
+
+def _stop_dockerd() -> None:
+    pidfile = RUN_DIR / "dockerd.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 15)
+    for _ in range(150):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+
+
+def _rootfs_tar() -> Path:
+    tar = CACHE / "bookworm-minbase.tar"
+    if tar.exists():
+        return tar
+    if shutil.which("debootstrap") is None:
+        raise EngineUnavailable("debootstrap is not installed (apt-get install -y debootstrap)")
+    _log(f"debootstrap bookworm from {MIRROR} (once; cached as {tar})")
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), MIRROR],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        part = CACHE / "bookworm-minbase.tar.part"
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(part), "."], check=True)
+        part.replace(tar)
+    return tar
+
+
+def _wheel() -> Path:
+    wheels = sorted(WHEEL_DIR.glob("torch-*+cpu-cp311-*.whl"))
+    if not wheels:
+        raise EngineUnavailable(f"no CPU torch wheel for cp311 in {WHEEL_DIR}")
+    return wheels[-1]
+
+
+def _has_image(engine: Engine, name: str) -> bool:
+    out = engine.docker("images", "-q", name, check=False)
+    return bool(out.strip())
+
+
+def ensure_base_image(engine: Engine) -> str:
+    """Build (once) and return the name of a base image with python + CPU torch + numpy."""
+    wheel = _wheel()
+    recipe = BASE_DOCKERFILE.format(rootfs=ROOTFS_IMAGE, wheel=wheel.name)
+    tag = "ct-test-base:" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    if _has_image(engine, tag):
+        return tag
+    if not _has_image(engine, ROOTFS_IMAGE):
+        tar = _rootfs_tar()
+        _log(f"docker import {tar.name} -> {ROOTFS_IMAGE}")
+        with open(tar, "rb") as handle:
+            subprocess.run(
+                ["docker", "import", "-", ROOTFS_IMAGE],
+                stdin=handle,
+                env=engine.env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+    _log(f"docker build {tag} (python3 + {wheel.name} + numpy; once)")
+    with tempfile.TemporaryDirectory(dir=CACHE) as ctx:
+        ctx_path = Path(ctx)
+        (ctx_path / "Dockerfile").write_text(recipe)
+        shutil.copyfile(HOST_CA, ctx_path / "host-ca.crt")
+        try:
+            os.link(wheel, ctx_path / wheel.name)
+        except OSError:
+            shutil.copyfile(wheel, ctx_path / wheel.name)
+        proc = subprocess.run(
+            ["docker", "build", "--network", "host", "-t", tag, str(ctx_path)],
+            env=engine.env,
+            capture_output=True,
+            text=True,
+        )
+    if proc.returncode != 0:
+        raise EngineUnavailable(f"base image build failed:\n{proc.stdout[-3000:]}{proc.stderr}")
+    return tag
+
+
+@contextlib.contextmanager
+def engine_session() -> Engine:
+    """Yield a running engine with the base image; stop dockerd if this was its last user.
+
+    Several pytest sessions may share the daemon: each holds a shared lock on a file for its
+    lifetime; whoever can take it exclusively at the end is the last one and stops the daemon.
+    """
+    CACHE.mkdir(parents=True, exist_ok=True)
+    users = open(CACHE / "engine.users", "a+")  # noqa: SIM115 - lock held for the session
+    setup = open(CACHE / "engine.setup.lock", "a+")  # noqa: SIM115
+    started = False
+    try:
+        fcntl.flock(setup, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(users, fcntl.LOCK_SH)
+            host = os.environ.get("DOCKER_HOST") or _socket_host()
+            if not _answers(host):
+                host = _socket_host()
+                if not _answers(host):
+                    _start_dockerd()
+                    started = True
+            engine = Engine(host=host, base_image="", started_here=started)
+            engine.base_image = ensure_base_image(engine)
+        finally:
+            fcntl.flock(setup, fcntl.LOCK_UN)
+        yield engine
+    finally:
+        fcntl.flock(setup, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(users, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                last = True
+            except BlockingIOError:
+                last = False
+            if last and (RUN_DIR / "dockerd.pid").exists() and _answers(_socket_host()):
+                _stop_dockerd()
+            fcntl.flock(users, fcntl.LOCK_UN)
+        finally:
+            fcntl.flock(setup, fcntl.LOCK_UN)
+            users.close()
+            setup.close()
+
+
+if __name__ == "__main__":
+    t0 = time.monotonic()
+    with engine_session() as eng:
+        print(f"DOCKER_HOST={eng.host}")
+        print(f"BASE_IMAGE={eng.base_image}")
+        print(f"ready in {time.monotonic() - t0:.1f} s")
+        if "--keep" in sys.argv:
+            # leave the daemon running for interactive use: hold the user lock until killed
+            print("holding the engine; Ctrl-C to stop", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
