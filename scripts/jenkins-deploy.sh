@@ -19,11 +19,13 @@ die() { echo "jenkins-deploy: $*" >&2; exit 2; }
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mode=update
 out=
+# The JJB definitions; jenkins/ also holds casc.yaml and docker-compose.yml, which are not JJB.
+jobs=$repo/jenkins/jobs.yaml
 case "${1:-}" in
   "") ;;
   --test)
     [[ -n "${2:-}" ]] || die "--test needs an output folder"
-    mode=test
+    mode="test"
     out=$2
     ;;
   -h | --help)
@@ -66,10 +68,10 @@ printf '%s' "$token" >"$tmp/ct-trigger-token"
 
 if [[ "$mode" == test ]]; then
   mkdir -p "$out"
-  "$jjb" --conf "$tmp/jenkins_jobs.ini" -l warning test -o "$out" "$repo/jenkins"
+  "$jjb" --conf "$tmp/jenkins_jobs.ini" -l warning test -o "$out" "$jobs"
   echo "jenkins-deploy: rendered $(find "$out" -maxdepth 1 -type f | wc -l) items into $out"
 else
   JJB_USER=$JENKINS_USER JJB_PASSWORD=$JENKINS_API_TOKEN \
-    "$jjb" --conf "$tmp/jenkins_jobs.ini" -l info update "$repo/jenkins"
+    "$jjb" --conf "$tmp/jenkins_jobs.ini" -l info update "$jobs"
   echo "jenkins-deploy: jobs and view updated on $JENKINS_URL"
 fi
