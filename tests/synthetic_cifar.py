@@ -49,7 +49,8 @@ def make_cifar(root: Path, per_batch: int = 200, test: int = 200, seed: int = 0)
     for i in range(1, 6):
         labels = rng.permutation(np.arange(per_batch) % 10)
         _write_batch(folder / f"data_batch_{i}", labels, rng, f"training batch {i} of 5")
-    _write_batch(folder / "test_batch", rng.permutation(np.arange(test) % 10), rng, "testing batch 1 of 1")
+    test_labels = rng.permutation(np.arange(test) % 10)
+    _write_batch(folder / "test_batch", test_labels, rng, "testing batch 1 of 1")
     meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": per_batch,
             b"num_vis": 3072}
     with open(folder / "batches.meta", "wb") as handle:
