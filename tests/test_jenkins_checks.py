@@ -1,0 +1,173 @@
+"""Checks on the Jenkins job XML that Jenkins Job Builder renders from jenkins/jobs.yaml (no tests
+here: the helpers of tests/test_jenkins.py, named so because that is where Jenkins checks live).
+
+Used by tests/test_jenkins.py on the real definitions and on deliberately broken copies, so that a
+job naming a missing script or an unlisted plugin is caught.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+JENKINS = REPO / "jenkins"
+JOBS_YAML = JENKINS / "jobs.yaml"
+PLUGINS_TXT = JENKINS / "plugins.txt"
+
+# Java class-name prefixes -> the plugin that provides them. Core classes map to None. A class that
+# matches nothing here is reported, so a new module in jobs.yaml forces a look at plugins.txt.
+CLASS_PLUGINS: dict[str, str | None] = {
+    "hudson.model.": None,
+    "hudson.tasks.Shell": None,
+    "hudson.tasks.ArtifactArchiver": None,
+    "hudson.tasks.LogRotator": None,
+    "hudson.tasks.BuildTrigger": None,
+    "hudson.triggers.SCMTrigger": None,
+    "hudson.triggers.TimerTrigger": None,
+    "hudson.scm.NullSCM": None,
+    "jenkins.model.BuildDiscarderProperty": None,
+    "java.util.": None,
+    "string-array": None,
+    "hudson.plugins.git.": "git",
+    "com.cloudbees.jenkins.GitHubPushTrigger": "github",
+    "com.coravy.hudson.plugins.github.": "github",
+    "hudson.plugins.parameterizedtrigger.": "parameterized-trigger",
+    "org.jenkinsci.plugins.conditionalbuildstep.": "conditional-buildstep",
+    "org.jenkins_ci.plugins.run_condition.": "run-condition",
+    "hudson.plugins.build_timeout.": "build-timeout",
+    "hudson.plugins.build__timeout.": "build-timeout",
+    "hudson.plugins.plot.": "plot",
+    "hudson.plugins.emailext.": "email-ext",
+    "org.jenkinsci.plugins.credentialsbinding.": "credentials-binding",
+    "org.jenkinsci.plugins.parameterizedscheduler.": "parameterized-scheduler",
+    "au.com.centrumsystems.hudson.plugin.buildpipeline.": "build-pipeline-plugin",
+}
+
+# Plugins the controller needs that no job XML names: the one that reads casc.yaml.
+CONTROLLER_PLUGINS = {"configuration-as-code"}
+
+# Token macros (expanded by the token-macro plugin) that the jobs use in text fields.
+TOKEN_MACROS = {"PROPFILE": "token-macro", "FILE": "email-ext"}
+
+PINNED = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+):(?P<version>[0-9][A-Za-z0-9_.+-]*)$")
+SCRIPT_CALL = re.compile(r"(?:^|\s)(?:exec\s+)?(scripts/[A-Za-z0-9_.-]+\.sh)\b", re.M)
+CLASSY = re.compile(r"^[a-z][\w$]*(\.[\w$]+)+$")
+
+
+def jenkins_jobs_bin() -> str:
+    local = Path(sys.executable).with_name("jenkins-jobs")
+    return str(local) if local.exists() else "jenkins-jobs"
+
+
+def render(jobs_yaml: Path, out: Path, token: str) -> dict[str, ET.Element]:
+    """Render with the real `jenkins-jobs test`, the token on the include path like the deploy."""
+    inc = out.parent / (out.name + "-include")
+    inc.mkdir(parents=True, exist_ok=True)
+    (inc / "ct-trigger-token").write_text(token)
+    conf = out.parent / (out.name + ".ini")
+    conf.write_text(
+        f"[job_builder]\ninclude_path={inc}\nkeep_descriptions=False\n"
+        "[jenkins]\nurl=http://localhost:8080/\nquery_plugins_info=False\n"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [jenkins_jobs_bin(), "--conf", str(conf), "-l", "error", "test", "-o", str(out),
+         str(jobs_yaml)],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"jenkins-jobs test failed:\n{proc.stdout}\n{proc.stderr}")
+    return {p.name: ET.parse(p).getroot() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def read_plugins(path: Path = PLUGINS_TXT) -> tuple[dict[str, str], list[str]]:
+    """name -> version, and the lines that are not pinned name:version."""
+    plugins: dict[str, str] = {}
+    bad: list[str] = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = PINNED.match(line)
+        if m:
+            plugins[m["name"]] = m["version"]
+        else:
+            bad.append(line)
+    return plugins, bad
+
+
+def plugin_for_class(name: str) -> tuple[bool, str | None]:
+    """(known, plugin) for a Java class name, by the longest matching prefix."""
+    best = None
+    for prefix in CLASS_PLUGINS:
+        if name.startswith(prefix) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    if best is None:
+        return False, None
+    return True, CLASS_PLUGINS[best]
+
+
+def plugins_used(xml: dict[str, ET.Element]) -> tuple[set[str], set[str]]:
+    """Plugins the rendered XML needs, and class names that no mapping explains."""
+    used: set[str] = set()
+    unknown: set[str] = set()
+    for root in xml.values():
+        for el in root.iter():
+            plugin_attr = el.get("plugin")
+            if plugin_attr:
+                used.add(plugin_attr.split("@", 1)[0])
+            for name in (el.tag, el.get("class") or ""):
+                if not CLASSY.match(name):
+                    continue
+                known, plugin = plugin_for_class(name)
+                if not known:
+                    unknown.add(name)
+                elif plugin:
+                    used.add(plugin)
+            for macro, plugin in TOKEN_MACROS.items():
+                if el.text and "${" + macro in el.text:
+                    used.add(plugin)
+    return used, unknown
+
+
+def shell_commands(root: ET.Element) -> list[str]:
+    return [el.findtext("command") or "" for el in root.iter("hudson.tasks.Shell")]
+
+
+def script_problems(xml: dict[str, ET.Element], repo: Path = REPO) -> list[str]:
+    """Every shell step calls exactly one script under scripts/, which exists and is executable."""
+    problems = []
+    for name, root in xml.items():
+        for command in shell_commands(root):
+            calls = SCRIPT_CALL.findall(command)
+            if len(calls) != 1:
+                problems.append(f"{name}: shell step should call one script, calls {calls}")
+                continue
+            path = repo / calls[0]
+            if not path.is_file():
+                problems.append(f"{name}: {calls[0]} does not exist")
+            elif not os.access(path, os.X_OK):
+                problems.append(f"{name}: {calls[0]} is not executable")
+    return problems
+
+
+def plugin_problems(xml: dict[str, ET.Element], plugins_txt: Path = PLUGINS_TXT) -> list[str]:
+    listed, unpinned = read_plugins(plugins_txt)
+    used, unknown = plugins_used(xml)
+    problems = [f"plugins.txt line not pinned as name:version: {line}" for line in unpinned]
+    problems += [f"class {c} belongs to no known plugin (extend CLASS_PLUGINS)" for c in unknown]
+    needed = used | CONTROLLER_PLUGINS
+    problems += [f"plugin {p} is used but not in plugins.txt" for p in sorted(needed - set(listed))]
+    problems += [f"plugin {p} is in plugins.txt but unused" for p in sorted(set(listed) - needed)]
+    return problems
+
+
+def check(xml: dict[str, ET.Element], repo: Path = REPO,
+          plugins_txt: Path = PLUGINS_TXT) -> list[str]:
+    return script_problems(xml, repo) + plugin_problems(xml, plugins_txt)
