@@ -94,7 +94,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, allow_abbrev=False,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("where and how")
     run.add_argument("--out", type=Path, default=Path("."), help="workspace to write into")
     run.add_argument("--data-dir", type=Path, help="folder with CIFAR-10 (default: OUT/data)")
@@ -333,7 +334,8 @@ def train_run(run_dir: Path, cfg: dict[str, Any], split: Split, rt: Runtime, log
         start_epoch, train_seconds, history = ckpt["epoch"], ckpt["train_seconds"], ckpt["history"]
         log(f"resuming {run_dir.name} from its checkpoint after epoch {start_epoch}")
     max_batches = DRY_RUN_BATCHES if dry_run else None
-    for epoch in range(start_epoch, cfg["epochs"]):
+    last_epoch = min(start_epoch + 1, cfg["epochs"]) if dry_run else cfg["epochs"]
+    for epoch in range(start_epoch, last_epoch):
         if deadline is not None and time.monotonic() > deadline:
             log(f"time budget spent; {run_dir.name} stops after epoch {epoch} (resumable)")
             return {"stopped": True, "epochs_done": epoch}

@@ -1,0 +1,78 @@
+"""The CIFAR-10 loader: both on-disk forms, every check, the real copy when present."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ct.data import DataError, load_cifar, locate
+from tests.conftest import SHARED_CIFAR
+from tests.synthetic_cifar import make_cifar_archive
+
+
+def test_folder_loads_as_uint8_tensors(tiny_cifar_root: Path) -> None:
+    data = load_cifar(tiny_cifar_root)
+    assert data.train_x.shape == (1000, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.test_x.shape == (200, 3, 32, 32)
+    assert data.train_y.dtype == torch.int64 and set(data.train_y.tolist()) == set(range(10))
+    assert data.classes[0] == "airplane" and len(data.classes) == 10
+
+
+def test_archive_is_read_in_place_and_equals_folder(tmp_path: Path, tiny_cifar_root: Path) -> None:
+    archive = make_cifar_archive(tmp_path / "arch", per_batch=200, test=200)
+    shutil.rmtree(tmp_path / "arch" / "staging")
+    from_archive = load_cifar(archive.parent)
+    assert from_archive.source.endswith("cifar-10-python.tar.gz")
+    assert not (archive.parent / "cifar-10-batches-py").exists(), "the archive must not be unpacked"
+    assert torch.equal(from_archive.train_x, load_cifar(tiny_cifar_root).train_x)
+
+
+def test_missing_dataset_names_what_it_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"cifar-10-batches-py/ or cifar-10-python.tar.gz"):
+        locate(tmp_path)
+
+
+def _rewrite(path: Path, change: dict) -> None:
+    batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    batch.update(change)
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "data_batch_3").unlink(), "data_batch_3 is missing"),
+        (lambda f: (f / "test_batch").write_bytes(b"not a pickle"), "not a readable CIFAR-10"),
+        (lambda f: _rewrite(f / "data_batch_1", {b"labels": [11] * 200}), "labels outside 0..9"),
+        (lambda f: _rewrite(f / "data_batch_2", {b"labels": [1] * 199}), "199 labels for 200"),
+        (lambda f: _rewrite(f / "test_batch", {b"data": b"x" * 10}), "expected uint8"),
+        (lambda f: _rewrite(f / "test_batch", {b"labels": [0] * 200}), "no image of class"),
+        (lambda f: (f / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"]})),
+         "names 1 classes"),
+    ],
+)
+def test_damaged_dataset_fails_its_check(tiny_cifar: Path, damage, message: str) -> None:
+    damage(tiny_cifar / "cifar-10-batches-py")
+    with pytest.raises(DataError, match=message):
+        load_cifar(tiny_cifar)
+
+
+def test_truncated_archive_is_reported(tmp_path: Path) -> None:
+    archive = make_cifar_archive(tmp_path, per_batch=50, test=50)
+    shutil.rmtree(tmp_path / "staging")
+    archive.write_bytes(archive.read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"not a readable tar\.gz|lacks|not a readable CIFAR"):
+        load_cifar(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"no CIFAR-10 copy at {SHARED_CIFAR}")
+def test_real_cifar_copy_passes_the_check() -> None:
+    data = load_cifar(SHARED_CIFAR.parent)
+    assert data.train_x.shape == (50000, 3, 32, 32) and data.test_x.shape == (10000, 3, 32, 32)
+    assert torch.bincount(data.test_y).tolist() == [1000] * 10
+    assert torch.bincount(data.train_y).tolist() == [5000] * 10

@@ -1,0 +1,215 @@
+"""train.py end to end on the small synthetic set: outputs, resume, dry run, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, SHARED_CIFAR
+from tests.train_cli import run
+
+# Small batches give the batch-norm statistics enough steps to settle on 1,000 images.
+QUICK = ["--epochs", "3", "--batch-size", "64"]
+
+
+def only_run_dir(ws: Path, kind: str = "train") -> Path:
+    (run_dir,) = sorted(ws.glob(f"runs/{kind}-*"))
+    return run_dir
+
+
+def test_full_run_writes_every_output(tmp_path: Path, tiny_cifar_root: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    ws = tmp_path / "ws"
+    status, out, _ = run(["--out", ws, "--data-dir", tiny_cifar_root, *QUICK], capsys)
+    assert status == 0
+    text = (ws / "accuracy.txt").read_text()
+    assert text.endswith("\n") and len(text.strip().split(".")[1]) == 2
+    accuracy = float(text)
+    assert accuracy > 50, "the synthetic classes are easy: a working trainer clears 50%"
+    metrics = json.loads((ws / "metrics.json").read_text())
+    for key in ("accuracy", "test_loss", "epochs", "wall_time_s", "images_per_s", "config",
+                "device", "torch", "commit", "run_id", "run_dir", "model", "mode"):
+        assert key in metrics, key
+    assert metrics["accuracy"] == accuracy and metrics["mode"] == "train"
+    run_dir = ws / metrics["run_dir"]
+    rows = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert json.loads((run_dir / "config.json").read_text()) == metrics["config"]
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 3 and set(ckpt) >= {"model", "optimizer", "schedule", "generator"}
+    model = torch.load(ws / metrics["model"], weights_only=False)
+    assert model["test_accuracy"] == accuracy
+    assert "epoch 3/3" in (run_dir / "train.log").read_text()
+    assert out.count(" img/s ") == 3, "one log line per epoch"
+    assert not list(ws.rglob("*.tmp")), "atomic writes leave no temp files behind"
+
+
+def test_commit_is_recorded_from_the_workspace(tmp_path: Path, tiny_cifar_root: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CT_COMMIT", raising=False)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "commit.txt").write_text("0123abc\n")
+    assert run(["--out", ws, "--data-dir", tiny_cifar_root, "--dry-run"], capsys)[0] == 0
+    assert json.loads((only_run_dir(ws, "dry") / "metrics.json").read_text())["commit"] == "0123abc"
+
+
+def test_dry_run_leaves_the_workspace_results_alone(tmp_path: Path, tiny_cifar_root: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "accuracy.txt").write_text("81.00\n")
+    status, out, _ = run(["--out", ws, "--data-dir", tiny_cifar_root, "--dry-run"], capsys)
+    assert status == 0 and "epoch 1/" in out
+    assert (ws / "accuracy.txt").read_text() == "81.00\n"
+    assert not (ws / "metrics.json").exists()
+
+
+def _train_cmd(ws: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "--out", str(ws), "--data-dir", str(data),
+            "--epochs", "4", "--batch-size", "32", "--dropout", "0.1", *extra]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path, tiny_cifar_root: Path) -> None:
+    """SIGKILL mid-run, start the same command again: it continues and ends as if never stopped."""
+    reference, interrupted = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(_train_cmd(reference, tiny_cifar_root), check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(interrupted, tiny_cifar_root), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # kill as soon as epoch 2 is checkpointed, while epoch 3 runs
+        if "epoch 2/4" in line:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert not (interrupted / "accuracy.txt").exists(), "the killed run must not have finished"
+    again = subprocess.run(_train_cmd(interrupted, tiny_cifar_root), capture_output=True,
+                           text=True, check=True)
+    assert "resuming" in again.stdout and "after epoch 2" in again.stdout
+    assert "epoch 1/4" not in again.stdout, "finished epochs are not trained again"
+    assert (interrupted / "accuracy.txt").read_text() == (reference / "accuracy.txt").read_text()
+    ref_model = torch.load(reference / "runs" / only_run_dir(reference).name / "model.pt",
+                           weights_only=False)["model"]
+    cut_model = torch.load(only_run_dir(interrupted) / "model.pt", weights_only=False)["model"]
+    for name, tensor in ref_model.items():
+        assert torch.equal(tensor, cut_model[name]), f"{name} differs after resume"
+
+
+def test_explicit_resume_and_fresh(tmp_path: Path, tiny_cifar_root: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    ws = tmp_path / "ws"
+    args = ["--out", ws, "--data-dir", tiny_cifar_root, *QUICK]
+    status, _, err = run([*args, "--resume"], capsys)
+    assert status == 2 and "no unfinished train run" in err
+    assert run(args, capsys)[0] == 0
+    assert run([*args, "--fresh"], capsys)[0] == 0
+    assert len(list(ws.glob("runs/train-*"))) == 2, "--fresh starts a new run folder"
+    status, _, err = run([*args, "--fresh", "--resume"], capsys)
+    assert status == 2 and "contradict" in err
+
+
+def _empty_dir(tmp: Path) -> Path:
+    (tmp / "empty").mkdir()
+    return tmp / "empty"
+
+
+def _path_under_a_file(tmp: Path) -> Path:
+    (tmp / "file").write_text("x")
+    return tmp / "file" / "ws"
+
+
+# Each case: the flags to add, given a private tmp folder.
+BAD_INPUT = {
+    "epochs zero": lambda tmp: ["--epochs", "0"],
+    "negative lr": lambda tmp: ["--lr", "-0.1"],
+    "unknown optimizer": lambda tmp: ["--optimizer", "rmsprop"],
+    "unknown device": lambda tmp: ["--device", "tpu"],
+    "not a number": lambda tmp: ["--batch-size", "many"],
+    "unknown flag": lambda tmp: ["--epoch", "3"],
+    "bad knob": lambda tmp: ["--blocks", "9"],
+    "no dataset": lambda tmp: ["--data-dir", _empty_dir(tmp)],
+    "unwritable out": lambda tmp: ["--out", _path_under_a_file(tmp)],
+    "tune without budget": lambda tmp: ["--tune", "--time-budget", "0"],
+    "tune unknown optimizer": lambda tmp: ["--tune", "--optimizers", "sgd,lbfgs"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_keeps_results(case: str, tmp_path: Path, tiny_cifar_root: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "accuracy.txt").write_text("81.27\n")
+    argv = ["--out", ws, "--data-dir", tiny_cifar_root, *QUICK, *BAD_INPUT[case](tmp_path)]
+    status, _, err = run(argv, capsys)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:"), err
+    assert (ws / "accuracy.txt").read_text() == "81.27\n"
+
+
+def test_cuda_asked_without_gpu_is_refused(tmp_path: Path, tiny_cifar_root: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    status, _, err = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, "--device", "cuda"],
+                         capsys)
+    assert status == 2 and "no CUDA GPU" in err
+
+
+def _unfinished_run(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A workspace with a good earlier result and an unfinished run of the QUICK config."""
+    ws = tmp_path / "ws"
+    assert run(["--out", ws, "--data-dir", data, *QUICK], capsys)[0] == 0
+    run_dir = only_run_dir(ws)
+    (run_dir / "metrics.json").unlink()  # as if killed before the end
+    return ws
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(b"\x00garbage"), "is corrupt"),
+        (lambda p: torch.save({"config": {"epochs": 99}}, p), "belongs to another config"),
+    ],
+)
+def test_bad_checkpoint_is_refused_and_nothing_lost(tmp_path: Path, tiny_cifar_root: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    damage, message: str) -> None:
+    ws = _unfinished_run(tmp_path, tiny_cifar_root, capsys)
+    before = {p: p.read_bytes() for p in (ws / "accuracy.txt", ws / "metrics.json")}
+    damage(only_run_dir(ws) / "checkpoint.pt")
+    status, _, err = run(["--out", ws, "--data-dir", tiny_cifar_root, *QUICK], capsys)
+    assert status == 2 and message in err and "--fresh" in err
+    assert len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_bad_input_through_the_real_cli(tmp_path: Path) -> None:
+    """The same contract seen from outside: exit status 2 and one line, no traceback."""
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--out", str(tmp_path),
+                           "--data-dir", str(tmp_path / "nowhere")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "no CIFAR-10 in" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"no CIFAR-10 copy at {SHARED_CIFAR}")
+def test_real_cifar_subset_learns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t0 = time.monotonic()
+    status, _, _ = run(["--out", tmp_path, "--data-dir", SHARED_CIFAR.parent, "--subset", "5000",
+                        "--epochs", "2", "--batch-size", "128"], capsys)
+    assert status == 0
+    accuracy = float((tmp_path / "accuracy.txt").read_text())
+    seconds = time.monotonic() - t0
+    assert accuracy > 35, f"{accuracy}% after 2 epochs on 5,000 real images ({seconds:.0f}s)"
