@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+from email import message_from_bytes
 from pathlib import Path
 
 import pytest
@@ -25,3 +29,139 @@ def tiny_cifar(tiny_cifar_root: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "data"
     shutil.copytree(tiny_cifar_root, copy)
     return copy
+
+
+# ------------------------------------------------------------------ pipeline (scripts/) fixtures
+# Used by tests/test_scripts_*.py, tests/test_pipeline*.py and tests/test_docker*.py.
+
+
+SCRIPTS = REPO / "scripts"
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A running Docker engine and a base image (tests/docker_engine.py); skip or fail without."""
+    from tests import docker_engine as de
+
+    try:
+        with de.engine_session() as engine:
+            yield engine
+            return
+    except de.EngineUnavailable as err:
+        reason = f"no Docker engine: {err}"
+    if os.environ.get("CT_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"CT_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _project_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [p for p in out.split("\0") if p and (REPO / p).is_file()]
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.fixture
+def source_repo(tmp_path: Path) -> Path:
+    """A real git repository holding this project's files (the working tree), one commit."""
+    repo = tmp_path / "src"
+    repo.mkdir()
+    for rel in _project_files():
+        dst = repo / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dst)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "first push")
+    return repo
+
+
+@pytest.fixture
+def script_env(tmp_path: Path, tiny_cifar_root: Path) -> dict[str, str]:
+    """Environment for the job scripts: a fresh workspace, the small dataset, the venv's python."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CT_", "SMTP_", "NOTIFY_"))}
+    env.update(
+        PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+        CT_WORKSPACE=str(tmp_path / "ws"),
+        CT_DATA_DIR=str(tiny_cifar_root),
+        CT_TRAIN_ARGS="--batch-size 64 --epochs 3 --lr 0.1 --seed 1",
+        CT_TUNE_ARGS="--epochs 2 --batch-size 64",
+        CT_TUNE_TRIALS="2",
+        CT_TUNE_BUDGET="120",
+        CT_RUNTIME="local",
+    )
+    return env
+
+
+def run_script(
+    name: str, env: dict[str, str], *args: str, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(SCRIPTS / name), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{name} exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_props(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+class _Inbox:
+    def __init__(self) -> None:
+        self.messages: list = []
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.messages.append(message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_server():
+    """A real SMTP server (aiosmtpd) on loopback; yields (env settings, inbox)."""
+    from aiosmtpd.controller import Controller
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    inbox = _Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield (
+            {
+                "SMTP_HOST": "127.0.0.1",
+                "SMTP_PORT": str(port),
+                "SMTP_STARTTLS": "0",
+                "NOTIFY_FROM": "ct@example.com",
+                "NOTIFY_TO": "team@example.com",
+            },
+            inbox,
+        )
+    finally:
+        controller.stop()

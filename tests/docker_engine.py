@@ -105,14 +105,18 @@ def _start_dockerd() -> None:
         raise EngineUnavailable("no Docker engine answers and starting dockerd needs root")
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     (CACHE / "docker").mkdir(parents=True, exist_ok=True)
-    log = open(CACHE / "dockerd.log", "ab")  # noqa: SIM115 - handed to the daemon
+    log = open(CACHE / "dockerd.log", "ab")
     subprocess.Popen(
         [
             "dockerd",
-            "--data-root", str(CACHE / "docker"),
-            "--exec-root", str(RUN_DIR / "exec"),
-            "--pidfile", str(RUN_DIR / "dockerd.pid"),
-            "-H", _socket_host(),
+            "--data-root",
+            str(CACHE / "docker"),
+            "--exec-root",
+            str(RUN_DIR / "exec"),
+            "--pidfile",
+            str(RUN_DIR / "dockerd.pid"),
+            "-H",
+            _socket_host(),
             "--storage-driver=overlay2",
             "--iptables=false",
             "--ip6tables=false",
@@ -224,8 +228,8 @@ def engine_session() -> Engine:
     lifetime; whoever can take it exclusively at the end is the last one and stops the daemon.
     """
     CACHE.mkdir(parents=True, exist_ok=True)
-    users = open(CACHE / "engine.users", "a+")  # noqa: SIM115 - lock held for the session
-    setup = open(CACHE / "engine.setup.lock", "a+")  # noqa: SIM115
+    users = open(CACHE / "engine.users", "a+")
+    setup = open(CACHE / "engine.setup.lock", "a+")
     started = False
     try:
         fcntl.flock(setup, fcntl.LOCK_EX)
