@@ -243,8 +243,6 @@ prepare_workspace_for() { # USER (uid:gid)
   if [[ "$(id -u)" == 0 && "$1" != 0:* ]]; then
     chown "$1" "$CT_WORKSPACE" "$CT_WORKSPACE/data"
     chown -R "$1" "$CT_WORKSPACE/runs"
-    find "$CT_WORKSPACE" -maxdepth 1 -type f \( -name '*.json' -o -name '*.txt' -o -name '*.pt' \) \
-      -exec chown "$1" {} +
   fi
 }
 

@@ -15,7 +15,7 @@ log "runtime: $CT_RUNTIME; workspace: $CT_WORKSPACE; threshold: $CT_THRESHOLD%"
 
 step() { # SCRIPT ARGS...: run one job, timing it
   local t0=$SECONDS rc=0
-  log "---- $1 $*"
+  log "---- $*"
   "$here/$1" "${@:2}" || rc=$?
   log "---- $1 exit $rc after $((SECONDS - t0)) s"
   return "$rc"
