@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt je
 
 $(STAMP): requirements.txt requirements-dev.txt jenkins/requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	rm -f $(VENV)/.installed-* && touch $@
 

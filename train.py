@@ -55,6 +55,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "weight_decay": 5e-4,
     "label_smoothing": 0.2,  # softer targets: faster, better calibrated training on short budgets
     "warmup_frac": 0.2,  # share of the steps spent warming up
+    "lr_schedule": "onecycle",  # "onecycle" (warm-up, then linear decay to 0) or "constant"
     "augment": True,  # random crop (pad 4) + horizontal flip, batched on the device
     "tta": True,  # evaluate on each image and its mirror
     "seed": 0,
@@ -68,9 +69,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "fast": {"epochs": 6, "width": 16, "blocks": 3, "convs_per_block": 2},
+    "gpu": {"epochs": 16, "width": 64, "blocks": 3, "convs_per_block": 2},
     "original": {"arch": "original", "optimizer": "sgd", "lr": 0.001, "momentum": 0.0,
                  "weight_decay": 0.0, "batch_size": 20, "label_smoothing": 0.0,
-                 "warmup_frac": 0.0, "augment": False, "tta": False, "epochs": 30},
+                 "lr_schedule": "constant", "augment": False, "tta": False, "epochs": 30},
 }
 
 # Flags that change where or how a run happens, not what it learns (not part of the run's config).
@@ -150,6 +152,8 @@ def check_config(cfg: dict[str, Any]) -> None:
         (cfg["val_split"] >= 0, f"--val-split must be 0 or positive, not {cfg['val_split']}"),
         (0 <= cfg["label_smoothing"] < 1, "--label-smoothing must be in [0, 1)"),
         (0 <= cfg["warmup_frac"] <= 1, "--warmup-frac must be in [0, 1]"),
+        (cfg["lr_schedule"] in ("onecycle", "constant"),
+         f"--lr-schedule must be onecycle or constant, not {cfg['lr_schedule']!r}"),
         (cfg["momentum"] >= 0 and cfg["weight_decay"] >= 0,
          "--momentum and --weight-decay must not be negative"),
         (cfg["arch"] in ARCHS, f"--arch must be one of {', '.join(ARCHS)}"),
@@ -318,7 +322,8 @@ def train_run(run_dir: Path, cfg: dict[str, Any], split: Split, rt: Runtime, log
     model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     per_epoch = steps_per_epoch(len(split.train_x), cfg["batch_size"])
-    schedule = make_schedule(optimizer, cfg["epochs"] * per_epoch, cfg["warmup_frac"])
+    schedule = make_schedule(optimizer, cfg["epochs"] * per_epoch, cfg["warmup_frac"],
+                             cfg["lr_schedule"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     history: list[dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0

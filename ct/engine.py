@@ -114,12 +114,14 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, math.ceil(n_train / batch_size))
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
-                  warmup_frac: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then linear decay to zero at the last step (one-cycle, triangular)."""
+def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float,
+                  kind: str = "onecycle") -> torch.optim.lr_scheduler.LambdaLR:
+    """"onecycle": linear warm-up, then linear decay to zero at the last step; or "constant"."""
     warmup = max(1, round(total_steps * warmup_frac))
 
     def factor(step: int) -> float:
+        if kind == "constant":
+            return 1.0
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))

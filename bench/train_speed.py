@@ -1,0 +1,142 @@
+"""Training speed benchmark: wall-clock time to a test accuracy, against the original recipe.
+
+    python bench/train_speed.py                     # CPU: `train.py --preset fast`, then the
+                                                    # original recipe in the same wall-clock budget
+    python bench/train_speed.py --time-to 94 --preset gpu --device cuda    # time to 94% on a GPU
+
+Data: CIFAR-10 from --data-dir (default ../shared/data, the JPEG q75 re-encoded copy: accuracies
+on it run 2-3 points below the original dataset, so every figure printed says which data it used).
+The first part runs train.py as a user would (a fresh process, data already on disk) and reports
+its whole wall-clock time; the second trains the original model (3 convs 16/32/64, no batch norm,
+dropout 0.25, fc 500, SGD lr 0.001 without momentum, batch 20) until that same time is spent,
+evaluation included. --time-to evaluates after every epoch and reports when the target was met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from ct.data import load_cifar  # noqa: E402
+from ct.engine import (  # noqa: E402
+    evaluate,
+    make_optimizer,
+    make_runtime,
+    make_schedule,
+    steps_per_epoch,
+    train_epoch,
+)
+from network import build_model  # noqa: E402
+
+DATA_NOTE = "CIFAR-10 (JPEG q75 copy)"
+
+
+def run_preset(preset: str, data_dir: Path, device: str) -> dict[str, Any]:
+    """`train.py --preset P` in a fresh process; its wall time and its own metrics."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, str(REPO / "train.py"), "--preset", preset, "--out", out,
+               "--data-dir", str(data_dir), "--device", device]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        wall = time.perf_counter() - t0
+        metrics = json.loads((Path(out) / "metrics.json").read_text())
+    return {"preset": preset, "wall_s": round(wall, 1), "accuracy": metrics["accuracy"],
+            "train_s": metrics["train_seconds"], "images_per_s": metrics["images_per_s"],
+            "device": metrics["device"]}
+
+
+def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float | None,
+              target: float | None) -> dict[str, Any]:
+    """Train `cfg` in-process until `budget_s` is spent (whole batches) or `target` is reached,
+    evaluating after every epoch; the clock covers training and evaluation, not data loading."""
+    rt = make_runtime(device)
+    data = load_cifar(data_dir)
+    x, y, tx, ty = (t.to(rt.device) for t in (data.train_x, data.train_y, data.test_x, data.test_y))
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    per_epoch = steps_per_epoch(len(x), cfg["batch_size"])
+    schedule = make_schedule(optimizer, cfg["epochs"] * per_epoch, cfg["warmup_frac"],
+                             cfg["lr_schedule"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    curve: list[dict[str, float]] = []
+    start = time.perf_counter()
+    reached = None
+    for epoch in range(cfg["epochs"]):
+        max_batches = None
+        if budget_s is not None and curve:
+            left = budget_s - (time.perf_counter() - start)
+            per_batch = curve[-1]["train_s"] / per_epoch
+            max_batches = int(max(0.0, left - curve[-1]["eval_s"]) / per_batch)
+            if max_batches == 0:
+                break
+        result = train_epoch(model, optimizer, schedule, x, y, cfg, gen, rt, max_batches)
+        t_eval = time.perf_counter()
+        accuracy, _ = evaluate(model, tx, ty, rt, flip_tta=cfg["tta"])
+        elapsed = time.perf_counter() - start
+        curve.append({"epoch": epoch + 1, "images": result.images, "accuracy": round(accuracy, 2),
+                      "elapsed_s": round(elapsed, 1), "train_s": result.seconds,
+                      "eval_s": time.perf_counter() - t_eval})
+        print(f"  epoch {epoch + 1}: {accuracy:.2f}% at {elapsed:.1f}s", file=sys.stderr)
+        if target is not None and accuracy >= target and reached is None:
+            reached = elapsed
+            break
+        if budget_s is not None and elapsed >= budget_s:
+            break
+    return {"accuracy": curve[-1]["accuracy"], "elapsed_s": curve[-1]["elapsed_s"],
+            "images_seen": sum(c["images"] for c in curve), "time_to_target_s": reached,
+            "device": rt.describe(), "curve": curve}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--preset", default="fast", choices=sorted(train.PRESETS))
+    p.add_argument("--time-to", type=float, help="only measure the time to this test accuracy")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = p.parse_args()
+    cores = torch.get_num_threads()
+    print(f"# data: {DATA_NOTE} from {args.data_dir}; torch {torch.__version__}; {cores} threads")
+    if args.time_to is not None:
+        cfg = {**train.TRAIN_DEFAULTS, **train.PRESETS[args.preset]}
+        result = train_for(cfg, args.data_dir, args.device, None, args.time_to)
+        hit = result["time_to_target_s"]
+        verdict = f"{hit:.1f} s" if hit is not None else "not reached"
+        print(f"time to {args.time_to:g}% ({DATA_NOTE}), preset {args.preset}, "
+              f"{result['device']}: {verdict}; best {max(c['accuracy'] for c in result['curve'])}%"
+              f" in {result['elapsed_s']} s over {len(result['curve'])} epochs")
+        figures: dict[str, Any] = {"time_to": result}
+    else:
+        ours = run_preset(args.preset, args.data_dir, args.device)
+        print(f"train.py --preset {args.preset}: {ours['accuracy']:.2f}% test accuracy "
+              f"({DATA_NOTE}) in {ours['wall_s']} s wall-clock (process start to exit; "
+              f"training {ours['train_s']} s at {ours['images_per_s']:.0f} img/s), "
+              f"{ours['device']}")
+        original = {**train.TRAIN_DEFAULTS, **train.PRESETS["original"]}
+        base = train_for(original, args.data_dir, args.device, ours["wall_s"], None)
+        print(f"original recipe, same {ours['wall_s']} s budget: {base['accuracy']:.2f}% test "
+              f"accuracy ({DATA_NOTE}) after {base['images_seen']} images "
+              f"({base['images_seen'] / 50000:.2f} epochs), {base['device']}")
+        figures = {"ours": ours, "original": base}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
