@@ -100,6 +100,17 @@ def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float 
             "device": rt.describe(), "curve": curve}
 
 
+def overrides(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs typed like the defaults they replace."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        default = train.TRAIN_DEFAULTS[key]
+        out[key] = value.lower() in ("1", "yes", "true") if isinstance(default, bool) \
+            else type(default)(value)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,16 +118,18 @@ def main() -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--preset", default="fast", choices=sorted(train.PRESETS))
     p.add_argument("--time-to", type=float, help="only measure the time to this test accuracy")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value for --time-to, e.g. --set epochs=30")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args()
     cores = torch.get_num_threads()
     print(f"# data: {DATA_NOTE} from {args.data_dir}; torch {torch.__version__}; {cores} threads")
     if args.time_to is not None:
-        cfg = {**train.TRAIN_DEFAULTS, **train.PRESETS[args.preset]}
+        cfg = {**train.TRAIN_DEFAULTS, **train.PRESETS[args.preset], **overrides(args.set)}
         result = train_for(cfg, args.data_dir, args.device, None, args.time_to)
         hit = result["time_to_target_s"]
         verdict = f"{hit:.1f} s" if hit is not None else "not reached"
-        print(f"time to {args.time_to:g}% ({DATA_NOTE}), preset {args.preset}, "
+        print(f"time to {args.time_to:g}% ({DATA_NOTE}), preset {args.preset} {args.set}, "
               f"{result['device']}: {verdict}; best {max(c['accuracy'] for c in result['curve'])}%"
               f" in {result['elapsed_s']} s over {len(result['curve'])} epochs")
         figures: dict[str, Any] = {"time_to": result}

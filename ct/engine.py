@@ -81,19 +81,19 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding 4) and horizontal flip of a uint8 batch, as one gather."""
-    n = x.shape[0]
-    size = x.shape[-1]
+    """Random crop (zero padding 4) and horizontal flip of a uint8 batch: two gathers, rows then
+    columns (a mirrored image is just its columns read backwards)."""
+    n, channels, size = x.shape[0], x.shape[1], x.shape[-1]
     padded = F.pad(x, (CROP_PAD,) * 4)
     shifts = torch.randint(0, 2 * CROP_PAD + 1, (2, n), generator=gen).to(x.device)
     flips = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     ramp = torch.arange(size, device=x.device)
-    rows = (shifts[0, :, None] + ramp)[:, None, :, None]
+    rows = shifts[0, :, None] + ramp
     cols = shifts[1, :, None] + ramp
-    cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    rows_index = rows[:, None, :, None].expand(n, channels, size, padded.shape[-1])
+    cropped = padded.gather(2, rows_index)
+    return cropped.gather(3, cols[:, None, None, :].expand(n, channels, size, size))
 
 
 def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
