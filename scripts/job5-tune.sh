@@ -46,7 +46,11 @@ start_process tune "$image" "${args[@]}"
 deadline=$((CT_TUNE_BUDGET + CT_TUNE_BUDGET / 2 + 300))
 name="$(props_get "$(state_file tune)" CONTAINER)"
 (
-  sleep "$deadline"
+  # the sleep must not hold this job's output open, and must end with the watchdog
+  sleep "$deadline" >/dev/null 2>&1 &
+  sleeper=$!
+  trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+  wait "$sleeper"
   log "tuning passed its hard deadline of ${deadline}s: stopping $name"
   if [[ "$CT_RUNTIME" == docker ]]; then docker stop "$name" >/dev/null; else kill "${name#pid-}"; fi
 ) &

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.policy
 import os
 import shutil
 import socket
@@ -137,7 +138,7 @@ class _Inbox:
         self.messages: list = []
 
     async def handle_DATA(self, server, session, envelope) -> str:
-        self.messages.append(message_from_bytes(envelope.content))
+        self.messages.append(message_from_bytes(envelope.content, policy=email.policy.default))
         return "250 OK"
 
 

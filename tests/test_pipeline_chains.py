@@ -73,14 +73,10 @@ def test_local_chain_passes_promotes_and_mails(source_repo, script_env, smtp_ser
 @pytest.mark.slow
 def test_local_chain_below_threshold_tunes_once(source_repo, script_env, smtp_server):
     smtp, inbox = smtp_server
-    env = {**script_env, **smtp, "CT_THRESHOLD": "100.01"}
-    proc = subprocess.run(
-        [str(Path(__file__).parent.parent / "scripts" / "pipeline.sh"), str(source_repo)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    env = {**script_env, **smtp, "CT_THRESHOLD": "100"}
+    env["CT_TRAIN_ARGS"] = "--batch-size 64 --epochs 1 --lr 0.01 --seed 1"  # well below 100 %
+    run_script("pipeline.sh", env, str(source_repo), timeout=900)
     ws = Path(env["CT_WORKSPACE"])
-    # 100.01 is out of [0, 100]? The gate takes thresholds up to 100: use the verdict it wrote.
-    assert proc.returncode == 0, proc.stderr[-4000:]
     assert read_props(ws / "gate.properties")["PASSED"] == "false"
     _assert_tuned(ws, inbox)
     # a second job5 for the same commit does not tune again
