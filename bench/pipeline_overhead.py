@@ -80,7 +80,7 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CT_", "SMTP_"))}
         env.update(
             PATH=f"{REPO / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
-            CT_WORKSPACE=str(tmp / "ws"), CT_RUNTIME=args.runtime, CT_THRESHOLD="0",
+            CT_WORKSPACE=str(tmp / "ws"), CT_RUNTIME=args.runtime, CT_THRESHOLD="1",
             CT_DATA_DIR=str(make_cifar(tmp / "data", per_batch=200, test=200)),
             CT_TRAIN_ARGS=args.train_args, CT_IMAGE_PREFIX="ct-bench",
         )  # fmt: skip
