@@ -21,6 +21,7 @@ if [[ "$CT_RUNTIME" == docker ]]; then
 fi
 
 read -ra args <<<"$CT_TRAIN_ARGS"
+args+=("${DATA_FLAGS[@]}")
 start_process train "$image" "${args[@]}"
 code=0
 follow train || code=$?

@@ -31,7 +31,7 @@ ensure_data
 image=local
 args=(--trials "$CT_TUNE_TRIALS" --time-budget "$CT_TUNE_BUDGET")
 read -ra extra <<<"$CT_TUNE_ARGS"
-args+=("${extra[@]}")
+args+=("${extra[@]}" "${DATA_FLAGS[@]}")
 if [[ "$CT_RUNTIME" == docker ]]; then
   image="$(props_get "$W/status/image.properties" TUNE_IMAGE)"
   if [[ -z "$image" || "$image" == local ]] || ! docker image inspect "$image" >/dev/null 2>&1; then

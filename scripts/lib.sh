@@ -150,12 +150,17 @@ ct_py() { PYTHONPATH="$CT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$CT_PYTHON" -m "$@";
 has_cifar() { [[ -d "$1/cifar-10-batches-py" || -f "$1/cifar-10-python.tar.gz" ]]; }
 
 # Seed $CT_WORKSPACE/data from CT_DATA_DIR once (hard links when possible: no copy of the bytes).
+# With no dataset anywhere, DATA_FLAGS=(--download): train.py fetches it (official checksum).
+# shellcheck disable=SC2034 # used by job3-train.sh and job5-tune.sh
+DATA_FLAGS=()
 ensure_data() {
   local dst="$CT_WORKSPACE/data" src="$CT_DATA_DIR" item
   mkdir -p "$dst"
   has_cifar "$dst" && return 0
   if [[ -z "$src" ]]; then
-    log "no dataset in $dst and CT_DATA_DIR is empty: train.py must fetch it (--download in CT_TRAIN_ARGS)"
+    log "no dataset in $dst and CT_DATA_DIR is empty: train.py downloads CIFAR-10 (--download)"
+    # shellcheck disable=SC2034
+    DATA_FLAGS=(--download)
     return 0
   fi
   has_cifar "$src" ||
