@@ -271,8 +271,14 @@ if __name__ == "__main__":
         print(f"BASE_IMAGE={eng.base_image}")
         print(f"ready in {time.monotonic() - t0:.1f} s")
         if "--keep" in sys.argv:
-            # leave the daemon running for interactive use: hold the user lock until killed
-            print("holding the engine; Ctrl-C to stop", flush=True)
+            # leave the daemon running for interactive use: hold the user lock until stopped
+            import signal
+
+            def _interrupt(*_: object) -> None:
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGTERM, _interrupt)
+            print("holding the engine; Ctrl-C or SIGTERM stops it", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)
