@@ -70,13 +70,14 @@ class FastCNN(nn.Module):
                 layers += conv_bn(c_out, c_out, activation)
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveMaxPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(c_in, 10, bias=False)
         self.head_scale = head_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.features(x)).flatten(1)
+        # amax rather than AdaptiveMaxPool2d: its CUDA backward is deterministic, which an exact
+        # resume needs
+        x = self.features(x).amax(dim=(2, 3))
         return self.head(self.dropout(x)) * self.head_scale
 
 

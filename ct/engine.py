@@ -54,7 +54,9 @@ def make_runtime(name: str) -> Runtime:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        torch.backends.cudnn.benchmark = True
+        # Deterministic kernels: a resumed run must end exactly where an uninterrupted one would.
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         return Runtime(torch.device("cuda"), torch.bfloat16)
