@@ -3,7 +3,7 @@
     python3 -m ct.notify --workspace W [--event best-model|tuned|failed] [--note TEXT] [--dry-run]
 
 Settings come from the environment: SMTP_HOST, SMTP_PORT (25; 465 = implicit TLS),
-SMTP_STARTTLS (0/1), SMTP_USER, SMTP_PASSWORD, NOTIFY_FROM, NOTIFY_TO (comma-separated).
+SMTP_STARTTLS (true/false or 1/0), SMTP_USER, SMTP_PASSWORD, NOTIFY_FROM, NOTIFY_TO (comma list).
 Without SMTP_HOST, or when sending fails, the message is kept in W/outbox/ as an .eml file.
 Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input.
 """
@@ -85,7 +85,7 @@ def _port(text: str) -> int:
 def _flag(name: str, text: str) -> bool:
     value = text.strip().lower()
     if value not in _TRUE + _FALSE:
-        raise NotifyError(f"{name} {text!r} is not 0 or 1; set {name}=0 or {name}=1")
+        raise NotifyError(f"{name} {text!r} is not true or false; set {name}=true or {name}=false")
     return value in _TRUE
 
 
@@ -269,10 +269,12 @@ def describe_failure(err: Exception, settings: SmtpSettings) -> str:
     return text.replace(settings.password, "***") if settings.password else text
 
 
-def deliver(workspace: Path, msg: EmailMessage, facts: Facts, settings: SmtpSettings) -> int:
-    if not settings.host:
+def deliver(workspace: Path, msg: EmailMessage, facts: Facts, settings: SmtpSettings,
+            outbox_only: bool = False) -> int:
+    if outbox_only or not settings.host:
         path = keep_in_outbox(workspace, msg, facts.commit)
-        print(f"ct.notify: no SMTP_HOST set; message kept in {path}")
+        why = "--outbox-only (Jenkins mails this one)" if outbox_only else "no SMTP_HOST set"
+        print(f"ct.notify: {why}; message kept in {path}")
         return 0
     try:
         send(msg, settings)
@@ -309,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the message instead of sending or keeping it"
     )
+    parser.add_argument(
+        "--outbox-only",
+        action="store_true",
+        help="keep the message in outbox/ without mailing it (when Jenkins' email-ext mails)",
+    )
     return parser
 
 
@@ -330,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(msg.as_string())
         return 0
-    return deliver(workspace, msg, facts, settings)
+    return deliver(workspace, msg, facts, settings, args.outbox_only)
 
 
 if __name__ == "__main__":

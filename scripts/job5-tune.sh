@@ -3,10 +3,19 @@
 # promote the best model when it beats the current best, and mail the best accuracy and params.
 # At most CT_MAX_TUNE_ROUNDS rounds per commit: the chain never loops.
 #
-#   scripts/job5-tune.sh       (CT_TUNE_TRIALS, CT_TUNE_BUDGET seconds, extra flags CT_TUNE_ARGS)
+#   scripts/job5-tune.sh [--no-mail]   (CT_TUNE_TRIALS, CT_TUNE_BUDGET seconds, CT_TUNE_ARGS)
+#
+# --no-mail keeps the message in outbox/ only: Jenkins' job5 mails through email-ext itself.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
+
+notify_flags=()
+case "${1:-}" in
+  "") ;;
+  --no-mail) notify_flags=(--outbox-only) ;;
+  *) die "unknown argument '$1'; usage: job5-tune.sh [--no-mail]" 2 ;;
+esac
 
 require_uint CT_TUNE_TRIALS "$CT_TUNE_TRIALS"
 require_uint CT_TUNE_BUDGET "$CT_TUNE_BUDGET"
@@ -61,5 +70,5 @@ kill "$watchdog" 2>/dev/null || true
 ((code == 0)) || die "tuning ended with exit code $code; job6 (scripts/job6-monitor.sh) restarts it"
 
 ct_py ct.gate promote --workspace "$W" || die "promotion failed (see the line above)" 2
-ct_py ct.notify --workspace "$W" --event tuned || die "the notification could not be sent (kept in $W/outbox/)"
+ct_py ct.notify --workspace "$W" --event tuned "${notify_flags[@]}" || die "the notification could not be sent (kept in $W/outbox/)"
 log "tuning round $((rounds + 1)) of $CT_MAX_TUNE_ROUNDS for commit $commit done"

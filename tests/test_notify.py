@@ -228,6 +228,21 @@ def test_no_smtp_host_keeps_eml(workspace: Path, capsys: Any) -> None:
     assert set(attachments(msg)) == {"metrics.json", "best.json"}  # type: ignore[arg-type]
 
 
+def test_outbox_only_keeps_the_mail_from_a_configured_server(
+    workspace: Path, mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Under Jenkins, job5's email-ext mails: the script must not send a second copy."""
+    use_server(monkeypatch, mailbox.port)
+
+    assert notify.main(["--workspace", str(workspace), "--outbox-only"]) == 0
+
+    assert mailbox.envelopes == []
+    (kept,) = outbox(workspace)
+    assert "--outbox-only" in capsys.readouterr().out
+    msg = email.message_from_bytes(kept.read_bytes(), policy=default_policy)
+    assert msg["Subject"] == SUBJECT
+
+
 def test_outbox_never_overwrites(workspace: Path) -> None:
     assert notify.main(["--workspace", str(workspace)]) == 0
     assert notify.main(["--workspace", str(workspace), "--event", "best-model"]) == 0

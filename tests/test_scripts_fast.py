@@ -187,6 +187,13 @@ def test_job4_rejects_bad_accuracy(tmp_path, script_env, content, why):
     assert not (ws / "gate.properties").exists()
 
 
+def test_job5_refuses_an_unknown_argument(script_env):
+    proc = run_script("job5-tune.sh", script_env, "--no-mails", check=False)
+    assert proc.returncode == 2
+    assert "usage: job5-tune.sh [--no-mail]" in proc.stderr
+    assert not (Path(script_env["CT_WORKSPACE"]) / "status").exists(), "no tuning round counted"
+
+
 # ------------------------------------------------------------------------------------- job6
 
 
