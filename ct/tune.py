@@ -70,7 +70,7 @@ def trial_params(index: int, plan: dict[str, Any]) -> dict[str, Any]:
     else:
         rng = random.Random(base["seed"] * 1000 + index)
         picks = {key: rng.choice(values) for key, values in SEARCH_SPACE.items()}
-    lr = BASE_LR[optimizer] * picks.pop("lr_scale")
+    lr = round(BASE_LR[optimizer] * picks.pop("lr_scale"), 6)
     if optimizer == base["optimizer"] and index == 0:
         lr = base["lr"]
     epochs = max(1, round(base["epochs"] * picks.pop("epochs_scale")))
