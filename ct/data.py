@@ -161,12 +161,17 @@ def download(data_dir: Path) -> Path:
             download_url(URL, str(data_dir), ARCHIVE, MD5)
         elif not archive.exists() or _md5(archive) != MD5:
             partial = archive.with_suffix(".part")
-            urllib.request.urlretrieve(URL, partial)
-            partial.replace(archive)
+            try:
+                urllib.request.urlretrieve(URL, partial)
+                partial.replace(archive)
+            finally:
+                partial.unlink(missing_ok=True)
     except OSError as exc:
         raise DataError(f"could not download {URL} ({exc}); put {ARCHIVE} in {data_dir} "
                         "by hand and rerun without --download") from exc
-    if _md5(archive) != MD5:
+    except RuntimeError:  # torchvision's word for a failed integrity check
+        pass
+    if not archive.exists() or _md5(archive) != MD5:
         archive.unlink(missing_ok=True)
         raise DataError(f"the downloaded {ARCHIVE} failed its md5 check; rerun with --download")
     return archive

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import shutil
+import sys
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
+from ct import data as data_module
 from ct.data import DataError, load_cifar, locate
 from tests.conftest import SHARED_CIFAR
 from tests.synthetic_cifar import make_cifar_archive
@@ -76,3 +83,60 @@ def test_real_cifar_copy_passes_the_check() -> None:
     assert data.train_x.shape == (50000, 3, 32, 32) and data.test_x.shape == (10000, 3, 32, 32)
     assert torch.bincount(data.test_y).tolist() == [1000] * 10
     assert torch.bincount(data.train_y).tolist() == [5000] * 10
+
+
+@pytest.fixture
+def archive_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A synthetic official-layout archive served over HTTP on loopback: (url, md5)."""
+    archive = make_cifar_archive(tmp_path / "served", per_batch=20, test=20)
+    handler = partial(SimpleHTTPRequestHandler, directory=str(archive.parent))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
+        yield url, hashlib.md5(archive.read_bytes()).hexdigest()
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("helper", ["torchvision", "urllib"])
+def test_download_fetches_and_verifies(tmp_path: Path, archive_server: tuple[str, str],
+                                       monkeypatch: pytest.MonkeyPatch, helper: str) -> None:
+    url, md5 = archive_server
+    monkeypatch.setattr(data_module, "URL", url)
+    monkeypatch.setattr(data_module, "MD5", md5)
+    if helper == "urllib":  # as on a machine where torchvision does not import
+        monkeypatch.setitem(sys.modules, "torchvision.datasets.utils", None)
+    else:
+        pytest.importorskip("torchvision.datasets.utils")
+    target = tmp_path / "data"
+    archive = data_module.download(target)
+    assert archive == target / "cifar-10-python.tar.gz"
+    assert load_cifar(target).train_x.shape == (100, 3, 32, 32)
+
+
+@pytest.mark.parametrize("helper", ["torchvision", "urllib"])
+def test_download_with_a_wrong_checksum_keeps_nothing(tmp_path: Path,
+                                                      archive_server: tuple[str, str],
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      helper: str) -> None:
+    url, _ = archive_server
+    monkeypatch.setattr(data_module, "URL", url)
+    monkeypatch.setattr(data_module, "MD5", "0" * 32)
+    if helper == "urllib":
+        monkeypatch.setitem(sys.modules, "torchvision.datasets.utils", None)
+    else:
+        pytest.importorskip("torchvision.datasets.utils")
+    with pytest.raises(DataError, match="md5"):
+        data_module.download(tmp_path / "data")
+    assert not (tmp_path / "data" / "cifar-10-python.tar.gz").exists()
+
+
+def test_download_from_an_unreachable_host_says_what_to_do(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data_module, "URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setitem(sys.modules, "torchvision.datasets.utils", None)
+    with pytest.raises(DataError, match="by hand"):
+        data_module.download(tmp_path / "data")
