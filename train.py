@@ -448,7 +448,7 @@ def load_data(args: argparse.Namespace, ws: Workspace, log: Log) -> Cifar:
         log(f"downloading CIFAR-10 into {data_dir}")
         download(data_dir)
     t0 = time.perf_counter()
-    data = load_cifar(data_dir)
+    data = load_cifar(data_dir, cache_dir=ws.root / "data")
     log(f"data {data.source}: {len(data.train_x)} train, {len(data.test_x)} test images "
         f"({time.perf_counter() - t0:.1f}s)")
     return data

@@ -13,6 +13,7 @@ import hashlib
 import pickle
 import tarfile
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ct import atomic
 
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -29,6 +32,7 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 NUM_CLASSES = 10
+CACHE = "cifar-10-uint8.npz"
 
 
 class DataError(Exception):
@@ -132,12 +136,57 @@ def locate(data_dir: Path) -> Path:
                     "pass --data-dir DIR or --download")
 
 
-def load_cifar(data_dir: Path) -> Cifar:
-    """Load and check CIFAR-10 from `data_dir`; raise DataError with a one-line reason."""
+def load_cifar(data_dir: Path, cache_dir: Path | None = None) -> Cifar:
+    """Load and check CIFAR-10 from `data_dir`; raise DataError with a one-line reason.
+
+    With `cache_dir`, the checked tensors are also kept there as one uncompressed file, which
+    the next load of the same source reads in a fraction of a second instead of inflating the
+    archive again (about 4 s on 2 cores): every container start and restart benefits.
+    """
     source = locate(data_dir)
+    cache = cache_dir / CACHE if cache_dir is not None else None
+    if cache is not None and (cached := _read_cache(cache, source)) is not None:
+        return cached
     data = _read_archive(source) if source.is_file() else _read_folder(source)
     data.source = str(source)
+    if cache is not None:
+        _write_cache(cache, source, data)
     return data
+
+
+def _fingerprint(source: Path) -> str:
+    """Path, size and modification time of the source: a changed dataset invalidates the cache."""
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    return "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def _read_cache(cache: Path, source: Path) -> Cifar | None:
+    try:
+        with np.load(cache, allow_pickle=False) as saved:
+            if str(saved["fingerprint"]) != _fingerprint(source):
+                return None
+            arrays = {key: torch.from_numpy(saved[key].copy())
+                      for key in ("train_x", "train_y", "test_x", "test_y")}
+            classes = [str(c) for c in saved["classes"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # no cache, or a damaged one: read the source again
+    ok = (arrays["train_x"].dtype == torch.uint8 and arrays["train_x"].shape[1:] == (3, 32, 32)
+          and len(arrays["train_x"]) == len(arrays["train_y"]) and len(classes) == NUM_CLASSES)
+    return Cifar(**arrays, classes=classes, source=f"{source} (cached in {cache})") if ok else None
+
+
+def _write_cache(cache: Path, source: Path, data: Cifar) -> None:
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, fingerprint=np.array(_fingerprint(source)),
+                     train_x=data.train_x.numpy(), train_y=data.train_y.numpy(),
+                     test_x=data.test_x.numpy(), test_y=data.test_y.numpy(),
+                     classes=np.array(data.classes))
+
+    try:
+        atomic.write_via(cache, save)
+    except OSError:
+        pass  # a read-only or full cache folder only costs speed
 
 
 def _md5(path: Path) -> str:

@@ -140,3 +140,25 @@ def test_download_from_an_unreachable_host_says_what_to_do(tmp_path: Path,
     monkeypatch.setitem(sys.modules, "torchvision.datasets.utils", None)
     with pytest.raises(DataError, match="by hand"):
         data_module.download(tmp_path / "data")
+
+
+def test_cache_is_used_and_equals_the_source(tiny_cifar: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    first = load_cifar(tiny_cifar, cache_dir)
+    assert (cache_dir / "cifar-10-uint8.npz").is_file()
+    second = load_cifar(tiny_cifar, cache_dir)
+    assert "cached in" in second.source and "cached in" not in first.source
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    assert second.classes == first.classes
+
+
+def test_a_changed_source_or_damaged_cache_is_read_again(tiny_cifar: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    load_cifar(tiny_cifar, cache_dir)
+    _rewrite(tiny_cifar / "cifar-10-batches-py" / "data_batch_1", {b"labels": [11] * 200})
+    with pytest.raises(DataError, match="labels outside"):
+        load_cifar(tiny_cifar, cache_dir)  # the cache must not hide a damaged dataset
+    (cache_dir / "cifar-10-uint8.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="labels outside"):
+        load_cifar(tiny_cifar, cache_dir)
