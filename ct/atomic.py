@@ -17,6 +17,9 @@ def write_via(path: Path, write: Any) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would, so the
+        # results stay readable to whoever reads the workspace (Jenkins archiving, other users).
+        os.chmod(tmp, 0o666 & ~_current_umask())
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -24,6 +27,12 @@ def write_via(path: Path, write: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -374,3 +374,4 @@ def test_best_without_its_model_is_replaced(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "was missing" in result.stdout
     assert (ws / "best-model.pt").read_bytes() == b"second model"
+
