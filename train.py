@@ -347,6 +347,7 @@ def train_run(run_dir: Path, cfg: dict[str, Any], split: Split, rt: Runtime, log
                              rt, max_batches)
         train_seconds += result.seconds
         row = {"epoch": epoch + 1, "loss": round(result.loss, 4),
+               "train_accuracy": round(result.accuracy, 2),
                "lr": round(schedule.get_last_lr()[0], 6),
                "images_per_s": round(result.images / max(result.seconds, 1e-9), 1),
                "elapsed_s": round(train_seconds, 2)}
@@ -359,7 +360,8 @@ def train_run(run_dir: Path, cfg: dict[str, Any], split: Split, rt: Runtime, log
             "cuda_rng": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None,
         })
         atomic.write_text(run_dir / "epochs.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        log(f"epoch {epoch + 1}/{cfg['epochs']} loss {row['loss']:.4f} lr {row['lr']:.4f} "
+        log(f"epoch {epoch + 1}/{cfg['epochs']} loss {row['loss']:.4f} "
+            f"train accuracy {row['train_accuracy']:.2f}% lr {row['lr']:.4f} "
             f"{row['images_per_s']:.0f} img/s elapsed {train_seconds:.1f}s")
     eval_start = time.perf_counter()
     accuracy, loss = evaluate(model, split.eval_x, split.eval_y, rt, flip_tta=cfg["tta"],

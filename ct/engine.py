@@ -134,6 +134,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
 @dataclass
 class EpochResult:
     loss: float
+    accuracy: float  # on the augmented training batches, percent: free to compute, a trend only
     images: int
     seconds: float
 
@@ -149,6 +150,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     batch_size = int(cfg["batch_size"])
     use_aug = bool(cfg["augment"])
     total_loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
     seen = 0
     for i, first in enumerate(range(0, len(x), batch_size)):
         if max_batches is not None and i >= max_batches:
@@ -163,10 +165,12 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.step()
         schedule.step()
         total_loss += loss.detach() * len(idx)
+        correct += (logits.detach().argmax(1) == y[idx]).sum()
         seen += len(idx)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
-    return EpochResult(float(total_loss) / max(1, seen), seen, time.perf_counter() - start)
+    return EpochResult(float(total_loss) / max(1, seen), 100.0 * float(correct) / max(1, seen),
+                       seen, time.perf_counter() - start)
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ def test_full_run_writes_every_output(tmp_path: Path, tiny_cifar_root: Path,
     assert model["test_accuracy"] == accuracy
     assert "epoch 3/3" in (run_dir / "train.log").read_text()
     assert out.count(" img/s ") == 3, "one log line per epoch"
+    assert out.count("train accuracy") == 3
     assert not list(ws.rglob("*.tmp")), "atomic writes leave no temp files behind"
 
 
