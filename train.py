@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import torch
 
 from ct import atomic
-from ct.data import Cifar, DataError, download, load_cifar
+from ct.data import Cifar, download, load_cifar
 from ct.engine import (
     Runtime,
     evaluate,
@@ -40,6 +40,7 @@ from ct.engine import (
     steps_per_epoch,
     train_epoch,
 )
+from ct.errors import UsageError
 from network import NET_DEFAULTS, build_model, check_net_config
 
 # ---------------------------------------------------------------------------------------------
@@ -79,10 +80,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 RUN_FLAGS = ("out", "data_dir", "device", "dry_run", "resume", "fresh", "tune", "trials",
              "time_budget", "optimizers", "download", "preset")
 DRY_RUN_BATCHES = 3
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -470,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         rt = make_runtime(args.device)
         print(f"device {rt.describe()}, torch {torch.__version__}", flush=True)
         summary = (run_tune if args.tune else run_train)(args, cfg, ws, rt, started)
-    except (UsageError, DataError, ValueError) as exc:
+    except UsageError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to continue from the last checkpoint", 130)

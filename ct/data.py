@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ct import atomic
+from ct.errors import UsageError
 
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -35,7 +36,7 @@ NUM_CLASSES = 10
 CACHE = "cifar-10-uint8.npz"
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """The dataset is missing or fails its check; the message says what to do."""
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ct.errors import UsageError
+
 # Per-channel statistics of the CIFAR-10 training set, for normalisation.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -50,9 +52,9 @@ def cpu_has_bf16() -> bool:
 
 
 def make_runtime(name: str) -> Runtime:
-    """`name` is auto, cpu or cuda; raises ValueError when cuda is asked for and absent."""
+    """`name` is auto, cpu or cuda; raises UsageError when cuda is asked for and absent."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         # Deterministic kernels: a resumed run must end exactly where an uninterrupted one would.
         torch.backends.cudnn.benchmark = False

@@ -22,6 +22,7 @@ import torch
 from ct import atomic
 from ct.data import Cifar
 from ct.engine import Runtime, evaluate
+from ct.errors import UsageError
 from network import build_model
 
 # What the search varies, with the values it picks from; the rest of the config stays at base.
@@ -55,7 +56,7 @@ def make_plan(base: dict[str, Any], trials: int, time_budget: float, optimizers:
     names = [o.strip() for o in optimizers.split(",") if o.strip()]
     unknown = [o for o in names if o not in BASE_LR]
     if not names or unknown:
-        raise ValueError(f"--optimizers takes a comma list of sgd, adam, adamw, not {optimizers!r}")
+        raise UsageError(f"--optimizers takes a comma list of sgd, adam, adamw, not {optimizers!r}")
     return {"base": base, "trials": trials, "time_budget": time_budget, "optimizers": names}
 
 
@@ -122,7 +123,7 @@ def _finish(run_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]], dat
             rt: Runtime, log: Callable[[str], None], val: int) -> Outcome:
     finished = [r for r in rows if r["status"] == "done"]
     if not finished:
-        raise ValueError(f"no trial finished within --time-budget {plan['time_budget']:.0f}s; "
+        raise UsageError(f"no trial finished within --time-budget {plan['time_budget']:.0f}s; "
                          "raise the budget or lower --epochs")
     best = max(finished, key=lambda r: r["val_accuracy"])
     best_dir = run_dir / f"trial-{best['trial']:02d}"
