@@ -15,7 +15,10 @@ import pytest
 from tests.synthetic_cifar import make_cifar
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
+# The real CIFAR-10 copy lives beside the clone (../shared/data); CT_CIFAR_ARCHIVE points elsewhere.
+SHARED_CIFAR = Path(
+    os.environ.get("CT_CIFAR_ARCHIVE", REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz")
+)
 
 
 @pytest.fixture(scope="session")
