@@ -107,7 +107,8 @@ def search(run_dir: Path, plan: dict[str, Any], data: Cifar, rt: Runtime,
         trial_dir = run_dir / f"trial-{index:02d}"
         trial_dir.mkdir(exist_ok=True)
         atomic.write_json(trial_dir / "config.json", cfg)
-        log(f"trial {index + 1}/{plan['trials']}: {json.dumps(params, sort_keys=True)}")
+        log(f"trial {index + 1}/{plan['trials']} ({trial_dir.name}): "
+            f"{json.dumps(params, sort_keys=True)}")
         t0 = time.monotonic()
         result = train_run(trial_dir, cfg, split, rt, log, dry_run=dry_run, deadline=deadline)
         row = {"trial": index, "params": params, "seconds": round(time.monotonic() - t0, 2),
@@ -138,6 +139,6 @@ def _finish(run_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]], dat
         "test_accuracy": round(test_accuracy, 2), "validation_images": val,
         "trials_finished": len(finished), "trials_run": len(rows),
     })
-    log(f"best trial {best['trial']}: validation {best['val_accuracy']:.2f}%, "
-        f"test {test_accuracy:.2f}%")
+    log(f"best trial {best['trial'] + 1} ({best_dir.name}): "
+        f"validation {best['val_accuracy']:.2f}%, test {test_accuracy:.2f}%")
     return Outcome(best["params"], saved["config"], best["val_accuracy"], test_accuracy, len(rows))
