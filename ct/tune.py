@@ -79,6 +79,11 @@ def trial_params(index: int, plan: dict[str, Any]) -> dict[str, Any]:
             "epochs": epochs, **picks}
 
 
+def trial_dir(run_dir: Path, index: int) -> Path:
+    """Where trial `index` (0-based, as in trials.jsonl) keeps its resumable run."""
+    return run_dir / f"trial-{index:02d}"
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -104,13 +109,13 @@ def search(run_dir: Path, plan: dict[str, Any], data: Cifar, rt: Runtime,
         cfg = {**plan["base"], **params, "val_split": val}
         if split is None:
             split = make_split(data, cfg, rt.device)
-        trial_dir = run_dir / f"trial-{index:02d}"
-        trial_dir.mkdir(exist_ok=True)
-        atomic.write_json(trial_dir / "config.json", cfg)
-        log(f"trial {index + 1}/{plan['trials']} ({trial_dir.name}): "
+        folder = trial_dir(run_dir, index)
+        folder.mkdir(exist_ok=True)
+        atomic.write_json(folder / "config.json", cfg)
+        log(f"trial {index + 1}/{plan['trials']} ({folder.name}): "
             f"{json.dumps(params, sort_keys=True)}")
         t0 = time.monotonic()
-        result = train_run(trial_dir, cfg, split, rt, log, dry_run=dry_run, deadline=deadline)
+        result = train_run(folder, cfg, split, rt, log, dry_run=dry_run, deadline=deadline)
         row = {"trial": index, "params": params, "seconds": round(time.monotonic() - t0, 2),
                "status": "stopped" if result.get("stopped") else "done",
                "val_accuracy": result.get("validation_accuracy"),
@@ -127,7 +132,7 @@ def _finish(run_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]], dat
         raise UsageError(f"no trial finished within --time-budget {plan['time_budget']:.0f}s; "
                          "raise the budget or lower --epochs")
     best = max(finished, key=lambda r: r["val_accuracy"])
-    best_dir = run_dir / f"trial-{best['trial']:02d}"
+    best_dir = trial_dir(run_dir, best["trial"])
     saved = torch.load(best_dir / "model.pt", map_location="cpu", weights_only=False)
     model = build_model(saved["config"]).to(rt.device, memory_format=torch.channels_last)
     model.load_state_dict(saved["model"])

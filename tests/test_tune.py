@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ct.tune import trial_dir
 from tests.train_cli import run
 
 TUNE = ["--tune", "--epochs", "2", "--batch-size", "64"]
@@ -36,7 +37,7 @@ def test_tune_tries_every_named_optimizer_and_keeps_the_best(
     assert metrics["mode"] == "tune" and metrics["best_params"] == best["params"]
     assert float((tmp_path / "accuracy.txt").read_text()) == best["test_accuracy"]
     assert metrics["accuracy"] == best["test_accuracy"] and metrics["trials"] == 3
-    best_dir = f"trial-{best['trial']:02d}"
+    best_dir = trial_dir(tune_dir(tmp_path), best["trial"]).name
     assert (tune_dir(tmp_path) / "model.pt").read_bytes() == (
         tune_dir(tmp_path) / best_dir / "model.pt").read_bytes()
     # The log counts trials from 1 and names each trial's folder, so the two never disagree.
