@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # Deploy the jobs and the view in jenkins/ to a Jenkins controller with Jenkins Job Builder.
 #
-#   scripts/jenkins-deploy.sh             upload (create or update) the six jobs and the view
-#   scripts/jenkins-deploy.sh --test OUT  render the job XML into OUT offline; contacts nothing
+#   scripts/jenkins-deploy.sh                       upload (create or update) the jobs and the view
+#   scripts/jenkins-deploy.sh --test OUT [JOBS]     render the job XML into OUT offline (JOBS: another
+#                                                   jobs.yaml, for the tests); contacts nothing
 #
-# Environment (upload): JENKINS_URL, JENKINS_USER, JENKINS_API_TOKEN (the user's API token) and
+# Environment (upload): JENKINS_URL, JENKINS_USER, JENKINS_API_TOKEN (the user's API token),
 # CT_TRIGGER_TOKEN (job2's "Trigger builds remotely" token; the controller holds the same value as
-# the credential ct-trigger-token, see jenkins/casc.yaml). With --test, CT_TRIGGER_TOKEN may be unset
-# (a placeholder is rendered). JJB: the jenkins-jobs program (default: .venv/bin/jenkins-jobs, else PATH).
+# the credential ct-trigger-token, see jenkins/casc.yaml) and CT_REPO_URL (the repository job1 checks
+# out), with CT_REPO_WEB_URL (its GitHub page; default: CT_REPO_URL without .git) and CT_BRANCH
+# (default */main). With --test, unset ones get placeholders. JJB: the jenkins-jobs program
+# (default: .venv/bin/jenkins-jobs, else PATH).
 #
-# The token never touches the repository: it is written to a private temporary folder that is on
-# JJB's include path (jobs.yaml reads it with !include-raw-verbatim) and removed on exit. The API
-# token reaches JJB through its JJB_PASSWORD environment variable, not the command line.
+# These values are rendered into the XML as literals, never as ${VARIABLES}: the GitHub plugin
+# matches a push to job1 by its git URL expanded with job-level variables only, so a global one
+# would stay literal there and the push would trigger nothing. They are written to a private
+# temporary folder on JJB's include path (jobs.yaml reads them with !include-raw-verbatim) and
+# removed on exit; the API token reaches JJB through its JJB_PASSWORD environment variable, not the
+# command line.
+#
+# A local repository (a path or file://) is refused: the git plugin aborts local checkouts on the
+# controller (SECURITY-2478) unless it runs with -Dhudson.plugins.git.GitSCM.ALLOW_LOCAL_CHECKOUT=true,
+# which jenkins/docker-compose.yml sets when CT_ALLOW_LOCAL_CHECKOUT=true (the path must then exist
+# inside the controller container too). Set CT_ALLOW_LOCAL_CHECKOUT=true here as well to deploy one.
 set -euo pipefail
 
 die() { echo "jenkins-deploy: $*" >&2; exit 2; }
@@ -27,9 +38,10 @@ case "${1:-}" in
     [[ -n "${2:-}" ]] || die "--test needs an output folder"
     mode="test"
     out=$2
+    jobs=${3:-$jobs}
     ;;
   -h | --help)
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
   *) die "unknown argument '$1' (try --help)" ;;
@@ -46,17 +58,38 @@ fi
 command -v "$jjb" >/dev/null || die "jenkins-jobs not found; run 'make venv' (jenkins/requirements.txt pins it)"
 
 if [[ "$mode" == update ]]; then
-  for var in JENKINS_URL JENKINS_USER JENKINS_API_TOKEN CT_TRIGGER_TOKEN; do
+  for var in JENKINS_URL JENKINS_USER JENKINS_API_TOKEN CT_TRIGGER_TOKEN CT_REPO_URL; do
     [[ -n "${!var:-}" ]] || die "$var is not set (see README, 'Run it in Jenkins')"
   done
 fi
 token=${CT_TRIGGER_TOKEN:-render-only-placeholder}
-[[ "$token" != *$'\n'* ]] || die "CT_TRIGGER_TOKEN must be one line"
+repo_url=${CT_REPO_URL:-https://github.com/OWNER/REPO.git}
+branch=${CT_BRANCH:-*/main}
+web_url=${CT_REPO_WEB_URL:-}
+if [[ -z "$web_url" ]]; then
+  web_url=${repo_url%.git}
+  # git@github.com:OWNER/REPO -> https://github.com/OWNER/REPO
+  [[ "$web_url" =~ ^[^@/]+@([^:/]+):(.+)$ ]] && web_url="https://${BASH_REMATCH[1]}/${BASH_REMATCH[2]}"
+fi
+for var in token repo_url branch web_url; do
+  [[ "${!var}" != *$'\n'* && -n "${!var}" ]] || die "$var must be one non-empty line"
+done
+# Local as the git plugin sees it: file://..., or no scheme:// and not scp-like user@host:path.
+is_local_repo() {
+  [[ "$1" =~ ^[Ff][Ii][Ll][Ee]:// ]] && return 0
+  [[ ! "$1" =~ ^[A-Za-z][A-Za-z0-9+.-]*:// && ! "$1" =~ ^[^/]+@[^/]+: ]]
+}
+if is_local_repo "$repo_url" && [[ "${CT_ALLOW_LOCAL_CHECKOUT:-false}" != true ]]; then
+  die "CT_REPO_URL=$repo_url is a local repository, which the git plugin refuses to check out (SECURITY-2478): use an https:// or ssh URL, or set CT_ALLOW_LOCAL_CHECKOUT=true here and for docker-compose (README, 'Run it in Jenkins')"
+fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 chmod 700 "$tmp"
 printf '%s' "$token" >"$tmp/ct-trigger-token"
+printf '%s' "$repo_url" >"$tmp/ct-repo-url"
+printf '%s' "$web_url" >"$tmp/ct-repo-web-url"
+printf '%s' "$branch" >"$tmp/ct-branch"
 {
   echo "[job_builder]"
   echo "include_path=$tmp"

@@ -47,6 +47,6 @@ fi
 
 ws_git -c advice.detachedHead=false checkout -q --force --detach "$commit"
 write_file "$CT_WORKSPACE/commit.txt" "$commit"
-if [[ -n "${CT_ARTIFACTS_DIR:-}" ]]; then mkdir -p "$CT_ARTIFACTS_DIR" && cp "$CT_WORKSPACE/commit.txt" "$CT_ARTIFACTS_DIR/"; fi
+keep_artifact "$CT_WORKSPACE/commit.txt"
 log "workspace $CT_WORKSPACE at commit $commit ($repo $ref)"
 echo "$commit"

@@ -1,35 +1,28 @@
 #!/usr/bin/env bash
-# job4 gate: validate accuracy.txt against CT_THRESHOLD (ct.gate check). At or above: promote the
-# run's model when it beats the best one (ct.gate promote) and mail that the best model is created
-# (ct.notify). Below: build the tuning image and hand over to job5 (gate.properties PASSED=false,
-# status/image.properties TUNE_IMAGE). A missing/garbled/NaN/out-of-range accuracy: exit 2.
+# job4 gate: what follows a finished run (lib.sh after_run): validate accuracy.txt against
+# CT_THRESHOLD (ct.gate check). At or above: promote the run's model when it beats the best one
+# (ct.gate promote) and mail that the best model is created (ct.notify). Below: build the tuning
+# image and hand over to job5 (gate.properties PASSED=false, status/image.properties TUNE_IMAGE).
+# A missing/garbled/NaN/out-of-range accuracy: exit 2. Each run is judged once.
+#
+#   scripts/job4-gate.sh [RUN_DIR]
+#
+# RUN_DIR (from job6's hand-over, or empty): the run this build was asked to judge; when the
+# workspace's latest run is another one, nothing is judged (exit 2).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-W="$CT_WORKSPACE"
-[[ -d "$W" ]] || die "no workspace at CT_WORKSPACE=$W" 2
-
-ct_py ct.gate check --workspace "$W" --threshold "$CT_THRESHOLD" ||
-  die "the accuracy gate could not judge this run (see the line above); nothing promoted" 2
-
-passed="$(props_get "$W/gate.properties" PASSED)"
-if [[ "$passed" == true ]]; then
-  ct_py ct.gate promote --workspace "$W" || die "promotion failed (see the line above)" 2
-  if [[ "$(props_get "$W/promotion.properties" PROMOTED)" == true ]]; then
-    ct_py ct.notify --workspace "$W" --event best-model || die "the notification could not be sent (kept in $W/outbox/)"
-  else
-    log "the current best model stays (it is at least as good): no mail"
+main() {
+  local want="${1:-}" latest
+  (($# <= 1)) || die "usage: job4-gate.sh [RUN_DIR]" 2
+  [[ -d "$CT_WORKSPACE" ]] || die "no workspace at CT_WORKSPACE=$CT_WORKSPACE" 2
+  if [[ -n "$want" ]]; then
+    latest="$(latest_run_field run_dir)"
+    [[ "$latest" == "$want" ]] ||
+      die "asked to judge $want, but the workspace's latest run is ${latest:-unreadable (see metrics.json)}: nothing judged" 2
   fi
-  exit 0
-fi
+  after_run mail
+}
 
-log "below the threshold of $CT_THRESHOLD%: preparing the tuning image for job5"
-require_workspace_code
-resolve_runtime
-if [[ "$CT_RUNTIME" == docker ]]; then
-  ensure_image tune >/dev/null
-else
-  "$(dirname "$0")/job2-image.sh" tune >/dev/null
-fi
-log "handing over to job5 (gate.properties PASSED=false)"
+main "$@"

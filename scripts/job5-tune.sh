@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # job5 tune: run the tuning image (train.py --tune) on the workspace within the tuning budget,
-# promote the best model when it beats the current best, and mail the best accuracy and params.
+# then what follows every run (lib.sh after_run): promote the best model when it beats the current
+# best, and mail the best accuracy and params.
 # At most CT_MAX_TUNE_ROUNDS rounds per commit: the chain never loops.
 #
 #   scripts/job5-tune.sh [--no-mail]   (CT_TUNE_TRIALS, CT_TUNE_BUDGET seconds, CT_TUNE_ARGS)
@@ -10,10 +11,10 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-notify_flags=()
+delivery=mail
 case "${1:-}" in
   "") ;;
-  --no-mail) notify_flags=(--outbox-only) ;;
+  --no-mail) delivery=outbox-only ;;
   *) die "unknown argument '$1'; usage: job5-tune.sh [--no-mail]" 2 ;;
 esac
 
@@ -69,6 +70,5 @@ follow tune || code=$?
 kill "$watchdog" 2>/dev/null || true
 ((code == 0)) || die "tuning ended with exit code $code; job6 (scripts/job6-monitor.sh) restarts it"
 
-ct_py ct.gate promote --workspace "$W" || die "promotion failed (see the line above)" 2
-ct_py ct.notify --workspace "$W" --event tuned "${notify_flags[@]}" || die "the notification could not be sent (kept in $W/outbox/)"
+after_run "$delivery"
 log "tuning round $((rounds + 1)) of $CT_MAX_TUNE_ROUNDS for commit $commit done"

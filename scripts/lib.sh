@@ -11,7 +11,8 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_WORKSPACE:=$CT_ROOT/workspace}"   # the pipeline's one workspace (code + state)
 : "${CT_RUNTIME:=}"                       # docker | local; empty: docker when an engine answers
 : "${CT_THRESHOLD:=80}"                   # accuracy gate, percent
-: "${CT_REPO_URL:=$CT_ROOT}"              # git repository (path or URL) job1 pulls from
+: "${CT_REPO_URL:=${GIT_URL:-$CT_ROOT}}"  # git repository (path or URL) job1 pulls from; under
+                                          # Jenkins the git plugin's GIT_URL (job1's literal URL)
 : "${CT_GIT_REF:=${GIT_COMMIT:-HEAD}}"    # what job1 checks out (Jenkins' GIT_COMMIT when set)
 : "${CT_DATA_DIR:=}"                      # dataset to seed $CT_WORKSPACE/data from (folder with
                                           # cifar-10-batches-py/ or cifar-10-python.tar.gz)
@@ -49,7 +50,13 @@ export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR C
 # Pipeline state that lives in the workspace beside the code; job1 never touches it.
 # shellcheck disable=SC2034 # used by job1-pull.sh
 CT_STATE_PATHS=(data/ runs/ outbox/ status/ plot/ artifacts/ accuracy.txt metrics.json best.json
-  best-model.pt commit.txt gate.properties promotion.properties accuracy-history.csv)
+  best-model.pt commit.txt gate.properties promotion.properties accuracy-history.csv
+  handover.properties)
+
+# job6 -> job4: a run that job6 restarted and that has now finished (COMMIT, RUN_DIR), for the
+# parameterized trigger on job6 (jenkins/jobs.yaml); written by job6 only, removed by its next build.
+# shellcheck disable=SC2034 # used by job6-monitor.sh
+CT_HANDOVER_FILE=handover.properties
 
 # ----------------------------------------------------------------------------------- logging
 CT_JOB="${CT_JOB:-$(basename "$0" .sh)}"
@@ -60,6 +67,23 @@ log() { printf '[%s %s] %s\n' "$(date +%H:%M:%S)" "$CT_JOB" "$*" >&2; }
 die() {
   log "error: $1"
   exit "${2:-1}"
+}
+
+# ----------------------------------------------------------------------------------- artifacts
+# CT_ARTIFACTS_DIR (set by every job's step in jenkins/jobs.yaml) holds what this build keeps; the
+# job archives it and job4 plots from it. It starts empty in every build, so a build that fails
+# early never archives or plots an earlier build's files. Emptied once per build: a script that
+# runs another (job4 -> job2-image.sh) passes the marker on.
+if [[ -n "${CT_ARTIFACTS_DIR:-}" && "${CT_ARTIFACTS_EMPTIED:-}" != "$CT_ARTIFACTS_DIR" ]]; then
+  mkdir -p "$CT_ARTIFACTS_DIR"
+  find "$CT_ARTIFACTS_DIR" -mindepth 1 -delete
+  export CT_ARTIFACTS_EMPTIED="$CT_ARTIFACTS_DIR"
+fi
+
+keep_artifact() { # FILE...: copy into this build's CT_ARTIFACTS_DIR (nothing outside Jenkins)
+  [[ -n "${CT_ARTIFACTS_DIR:-}" ]] || return 0
+  mkdir -p "$CT_ARTIFACTS_DIR"
+  cp -f "$@" "$CT_ARTIFACTS_DIR/"
 }
 
 # ----------------------------------------------------------------------------------- checks
@@ -325,9 +349,70 @@ follow() {
   fi
   props_set "$file" STATUS "$status" EXIT_CODE "$code" OOM_KILLED "$oom" \
     FINISHED_AT "$(date -u +%FT%TZ)"
-  if [[ -n "${CT_ARTIFACTS_DIR:-}" ]]; then
-    mkdir -p "$CT_ARTIFACTS_DIR"
-    cp -f "$file" "$CT_ARTIFACTS_DIR/" 2>/dev/null || true
-  fi
+  keep_artifact "$file"
   return "$code"
+}
+
+# ----------------------------------------------------------------------------------- after a run
+# latest_run_field KEY: a field of the workspace's metrics.json (the latest finished run), or ''
+# when it cannot be read (ct.gate check then says what is wrong with it).
+latest_run_field() {
+  "$CT_PYTHON" - "$CT_WORKSPACE/metrics.json" "$1" 2>/dev/null <<'PY' || true
+import json, sys
+try:
+    value = json.load(open(sys.argv[1], encoding="utf-8")).get(sys.argv[2])
+except (OSError, ValueError, AttributeError):
+    value = None
+print(value if isinstance(value, str) else "")
+PY
+}
+
+# after_run mail|outbox-only: what follows every finished training or tuning run, whoever started
+# it: job4 (after job3, or after job6 restarted the run), job5, job6 --follow. ct.gate check judges
+# the workspace's latest run against CT_THRESHOLD (gate.properties, history, plot); a tuning run,
+# or a training run at or above the threshold, is promoted when it beats the best model and
+# mailed (ct.notify; outbox-only keeps the message in outbox/ when Jenkins' email-ext sends job5's
+# mail); a training run below
+# the threshold gets the tuning image ready and gate.properties PASSED=false hands it to job5.
+# Exactly once per run: status/after-run.properties names the last run handled; a second call for
+# the same run changes nothing (job4 built twice, or a restarted run handed over by job6).
+after_run() {
+  local W="$CT_WORKSPACE" delivery="$1" record run_id passed event notify=()
+  [[ "$delivery" == outbox-only ]] && notify=(--outbox-only)
+  record="$W/status/after-run.properties"
+  run_id="$(latest_run_field run_id)"
+  if [[ -n "$run_id" && "$(props_get "$record" RUN_ID)" == "$run_id" ]]; then
+    log "run $run_id was judged already ($(props_get "$record" VERDICT)): nothing to do"
+    return 0
+  fi
+  ct_py ct.gate check --workspace "$W" --threshold "$CT_THRESHOLD" ||
+    die "the accuracy gate could not judge this run (see the line above); nothing promoted" 2
+  keep_artifact "$W/gate.properties" "$W/plot/accuracy.csv"
+  passed="$(props_get "$W/gate.properties" PASSED)"
+  if [[ "$run_id" == tune-* || "$passed" == true ]]; then
+    ct_py ct.gate promote --workspace "$W" || die "promotion failed (see the line above)" 2
+    event=best-model
+    [[ "$run_id" == tune-* ]] && event=tuned
+    if [[ "$event" == tuned || "$(props_get "$W/promotion.properties" PROMOTED)" == true ]]; then
+      ct_py ct.notify --workspace "$W" --event "$event" "${notify[@]}" ||
+        die "the notification could not be sent (kept in $W/outbox/)"
+    else
+      log "the current best model stays (it is at least as good): no mail"
+    fi
+  else
+    log "below the threshold of $CT_THRESHOLD%: preparing the tuning image for job5"
+    prepare_tuning_image
+    log "handing over to job5 (gate.properties PASSED=false)"
+  fi
+  props_set "$record" RUN_ID "$run_id" VERDICT "passed=$passed" JUDGED_AT "$(date -u +%FT%TZ)"
+}
+
+prepare_tuning_image() {
+  require_workspace_code
+  resolve_runtime
+  if [[ "$CT_RUNTIME" == docker ]]; then
+    ensure_image tune >/dev/null
+  else
+    "$CT_ROOT/scripts/job2-image.sh" tune >/dev/null
+  fi
 }

@@ -3,8 +3,9 @@
 #
 #   scripts/pipeline.sh [REPO [REF]]    (default: CT_REPO_URL = this checkout, CT_GIT_REF = HEAD)
 #
-# job1 pull -> job2 image -> job3 train -> (failed: job6 monitor --follow) -> job4 gate
-#   -> (below the threshold: job5 tune). Exit 0 when the chain went through.
+# job1 pull -> job2 image -> job3 train -> job4 gate -> (below the threshold: job5 tune); a failed
+# train or tune run: job6 monitor --follow restarts it and then runs what follows every finished
+# run (lib.sh after_run), as job4 does. Exit 0 when the chain went through.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -23,17 +24,17 @@ step() { # SCRIPT ARGS...: run one job, timing it
 
 step job1-pull.sh "$@" >/dev/null
 step job2-image.sh >/dev/null
-if ! step job3-train.sh; then
+if step job3-train.sh; then
+  step job4-gate.sh
+else
+  # job6 restarts it and, once it has finished, runs what job4 runs (lib.sh after_run)
   log "training failed: job6 restarts it (at most CT_MAX_RESTARTS=$CT_MAX_RESTARTS times)"
   step job6-monitor.sh monitor --follow || die "training failed and job6 gave up; see $(state_file train)"
 fi
-step job4-gate.sh
 if [[ "$(props_get "$CT_WORKSPACE/gate.properties" PASSED)" != true ]]; then
   if ! step job5-tune.sh; then
     log "tuning failed: job6 restarts it"
     step job6-monitor.sh monitor --follow || die "tuning failed and job6 gave up; see $(state_file tune)"
-    ct_py ct.gate promote --workspace "$CT_WORKSPACE"
-    ct_py ct.notify --workspace "$CT_WORKSPACE" --event tuned
   fi
 fi
 best="$(props_get "$CT_WORKSPACE/promotion.properties" BEST_ACCURACY)"

@@ -104,7 +104,8 @@ def test_job1_checks_out_the_repository_setting_on_push_or_poll(rendered):
     root = rendered["job1"]
     scm = root.find("scm")
     assert scm.get("class") == "hudson.plugins.git.GitSCM"
-    assert scm.findtext(".//hudson.plugins.git.UserRemoteConfig/url") == "${CT_REPO_URL}"
+    assert scm.findtext(".//hudson.plugins.git.UserRemoteConfig/url") == jc.REPO_URL
+    assert scm.findtext(".//hudson.plugins.git.BranchSpec/name") == jc.BRANCH
     # The workspace holds the data cache, runs and the best model: never wiped.
     assert scm.find(".//hudson.plugins.git.extensions.impl.WipeWorkspace") is None
     assert scm.find(".//hudson.plugins.git.extensions.impl.CleanCheckout") is None
@@ -113,6 +114,58 @@ def test_job1_checks_out_the_repository_setting_on_push_or_poll(rendered):
     assert triggers.find("com.cloudbees.jenkins.GitHubPushTrigger") is not None
     poll = triggers.findtext("hudson.triggers.SCMTrigger/spec")
     assert poll and len(poll.split()) == 5
+
+
+def test_the_repository_is_rendered_literally_so_a_github_push_finds_job1(rendered):
+    """github-plugin v1.40.0, src/main/java/com/cloudbees/jenkins/
+    GitHubRepositoryNameContributor.java (FromSCM): a push event is matched to a job by its SCM
+    URLs expanded with buildEnv(job), which asks every
+    EnvironmentContributor.buildEnvironmentFor(Job, ...); in Jenkins core jenkins-2.492.1
+    (core/src/main/java/jenkins/model/CoreEnvironmentContributor.java) that adds JENKINS_URL,
+    JOB_URL and the like, never the global node properties (those reach Runs only, through
+    Computer.getEnvironment). So a global ${CT_REPO_URL} stays literal, matches no GitHub URL
+    pattern (GitHubRepositoryName.create) and DefaultPushGHEventSubscriber skips job1. The GitHub
+    project URL (com.coravy.hudson.plugins.github.GithubProjectProperty) is never expanded."""
+    root = rendered["job1"]
+    urls = {
+        "git url": root.findtext(".//hudson.plugins.git.UserRemoteConfig/url"),
+        "branch": root.findtext(".//hudson.plugins.git.BranchSpec/name"),
+        "GitHub project url": root.findtext(
+            "properties/com.coravy.hudson.plugins.github.GithubProjectProperty/projectUrl"),
+    }
+    for what, value in urls.items():
+        assert value and "${" not in value and "$" not in value, f"{what}: {value!r}"
+    assert re.fullmatch(r"https?://([^/]+)/([^/]+)/([^/]+)\.git/?", urls["git url"]), (
+        "the URL must match the GitHub plugin's URL patterns")
+    assert urls["GitHub project url"].rstrip("/") == jc.REPO_WEB_URL
+
+
+def test_deploy_renders_the_repository_given_and_derives_the_github_page(tmp_path):
+    xml = jc.render(jc.JOBS_YAML, tmp_path / "out", TOKEN, {
+        "CT_REPO_URL": "git@github.com:acme/vision.git", "CT_REPO_WEB_URL": "",
+        "CT_BRANCH": "*/release"})
+    root = xml["job1"]
+    assert root.findtext(".//hudson.plugins.git.UserRemoteConfig/url") == \
+        "git@github.com:acme/vision.git"
+    assert root.findtext(".//hudson.plugins.git.BranchSpec/name") == "*/release"
+    assert root.findtext("properties/com.coravy.hudson.plugins.github.GithubProjectProperty/"
+                         "projectUrl").rstrip("/") == "https://github.com/acme/vision"
+
+
+@pytest.mark.parametrize("url", ["/srv/git/cifar-ct.git", "file:///srv/git/cifar-ct.git",
+                                 "../cifar-ct"])
+def test_deploy_refuses_a_local_repository_unless_allowed(tmp_path, url):
+    """git-plugin git-5.6.0, src/main/java/hudson/plugins/git/GitSCM.java: _checkout() calls
+    abortIfSourceIsLocal() on the controller unless ALLOW_LOCAL_CHECKOUT (system property
+    hudson.plugins.git.GitSCM.ALLOW_LOCAL_CHECKOUT); isRemoteUrlValid() calls file:// URLs and
+    paths that exist local: "Checkout of Git remote ... aborted because it references a local
+    directory". jenkins/docker-compose.yml turns the property on with CT_ALLOW_LOCAL_CHECKOUT."""
+    with pytest.raises(RuntimeError) as err:
+        jc.render(jc.JOBS_YAML, tmp_path / "out", TOKEN, {"CT_REPO_URL": url})
+    assert "local repository" in str(err.value) and "CT_ALLOW_LOCAL_CHECKOUT" in str(err.value)
+    xml = jc.render(jc.JOBS_YAML, tmp_path / "out2", TOKEN,
+                    {"CT_REPO_URL": url, "CT_ALLOW_LOCAL_CHECKOUT": "true"})
+    assert xml["job1"].findtext(".//hudson.plugins.git.UserRemoteConfig/url") == url
 
 
 def test_job6_monitors_every_five_minutes_and_retrains_weekly(rendered):
@@ -136,6 +189,13 @@ def test_job6_monitors_every_five_minutes_and_retrains_weekly(rendered):
 
 def test_job2_can_be_triggered_remotely_with_the_token_from_the_environment(rendered):
     assert rendered["job2"].findtext("authToken") == TOKEN
+    # job2 is parameterized, which is why job6 and the README use /buildWithParameters: a POST to
+    # /build of a parameterized job is answered HTTP 400 (tests/test_scripts_fast.py cites core).
+    assert "COMMIT" in {p.findtext("name") for p in rendered["job2"].iter(
+        "hudson.model.StringParameterDefinition")}
+    readme = (REPO / "README.md").read_text()
+    assert "/job/job2/buildWithParameters?token=" in readme
+    assert "/job/job2/build?" not in readme
     text = jc.JOBS_YAML.read_text()
     (line,) = [x for x in text.splitlines() if x.strip().startswith("auth-token:")]
     assert "!include-raw-verbatim:" in line, "the token must be read at render time"
@@ -203,12 +263,19 @@ def test_chain_order_equals_the_local_chain_runner(rendered):
     assert local_order == jenkins_order
 
 
-def test_job4_plots_accuracy_over_builds(rendered):
+def test_job4_plots_only_what_the_build_measured(rendered):
+    """plot-plugin plot-2.1.12: PlotPublisher.perform() never looks at the build result, and
+    CSVSeries.loadSeries() returns no point when the file is missing (Plot.addBuild logs it and
+    moves on). So the series file must be one that only a build which measured an accuracy holds:
+    its own artifacts folder, which scripts/lib.sh empties at the start of every build
+    (tests/test_scripts_fast.py shows a failed gate build leaves none)."""
     plot = rendered["job4"].find("publishers/hudson.plugins.plot.PlotPublisher")
     assert plot is not None
     series = plot.find(".//hudson.plugins.plot.CSVSeries")
-    assert series.findtext("file") == "plot/accuracy.csv"
+    assert series.findtext("file") == "artifacts/job4/accuracy.csv"
     assert series.findtext("fileType") == "csv"
+    (command,) = jc.shell_commands(rendered["job4"])
+    assert 'CT_ARTIFACTS_DIR="$WORKSPACE/artifacts/$JOB_NAME"' in command
 
 
 def test_job5_emails_best_accuracy_and_metrics_on_success_and_failure(rendered):
@@ -219,12 +286,62 @@ def test_job5_emails_best_accuracy_and_metrics_on_success_and_failure(rendered):
     assert {"SuccessTrigger", "FailureTrigger"} <= triggers
     attachments = {a.strip() for a in mail.findtext("attachmentsPattern").split(",")}
     assert {"metrics.json", "best.json"} <= attachments
+    assert mail.findtext("attachBuildLog") == "true"
     assert "BEST_ACCURACY" in mail.findtext("defaultSubject")
     body = mail.findtext("defaultContent")
     assert '${FILE,path="best.json"}' in body and "${ACCURACY}" in body
     for trigger in mail.find("configuredTriggers"):
         assert trigger.find(".//hudson.plugins.emailext.plugins.recipients."
                             "ListRecipientProvider") is not None
+
+
+def test_job5_mail_attaches_each_file_once(rendered):
+    """email-ext 1861.vdb_d991590994, src/main/java/hudson/plugins/emailext/
+    ExtendedEmailPublisher.java (createMail, lines 967-975): the publisher's attachmentsPattern is
+    attached, then the firing trigger's own pattern too when it is not blank, with no
+    de-duplication. JJB's email-ext writes `attachments` into both, so jobs.yaml renders this
+    publisher as raw XML with the pattern on the publisher only."""
+    mail = rendered["job5"].find("publishers/hudson.plugins.emailext.ExtendedEmailPublisher")
+    per_trigger = [(t.findtext("email/attachmentsPattern") or "").strip()
+                   for t in mail.find("configuredTriggers")]
+    assert per_trigger and all(p == "" for p in per_trigger), per_trigger
+    patterns = [mail.findtext("attachmentsPattern"), *per_trigger]
+    for name in ("metrics.json", "best.json"):
+        assert sum(name in (p or "") for p in patterns) == 1, name
+    assert mail.get("plugin", "").startswith("email-ext")
+
+
+# ------------------------------------------------------------------ self-healing hand-over
+
+
+def test_job6_hands_a_restarted_run_to_job4_with_its_commit_and_run_folder(rendered):
+    """parameterized-trigger 859.vb_e3907a_07a_16: FileBuildParameters.extractAllValues() reads
+    the properties file from the build's archived artifacts, then the workspace; when it is
+    missing and failTriggerOnMissing is set it throws DontTriggerException, which
+    BuildTriggerConfig.perform() and ParameterizedDependency.shouldTriggerBuild() (the freestyle
+    dependency-graph path) catch: nothing is triggered and the build result is untouched.
+    ResultCondition.ALWAYS triggers whatever job6's result."""
+    root = rendered["job6"]
+    (config,) = downstream_publishers(root)
+    assert config.findtext("projects") == "job4"
+    assert config.findtext("condition") == "ALWAYS"
+    params = config.find(f"configs/{PT}FileBuildParameters")
+    assert params.findtext("propertiesFile") == "handover.properties"
+    assert params.findtext("failTriggerOnMissing") == "true"
+    # the build that writes it archives it, so the trigger reads this build's copy first
+    archived = root.find("publishers/hudson.tasks.ArtifactArchiver").findtext("artifacts")
+    assert "handover.properties" in {a.strip() for a in archived.split(",")}
+    # the keys job6 writes are parameters job4 declares (Jenkins drops undeclared ones), and
+    # job4 hands RUN_DIR to its script
+    job6 = (REPO / "scripts" / "job6-monitor.sh").read_text()
+    written = set(re.findall(r"^(\w+)=\$", job6.split("write_file", 1)[1], re.M))
+    written |= set(re.findall(r'"(\w+)=\$\(props_get', job6))
+    assert written == {"COMMIT", "RUN_DIR"}, written
+    declared = {p.findtext("name") for p in rendered["job4"].iter(
+        "hudson.model.StringParameterDefinition")}
+    assert written <= declared
+    (command,) = jc.shell_commands(rendered["job4"])
+    assert re.search(r'scripts/job4-gate\.sh "\$RUN_DIR"', command)
 
 
 # ------------------------------------------------------------------- scripts and plugins
@@ -246,6 +363,64 @@ def broken_copy(tmp_path: Path, old: str, new: str) -> dict[str, ET.Element]:
     copy = tmp_path / "jobs.yaml"
     copy.write_text(text.replace(old, new, 1))
     return jc.render(copy, tmp_path / "out", TOKEN)
+
+
+def _version_key(version: str) -> list[tuple[int, int | str]]:
+    """Jenkins-style version order, enough for these pins: numbers compare as numbers, and
+    1963.v24e046127a_3f > 1903.v004d55388f30, 859.vb_e3907a_07a_16 > 2.45, 1.5.0 > 1.4.2."""
+    parts = re.split(r"[.\-_]", version.split()[0])
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in parts]
+
+
+def _dependency_table() -> dict:
+    return yaml.safe_load((JENKINS / "plugin-dependencies.yaml").read_text())
+
+
+def plugin_pin_problems(pins: dict[str, str], table: dict, core: str) -> list[str]:
+    problems = []
+    for name, version in pins.items():
+        row = table["pinned"].get(name)
+        if row is None or str(row["version"]) != version:
+            problems.append(f"{name}:{version} has no row in plugin-dependencies.yaml")
+            continue
+        if _version_key(str(row["core"])) > _version_key(core):
+            problems.append(f"{name}:{version} needs Jenkins core {row['core']} > {core}")
+    for section in ("pinned", "transitive"):
+        for owner, row in table[section].items():
+            for dep, declared in (row.get("depends") or {}).items():
+                pin = pins.get(dep)
+                if pin and _version_key(pin) < _version_key(str(declared)):
+                    problems.append(f"{owner}:{row['version']} declares {dep} {declared}, "
+                                    f"but plugins.txt pins the older {dep}:{pin}")
+    return problems
+
+
+def controller_core() -> str:
+    (image,) = re.findall(r"^FROM jenkins/jenkins:(\S+)", (JENKINS / "Dockerfile").read_text(),
+                          re.M)
+    return image.split("-")[0]
+
+
+def test_plugin_pins_are_a_set_jenkins_plugin_cli_accepts():
+    """jenkinsci/plugin-installation-manager-tool: PluginManager refuses a top-level pin older
+    than a version another plugin declares (optional dependencies included): "depends on X, but
+    there is an older version defined on the top level". plugin-dependencies.yaml holds what each
+    pin declares at its tag (pom.xml + the BOM it imports)."""
+    pins, unpinned = jc.read_plugins()
+    assert not unpinned
+    assert plugin_pin_problems(pins, _dependency_table(), controller_core()) == []
+
+
+def test_the_pin_check_catches_the_old_conditional_buildstep_and_a_too_new_core():
+    table = _dependency_table()
+    pins, _ = jc.read_plugins()
+    old = {**pins, "conditional-buildstep": "1.4.2"}
+    table["pinned"]["conditional-buildstep"]["version"] = "1.4.2"
+    problems = plugin_pin_problems(old, table, controller_core())
+    assert ("parameterized-trigger:859.vb_e3907a_07a_16 declares conditional-buildstep 1.5.0 "
+            "optional, but plugins.txt pins the older conditional-buildstep:1.4.2") in problems
+    assert any("needs Jenkins core" in p for p in
+               plugin_pin_problems(pins, _dependency_table(), "2.401.1"))
 
 
 def test_a_job_naming_a_missing_script_fails_the_checks(tmp_path):
@@ -291,7 +466,7 @@ def test_no_literal_secret_anywhere_in_jenkins_dir():
                     ENV_REF.match(value)
                     or value.startswith("!include-raw-verbatim:")
                     or value.startswith("?set ")
-                    or m["key"].lower() in {"credential-id", "id"}
+                    or m["key"].lower() in {"credential-id", "id", "token-macro"}  # a plugin
                     or value in {"", "GLOBAL"}
                     or re.fullmatch(r"[A-Z][A-Z0-9_]*", value)  # names a variable to bind
                 )
@@ -340,7 +515,9 @@ def test_casc_takes_every_secret_from_the_environment(rendered):
     labels = set(casc["jenkins"]["labelString"].split())
     assert {rendered[j].findtext("assignedNode") for j in JOBS} <= labels
     env = {e["key"] for e in casc["jenkins"]["globalNodeProperties"][0]["envVars"]["env"]}
-    assert {"CT_WORKSPACE", "CT_REPO_URL", "CT_BRANCH"} <= env
+    assert "CT_WORKSPACE" in env
+    # the repository is rendered into job1 (see above), not a global variable nobody expands
+    assert not {"CT_REPO_URL", "CT_REPO_WEB_URL", "CT_BRANCH"} & env
 
 
 def compose_command() -> list[str] | None:
@@ -361,7 +538,7 @@ def test_compose_file_is_accepted_by_docker_compose_config():
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
     compose = JENKINS / "docker-compose.yml"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CT_", "JENKINS_", "SMTP_"))}
-    env.update(JENKINS_ADMIN_PASSWORD="x", CT_TRIGGER_TOKEN="y", CT_REPO_URL="https://example.invalid/r.git")
+    env.update(JENKINS_ADMIN_PASSWORD="x", CT_TRIGGER_TOKEN="y")
     proc = subprocess.run([*cmd, "-f", str(compose), "config"], capture_output=True, text=True,
                           env=env, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -370,6 +547,14 @@ def test_compose_file_is_accepted_by_docker_compose_config():
     assert "8080" in str(service["ports"])
     volumes = str(service["volumes"])
     assert "/var/run/docker.sock" in volumes and "/srv/ct-workspace" in volumes
+    # jenkinsci/docker tag 2.492.1, jenkins.sh: JAVA_OPTS and JENKINS_JAVA_OPTS both go to the JVM
+    prop = "-Dhudson.plugins.git.GitSCM.ALLOW_LOCAL_CHECKOUT="
+    assert f"{prop}false" in service["environment"]["JENKINS_JAVA_OPTS"]
+    allowed = subprocess.run([*cmd, "-f", str(compose), "config"], capture_output=True, text=True,
+                             env={**env, "CT_ALLOW_LOCAL_CHECKOUT": "true"}, timeout=60,
+                             check=False)
+    assert f"{prop}true" in yaml.safe_load(allowed.stdout)["services"]["jenkins"]["environment"][
+        "JENKINS_JAVA_OPTS"]
     # Without the required secrets it refuses to start, instead of running with empty ones.
     del env["CT_TRIGGER_TOKEN"]
     proc = subprocess.run([*cmd, "-f", str(compose), "config"], capture_output=True, text=True,
@@ -400,20 +585,28 @@ def test_jenkins_requirements_pin_the_renderer():
 
 def test_deploy_script_renders_offline_with_a_token_from_the_environment(tmp_path):
     env = {**os.environ, "CT_TRIGGER_TOKEN": "from-env-123", "JJB": jc.jenkins_jobs_bin(),
-           "PYTHONWARNINGS": "ignore"}
+           "PYTHONWARNINGS": "ignore", "CT_REPO_URL": "https://github.com/o/r.git"}
     proc = subprocess.run([str(REPO / "scripts" / "jenkins-deploy.sh"), "--test",
                            str(tmp_path / "out")], capture_output=True, text=True, env=env,
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert ET.parse(tmp_path / "out" / "job2").getroot().findtext("authToken") == "from-env-123"
+    assert ET.parse(tmp_path / "out" / "job1").getroot().findtext(
+        ".//hudson.plugins.git.UserRemoteConfig/url") == "https://github.com/o/r.git"
     assert not (JENKINS / "ct-trigger-token").exists()
 
 
 def test_deploy_script_refuses_to_upload_without_its_settings():
     env = {k: v for k, v in os.environ.items()
-           if k not in {"JENKINS_URL", "JENKINS_USER", "JENKINS_API_TOKEN", "CT_TRIGGER_TOKEN"}}
+           if k not in {"JENKINS_URL", "JENKINS_USER", "JENKINS_API_TOKEN", "CT_TRIGGER_TOKEN",
+                        "CT_REPO_URL"}}
     env["JJB"] = jc.jenkins_jobs_bin()
     proc = subprocess.run([str(REPO / "scripts" / "jenkins-deploy.sh")], capture_output=True,
                           text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 2
     assert "JENKINS_URL is not set" in proc.stderr
+    env.update(JENKINS_URL="http://j:8080/", JENKINS_USER="u", JENKINS_API_TOKEN="t",
+               CT_TRIGGER_TOKEN="x")
+    proc = subprocess.run([str(REPO / "scripts" / "jenkins-deploy.sh")], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+    assert proc.returncode == 2 and "CT_REPO_URL is not set" in proc.stderr

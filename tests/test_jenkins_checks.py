@@ -64,25 +64,26 @@ def jenkins_jobs_bin() -> str:
     return str(local) if local.exists() else "jenkins-jobs"
 
 
-def render(jobs_yaml: Path, out: Path, token: str) -> dict[str, ET.Element]:
-    """Render with the real `jenkins-jobs test`, the token on the include path like the deploy."""
-    inc = out.parent / (out.name + "-include")
-    inc.mkdir(parents=True, exist_ok=True)
-    (inc / "ct-trigger-token").write_text(token)
-    conf = out.parent / (out.name + ".ini")
-    conf.write_text(
-        f"[job_builder]\ninclude_path={inc}\nkeep_descriptions=False\n"
-        "[jenkins]\nurl=http://localhost:8080/\nquery_plugins_info=False\n"
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+# What scripts/jenkins-deploy.sh renders into the XML as literals; the tests' stand-in values.
+REPO_URL = "https://github.com/example-org/cifar-ct.git"
+REPO_WEB_URL = "https://github.com/example-org/cifar-ct"
+BRANCH = "*/main"
+
+
+def render(jobs_yaml: Path, out: Path, token: str,
+           settings: dict[str, str] | None = None) -> dict[str, ET.Element]:
+    """Render with the real `jenkins-jobs test` through scripts/jenkins-deploy.sh --test, which
+    puts the token and the repository on JJB's include path as it does for an upload."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CT_", "JENKINS_"))}
+    env.update(PYTHONWARNINGS="ignore", JJB=jenkins_jobs_bin(), CT_TRIGGER_TOKEN=token,
+               CT_REPO_URL=REPO_URL, CT_REPO_WEB_URL=REPO_WEB_URL, CT_BRANCH=BRANCH)
+    env.update(settings or {})
     proc = subprocess.run(
-        [jenkins_jobs_bin(), "--conf", str(conf), "-l", "error", "test", "-o", str(out),
-         str(jobs_yaml)],
+        [str(REPO / "scripts" / "jenkins-deploy.sh"), "--test", str(out), str(jobs_yaml)],
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"jenkins-jobs test failed:\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(f"jenkins-deploy.sh --test failed:\n{proc.stdout}\n{proc.stderr}")
     return {p.name: ET.parse(p).getroot() for p in sorted(out.iterdir()) if p.is_file()}
 
 

@@ -203,9 +203,13 @@ def _epochs_done(ws: Path) -> int:
 
 @pytest.mark.docker
 @pytest.mark.slow
-def test_docker_killed_training_resumes_to_the_same_result(
-    source_repo, docker_env, docker_engine, tmp_path
+def test_docker_killed_training_resumes_to_the_same_result_and_is_judged_once(
+    source_repo, docker_env, docker_engine, tmp_path, smtp_server
 ):
+    """The Jenkins path of self-healing: job3 fails when its container is killed (so Jenkins never
+    runs job4 after it), job6 cycles restart the container and, once the run has finished, hand it
+    to job4 through handover.properties; the gate, the promotion and the mail happen once."""
+    smtp, inbox = smtp_server
     args = "--batch-size 32 --epochs 5 --lr 0.05 --seed 7"
     # the reference: an uninterrupted run with the same seed
     ref_env = {**docker_env, "CT_TRAIN_ARGS": args, "CT_WORKSPACE": str(tmp_path / "ref")}
@@ -214,7 +218,8 @@ def test_docker_killed_training_resumes_to_the_same_result(
     run_script("job3-train.sh", ref_env)
     reference = json.loads((tmp_path / "ref" / "metrics.json").read_text())
 
-    env = {**docker_env, "CT_TRAIN_ARGS": args}
+    # threshold 1%: the small synthetic dataset passes, so the verdict promotes and mails
+    env = {**docker_env, **smtp, "CT_TRAIN_ARGS": args, "CT_THRESHOLD": "1"}
     ws = Path(env["CT_WORKSPACE"])
     run_script("job1-pull.sh", env, str(source_repo))
     run_script("job2-image.sh", env)
@@ -240,8 +245,33 @@ def test_docker_killed_training_resumes_to_the_same_result(
     assert "restarting it (1 of 3)" in proc.stderr
     running = docker_engine.docker("inspect", "-f", "{{.State.Running}}", name).strip()
     assert running == "true" or _epochs_done(ws) == 5
+    assert not (ws / "handover.properties").exists()  # nothing to judge while it trains
     docker_engine.docker("wait", name, timeout=600)
-    assert "finished" in run_script("job6-monitor.sh", env, "monitor").stderr
+    assert not (ws / "gate.properties").exists() and not inbox.messages  # nobody judged it yet
+
+    # the cycle that sees it finished hands it over (in Jenkins: job6's parameterized trigger)
+    proc = run_script("job6-monitor.sh", env, "monitor")
+    assert "finished" in proc.stderr and "handing the restarted run" in proc.stderr
+    handover = read_props(ws / "handover.properties")
+    run_dir = json.loads((ws / "metrics.json").read_text())["run_dir"]
+    assert handover == {"COMMIT": (ws / "commit.txt").read_text().strip(), "RUN_DIR": run_dir}
+    # job4 as that trigger starts it: the file's keys become its parameters (a stand-in for the
+    # Jenkins server, which cannot run here; jobs.yaml passes "$RUN_DIR" to the script)
+    run_script("job4-gate.sh", {**env, "COMMIT": handover["COMMIT"]}, handover["RUN_DIR"])
+    gate = read_props(ws / "gate.properties")
+    assert gate["RUN_DIR"] == run_dir and gate["PASSED"] == "true"
+    best = json.loads((ws / "best.json").read_text())
+    assert best["run_dir"] == run_dir
+    assert len(inbox.messages) == 1
+
+    # later cycles hand nothing over again, and a second job4 for the run changes nothing
+    proc = run_script("job6-monitor.sh", env, "monitor")
+    assert "finished" in proc.stderr and "handing" not in proc.stderr
+    assert not (ws / "handover.properties").exists()
+    assert "judged already" in run_script("job4-gate.sh", env, run_dir).stderr
+    assert len(inbox.messages) == 1
+    assert len((ws / "accuracy-history.csv").read_text().splitlines()) == 2  # header + 1 verdict
+    assert json.loads((ws / "best.json").read_text())["promoted_at"] == best["promoted_at"]
 
     result = json.loads((ws / "metrics.json").read_text())
     assert result["run_id"].startswith("train-")

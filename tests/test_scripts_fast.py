@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -187,6 +190,54 @@ def test_job4_rejects_bad_accuracy(tmp_path, script_env, content, why):
     assert not (ws / "gate.properties").exists()
 
 
+def _finished_run(ws: Path, run_id: str, accuracy: float) -> None:
+    """The files a finished training run leaves in the workspace (what train.py writes)."""
+    run = ws / "runs" / run_id
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "model.pt").write_bytes(run_id.encode())
+    (ws / "metrics.json").write_text(json.dumps({
+        "accuracy": accuracy, "mode": "train", "run_id": run_id, "run_dir": f"runs/{run_id}",
+        "model": f"runs/{run_id}/model.pt", "config": {"lr": 0.1}}))
+    (ws / "accuracy.txt").write_text(f"{accuracy}\n")
+
+
+def test_job4_judges_a_run_once_and_plots_only_what_it_measured(script_env, smtp_server):
+    smtp, inbox = smtp_server
+    ws = Path(script_env["CT_WORKSPACE"])
+    artifacts = ws / "artifacts" / "job4"  # what Jenkins' job4 step sets (jenkins/jobs.yaml)
+    env = {**script_env, **smtp, "CT_ARTIFACTS_DIR": str(artifacts)}
+    _finished_run(ws, "train-a", 85.5)
+    run_script("job4-gate.sh", env)
+    assert (artifacts / "accuracy.csv").read_text() == "accuracy,threshold\n85.5,80\n"
+    assert json.loads((ws / "best.json").read_text())["run_id"] == "train-a"
+    assert len(inbox.messages) == 1
+    # the same run again (job4 rebuilt, or a hand-over that raced job3's trigger): no new verdict,
+    # promotion or mail, and nothing for the Plot plugin to read
+    again = run_script("job4-gate.sh", env)
+    assert "judged already" in again.stderr
+    assert len(inbox.messages) == 1
+    assert len((ws / "accuracy-history.csv").read_text().splitlines()) == 2  # header + 1 row
+    assert not (artifacts / "accuracy.csv").exists()
+    # a gate build that fails leaves no accuracy.csv: the plot gets no point for it, not the
+    # previous build's value
+    _finished_run(ws, "train-b", 90.0)
+    (ws / "accuracy.txt").write_text("ninety\n")
+    assert run_script("job4-gate.sh", env, check=False).returncode == 2
+    assert list(artifacts.iterdir()) == []
+
+
+def test_job4_refuses_a_run_folder_that_is_not_the_latest_run(script_env):
+    ws = Path(script_env["CT_WORKSPACE"])
+    _finished_run(ws, "train-new", 85.0)
+    proc = run_script("job4-gate.sh", script_env, "runs/train-old", check=False)
+    assert proc.returncode == 2
+    assert "asked to judge runs/train-old, but the workspace's latest run is runs/train-new" in (
+        proc.stderr)
+    assert not (ws / "gate.properties").exists() and not (ws / "best.json").exists()
+    run_script("job4-gate.sh", script_env, "runs/train-new")
+    assert read_props(ws / "gate.properties")["RUN_ID"] == "train-new"
+
+
 def test_job5_refuses_an_unknown_argument(script_env):
     proc = run_script("job5-tune.sh", script_env, "--no-mails", check=False)
     assert proc.returncode == 2
@@ -212,7 +263,14 @@ class _Jenkins(BaseHTTPRequestHandler):
         pass
 
 
-def test_job6_weekly_posts_to_job2_remote_build(script_env):
+def test_job6_weekly_posts_to_job2_build_with_parameters(script_env):
+    """Jenkins core jenkins-2.492.1, core/src/main/java/jenkins/model/ParameterizedJobMixIn.java:
+    doBuild() hands a POST on a job with parameters (job2 has COMMIT) to
+    ParametersDefinitionProperty._doBuild(), which calls req.getSubmittedForm(): without a `json`
+    form field stapler (RequestImpl.getSubmittedForm, 1928.v9115fe47607f) answers HTTP 400 "This
+    page expects a form submission". doBuildWithParameters() reads each parameter from the query
+    or the form (SimpleParameterDefinition.createValue), defaults for the rest; both check the
+    `token` query parameter the same way (BuildAuthorizationToken.checkPermission)."""
     server = HTTPServer(("127.0.0.1", 0), _Jenkins)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Jenkins.requests = []
@@ -230,7 +288,7 @@ def test_job6_weekly_posts_to_job2_remote_build(script_env):
     assert len(_Jenkins.requests) == 1
     path, auth = _Jenkins.requests[0]
     url = urlsplit(path)
-    assert url.path == "/job/job2/build"
+    assert url.path == "/job/job2/buildWithParameters"
     assert parse_qs(url.query) == {"token": ["s3cret token&x"]}
     assert auth == "Basic " + base64.b64encode(b"ci-bot:11aa22bb").decode()
     assert "HTTP 201" in proc.stderr
@@ -260,3 +318,41 @@ def test_job6_restart_limit_local(source_repo, script_env):
     proc = run_script("job6-monitor.sh", env, "monitor")
     assert "gave up" in proc.stderr
     assert read_props(Path(env["CT_WORKSPACE"]) / "status" / "train.properties")["RESTARTS"] == "2"
+
+
+def test_job6_follow_judges_a_restarted_run_once_local(source_repo, script_env, smtp_server):
+    """The local chain's self-healing: job3 fails when its process is killed; job6 --follow
+    restarts it, waits for it and runs what follows every finished run (lib.sh after_run):
+    verdict, promotion and mail, once."""
+    smtp, inbox = smtp_server
+    env = {**script_env, **smtp, "CT_THRESHOLD": "1",
+           "CT_TRAIN_ARGS": "--batch-size 32 --epochs 4 --lr 0.05 --seed 3"}
+    ws = Path(env["CT_WORKSPACE"])
+    run_script("job1-pull.sh", env, str(source_repo))
+    job3 = subprocess.Popen([str(SCRIPTS / "job3-train.sh")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(ws.glob("runs/train-*/checkpoint.pt")):
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.1)
+        pid = int(read_props(ws / "status" / "train.properties")["CONTAINER"].removeprefix("pid-"))
+        os.kill(pid, signal.SIGKILL)
+        _, err = job3.communicate(timeout=60)
+    finally:
+        job3.kill()
+    assert job3.returncode == 1, err
+    assert not (ws / "gate.properties").exists()
+
+    proc = run_script("job6-monitor.sh", env, "monitor", "--follow")
+    assert "restarting it (1 of 3)" in proc.stderr
+    metrics = json.loads((ws / "metrics.json").read_text())
+    assert read_props(ws / "gate.properties")["RUN_DIR"] == metrics["run_dir"]
+    assert json.loads((ws / "best.json").read_text())["run_dir"] == metrics["run_dir"]
+    assert len(inbox.messages) == 1
+    assert not (ws / "handover.properties").exists()  # judged here, nothing for job4
+    # what pipeline.sh and Jenkins may still do afterwards changes nothing
+    assert "judged already" in run_script("job4-gate.sh", env).stderr
+    proc = run_script("job6-monitor.sh", env, "monitor")
+    assert "handing" not in proc.stderr
+    assert len(inbox.messages) == 1
