@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # job3 train: run the training image (or, on the local runtime, train.py on the host) on the
 # workspace, stream its log, and record how it ended in status/train.properties (exit code,
-# OOM-killed). Exit 0 when training finished; 1 when it failed (job6 restarts it).
+# OOM-killed). Exit 0 when training finished; 1 when it failed, saying whether job6 restarts it
+# (not for bad input, exit 2, or an OOM kill: a restart would only repeat them).
 #
 #   scripts/job3-train.sh            (extra train.py flags: CT_TRAIN_ARGS)
 set -euo pipefail
@@ -23,10 +24,5 @@ fi
 read -ra args <<<"$CT_TRAIN_ARGS"
 args+=("${DATA_FLAGS[@]}")
 start_process train "$image" "${args[@]}"
-code=0
-follow train || code=$?
-state="$(state_file train)"
-if ((code != 0)); then
-  die "training ended with exit code $code (OOM-killed: $(props_get "$state" OOM_KILLED)); job6 (scripts/job6-monitor.sh) restarts it from its last checkpoint"
-fi
+follow train || ended_badly train
 log "training finished: accuracy $(cat "$CT_WORKSPACE/accuracy.txt" 2>/dev/null || echo '?')%"

@@ -68,7 +68,7 @@ watchdog=$!
 code=0
 follow tune || code=$?
 kill "$watchdog" 2>/dev/null || true
-((code == 0)) || die "tuning ended with exit code $code; job6 (scripts/job6-monitor.sh) restarts it"
+((code == 0)) || ended_badly tune
 
 after_run "$delivery"
 log "tuning round $((rounds + 1)) of $CT_MAX_TUNE_ROUNDS for commit $commit done"

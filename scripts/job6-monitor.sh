@@ -35,39 +35,52 @@ weekly() {
   log "weekly retrain requested: POST $url -> HTTP $status"
 }
 
-# observe ROLE: print "running", "ok", "gave-up" or "failed <reason>".
+# observe ROLE: how the run's process stands. Prints "running", "ok", "gave-up", "final <why>" (an
+# end that a restart would only repeat) or "failed <why>". An end seen here is recorded in the
+# status file at once (STATUS=exited, EXIT_CODE, OOM_KILLED), so a later `docker rm` or
+# `docker container prune` cannot turn a finished run into a vanished one.
 observe() {
-  local file name
+  local file name code="" oom=false
   file="$(state_file "$1")"
   name="$(props_get "$file" CONTAINER)"
   if [[ "$(props_get "$file" STATUS)" == gave-up ]]; then echo gave-up; return; fi
-  if [[ "$(props_get "$file" RUNTIME)" == docker ]]; then
-    local st code oom
-    if ! read -r st code oom < <(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}' "$name" 2>/dev/null); then
-      if [[ "$(props_get "$file" EXIT_CODE)" == 0 ]]; then echo ok; else echo "failed vanished (no container $name)"; fi
+  if [[ "$(props_get "$file" STATUS)" == running ]]; then
+    if [[ "$(props_get "$file" RUNTIME)" == docker ]]; then
+      local inspected
+      if inspected="$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}' "$name" 2>/dev/null)"; then
+        local st
+        read -r st code oom <<<"$inspected"
+        case "$st" in running | restarting | created) echo running; return ;; esac
+      fi
+    elif kill -0 "${name#pid-}" 2>/dev/null; then
+      echo running
       return
     fi
-    case "$st" in
-      running | restarting | created) echo running ;;
-      *)
-        if [[ "$code" == 0 && "$oom" == false ]]; then
-          echo ok
-        else
-          echo "failed exit code $code, OOM-killed $oom"
-        fi
-        ;;
-    esac
-  else
-    local pid="${name#pid-}" code
-    code="$(props_get "$file" EXIT_CODE)"
-    if [[ "$(props_get "$file" STATUS)" == running ]]; then
-      if kill -0 "$pid" 2>/dev/null; then echo running; else echo "failed vanished (process $pid gone)"; fi
-    elif [[ "$code" == 0 ]]; then
-      echo ok
-    else
-      echo "failed exit code ${code:-?}"
+    # Ended. A docker container's exit code is known while it exists; a local process started by
+    # an earlier cycle is no child of this one. Either way, a run that wrote its results after it
+    # started has finished well.
+    if [[ -z "$code" ]] && finished_since "$1" "$(props_get "$file" STARTED_AT)"; then code=0; fi
+    if [[ -n "$code" ]]; then
+      props_set "$file" STATUS exited EXIT_CODE "$code" OOM_KILLED "$oom" \
+        FINISHED_AT "$(date -u +%FT%TZ)"
     fi
   fi
+  code="$(props_get "$file" EXIT_CODE)"
+  if [[ -z "$code" ]]; then
+    echo "failed vanished (no $name, no exit code, no finished run)"
+  else
+    classify_end "$code" "$(props_get "$file" OOM_KILLED)"
+  fi
+}
+
+# finished_since ROLE STARTED_AT: the workspace's metrics.json is a ROLE run's (train.py writes it
+# when a run has ended well) and was written after STARTED_AT.
+finished_since() {
+  local since written
+  [[ "$(latest_run_field mode)" == "$1" ]] || return 1
+  since="$(date -u -d "$2" +%s 2>/dev/null)" || return 1
+  written="$(stat -c %Y "$CT_WORKSPACE/metrics.json" 2>/dev/null)" || return 1
+  ((written >= since))
 }
 
 # restart ROLE: start the same run again (train.py resumes from its last checkpoint); sets SINCE.
@@ -108,7 +121,14 @@ RUN_DIR=$run_dir"
   props_set "$file" HANDED_OVER true
 }
 
-monitor_role() { # ROLE FOLLOW: 0 when fine or restarted, 1 when it gives up
+# give_up ROLE WHY: record that job6 stops restarting this run (its exit code stays recorded); the
+# monitor stays red until a new run (job3/job5) replaces the record.
+give_up() {
+  props_set "$(state_file "$1")" STATUS gave-up GAVE_UP "$2"
+  log "giving up on $1 $(props_get "$(state_file "$1")" CONTAINER): $2"
+}
+
+monitor_role() { # ROLE FOLLOW: 0 when fine or restarted, 1 when it gave up (now or earlier)
   local role="$1" follow="$2" file state restarts name
   file="$(state_file "$role")"
   [[ -f "$file" ]] || return 0
@@ -120,11 +140,14 @@ monitor_role() { # ROLE FOLLOW: 0 when fine or restarted, 1 when it gives up
     case "$state" in
       running) log "$role: $name is running (restarts so far: ${restarts:-0})"; return 0 ;;
       ok) log "$role: $name finished"; hand_over "$role" "$follow"; return 0 ;;
-      gave-up) log "$role: gave up on $name earlier; a new run (job3/job5) resets this"; return 0 ;;
+      gave-up)
+        log "$role: gave up on $name earlier ($(props_get "$file" GAVE_UP)); a new run (job3/job5) resets this"
+        return 1
+        ;;
+      final*) give_up "$role" "${state#final } (a restart would only repeat it)"; return 1 ;;
     esac
     if ((${restarts:-0} >= CT_MAX_RESTARTS)); then
-      props_set "$file" STATUS gave-up
-      log "giving up on $role $name: ${state#failed } after ${restarts:-0} restart(s) (CT_MAX_RESTARTS=$CT_MAX_RESTARTS)"
+      give_up "$role" "${state#failed } after ${restarts:-0} restart(s) (CT_MAX_RESTARTS=$CT_MAX_RESTARTS)"
       return 1
     fi
     restarts=$((${restarts:-0} + 1))

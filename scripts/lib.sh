@@ -290,11 +290,14 @@ launch() {
     docker rm -f "$name" >/dev/null 2>&1 || true
     user="$(container_user)"
     prepare_workspace_for "$user"
-    local run=(docker run -d --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
+    # --init: a tiny init (docker-init) is PID 1 and passes SIGTERM on to train.py, so `docker stop`
+    # and Jenkins' abort stop it at once (train.py keeps its last checkpoint).
+    local run=(docker run -d --init --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
       --label "ct.commit=$commit" --user "$user" -e HOME=/tmp -e "CT_COMMIT=$commit"
       --shm-size 1g -v "$CT_WORKSPACE:/workspace" -w /workspace)
     [[ -n "$CT_GPUS" ]] && run+=(--gpus "$CT_GPUS")
-    [[ -n "$CT_MEMORY" ]] && run+=(--memory "$CT_MEMORY")
+    # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time
+    [[ -n "$CT_MEMORY" ]] && run+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")
     "${run[@]}" "$image" "$@" >/dev/null || die "docker run of $image failed"
     LAUNCHED="$name"
   else
@@ -323,6 +326,32 @@ OOM_KILLED=
 STARTED_AT=$(date -u +%FT%TZ)
 FINISHED_AT="
   log "$role started: $LAUNCHED ($image) $*"
+}
+
+# classify_end EXIT_CODE OOM_KILLED: how an ended training/tuning process ended, for job3, job5 and
+# job6: "ok", "final <why>" when a restart would only repeat it (exit 2 is bad input; an OOM kill
+# recurs under the same memory), else "failed <why>" (killed, crashed: job6 resumes it).
+classify_end() {
+  if [[ "$2" == true ]]; then
+    echo "final OOM-killed (exit code $1, CT_MEMORY=${CT_MEMORY:-unset}): raise CT_MEMORY or lower --batch-size in CT_TRAIN_ARGS/CT_TUNE_ARGS, then run job3 again"
+  elif [[ "$1" == 0 ]]; then
+    echo ok
+  elif [[ "$1" == 2 ]]; then
+    echo "final bad input (exit code 2, see the log's last line): fix it, then push again or rerun job3"
+  else
+    echo "failed exit code $1${2:+, OOM-killed $2}"
+  fi
+}
+
+# ended_badly ROLE: job3/job5's one line after a failed run: whether job6 will restart it.
+ended_badly() {
+  local file verdict
+  file="$(state_file "$1")"
+  verdict="$(classify_end "$(props_get "$file" EXIT_CODE)" "$(props_get "$file" OOM_KILLED)")"
+  case "$verdict" in
+    final*) die "$1 ended for good: ${verdict#final }; job6 will not restart it" ;;
+    *) die "$1 ended with ${verdict#failed }; job6 (scripts/job6-monitor.sh) restarts it from its last checkpoint" ;;
+  esac
 }
 
 # follow ROLE [SINCE]: stream the log until the process ends; record and return its exit code.

@@ -134,6 +134,21 @@ def _start_dockerd() -> None:
     raise EngineUnavailable(f"dockerd did not answer within 60 s; see {CACHE / 'dockerd.log'}")
 
 
+def _exited(pid: int) -> bool:
+    """True once the process is gone. A child of this process (dockerd when this process started
+    it) stays a zombie, which still answers kill(pid, 0), until it is reaped: reap it here."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass  # not our child: its parent (or init) reaps it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def _stop_dockerd() -> None:
     pidfile = RUN_DIR / "dockerd.pid"
     try:
@@ -143,9 +158,7 @@ def _stop_dockerd() -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 15)
     for _ in range(150):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _exited(pid):
             return
         time.sleep(0.2)
 

@@ -4,6 +4,7 @@ input checks, job6 weekly trigger (real HTTP server) and restart limit, the loca
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -301,23 +302,64 @@ def test_job6_weekly_needs_credentials(script_env):
     assert "JENKINS_API_TOKEN" in proc.stderr
 
 
-def test_job6_restart_limit_local(source_repo, script_env):
-    """A run that fails every time is restarted CT_MAX_RESTARTS times, then job6 gives up."""
+def test_job6_bad_input_is_final_and_keeps_the_monitor_red_local(source_repo, script_env):
+    """Exit 2 (bad input) would fail the same way on every restart: job3 says job6 will not
+    restart it, job6 says why once and gives up, and every later cycle stays red (exit 1)."""
     env = {**script_env, "CT_TRAIN_ARGS": "--epochs -3", "CT_MAX_RESTARTS": "2"}
+    ws = Path(env["CT_WORKSPACE"])
     run_script("job1-pull.sh", env, str(source_repo))
     proc = run_script("job3-train.sh", env, check=False)
-    assert proc.returncode == 1 and "job6" in proc.stderr
+    assert proc.returncode == 1
+    assert "job6 will not restart it" in proc.stderr and "restarts it" not in proc.stderr
     proc = run_script("job6-monitor.sh", env, "monitor", "--follow", check=False)
     assert proc.returncode == 1
-    assert "giving up" in proc.stderr
-    state = read_props(Path(env["CT_WORKSPACE"]) / "status" / "train.properties")
-    assert state["RESTARTS"] == "2"
-    assert state["STATUS"] == "gave-up"
+    assert "restarting it" not in proc.stderr
+    assert proc.stderr.count("bad input (exit code 2") == 1
+    state = read_props(ws / "status" / "train.properties")
+    assert (state["STATUS"], state["EXIT_CODE"], state["RESTARTS"]) == ("gave-up", "2", "0")
+    for _ in range(2):  # red until a new run replaces the record, and it keeps the exit code
+        proc = run_script("job6-monitor.sh", env, "monitor", check=False)
+        assert proc.returncode == 1 and "gave up" in proc.stderr and "exit code 2" in proc.stderr
+    assert read_props(ws / "status" / "train.properties")["RESTARTS"] == "0"
+
+
+def test_job6_restart_limit_local(source_repo, script_env):
+    """A run that is killed every time is restarted CT_MAX_RESTARTS times, then job6 gives up."""
+    env = {**script_env, "CT_MAX_RESTARTS": "2"}
+    ws = Path(env["CT_WORKSPACE"])
+    run_script("job1-pull.sh", env, str(source_repo))
+    stop = threading.Event()
+    killed: set[int] = set()
+
+    def kill_every_training_process() -> None:
+        state = ws / "status" / "train.properties"
+        while not stop.is_set():
+            pid = read_props(state).get("CONTAINER", "") if state.exists() else ""
+            if pid.startswith("pid-") and int(pid[4:]) not in killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid[4:]), signal.SIGKILL)
+                killed.add(int(pid[4:]))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_every_training_process, daemon=True)
+    killer.start()
+    try:
+        proc = run_script("job3-train.sh", env, check=False)
+        assert proc.returncode == 1 and "job6 (scripts/job6-monitor.sh) restarts it" in proc.stderr
+        proc = run_script("job6-monitor.sh", env, "monitor", "--follow", check=False)
+    finally:
+        stop.set()
+        killer.join()
+    assert proc.returncode == 1
     assert proc.stderr.count("restarting it") == 2
-    # the next monitor cycle does not restart it again
-    proc = run_script("job6-monitor.sh", env, "monitor")
-    assert "gave up" in proc.stderr
-    assert read_props(Path(env["CT_WORKSPACE"]) / "status" / "train.properties")["RESTARTS"] == "2"
+    assert "giving up" in proc.stderr and "CT_MAX_RESTARTS=2" in proc.stderr
+    state = read_props(ws / "status" / "train.properties")
+    assert (state["STATUS"], state["RESTARTS"], state["EXIT_CODE"]) == ("gave-up", "2", "137")
+    assert len(killed) == 3
+    # the next monitor cycle does not restart it again, and stays red
+    proc = run_script("job6-monitor.sh", env, "monitor", check=False)
+    assert proc.returncode == 1 and "gave up" in proc.stderr
+    assert read_props(ws / "status" / "train.properties")["RESTARTS"] == "2"
 
 
 def test_job6_follow_judges_a_restarted_run_once_local(source_repo, script_env, smtp_server):
