@@ -10,7 +10,8 @@ runs/<run-id>/ {config.json, epochs.jsonl, checkpoint.pt, model.pt, metrics.json
 then accuracy.txt and metrics.json at the top for the latest run. Running the same command again
 continues an unfinished run of the same config from its last checkpoint (what `docker start` of a
 killed container does); --fresh starts over, --resume continues the latest unfinished run whatever
-its config. Exit 0 on success, 2 with one line on stderr for bad input, 1 for anything unexpected.
+its config. Exit 0 on success, 2 with one line on stderr for bad input, 1 for anything unexpected;
+SIGTERM or SIGINT stop it at once, keeping the last checkpoint: one line on stderr, exit 143 or 130.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
-from ct import atomic
+from ct import atomic, stopping
 from ct.data import Cifar, download, load_cifar
 from ct.engine import (
     Runtime,
@@ -80,6 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 RUN_FLAGS = ("out", "data_dir", "device", "dry_run", "resume", "fresh", "tune", "trials",
              "time_budget", "optimizers", "download", "preset")
 DRY_RUN_BATCHES = 3
+CLOCK = "clock.json"  # in a run folder: the wall time its earlier processes spent, and restarts
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
@@ -220,19 +225,21 @@ class Workspace:
 
 
 def choose_run_dir(ws: Workspace, kind: str, state: dict[str, Any], args: argparse.Namespace
-                   ) -> tuple[Path, dict[str, Any]]:
-    """Where this invocation runs, and its state: a continued run keeps its stored state."""
+                   ) -> tuple[Path, dict[str, Any], bool]:
+    """Where this invocation runs, its state (a continued run keeps its stored state), and
+    whether it continues an earlier run."""
     if not args.fresh:
         for run_dir in ws.unfinished_runs(kind):
             stored = read_json(run_dir / "config.json")
             if args.resume or stored == state:
-                return run_dir, stored
+                return run_dir, stored, True
     if args.resume:
         raise UsageError(f"no unfinished {kind} run in {ws.runs} to resume; "
                          "run without --resume to start one")
-    run_dir = ws.new_run_dir(kind, config_hash(state))
-    atomic.write_json(run_dir / "config.json", state)
-    return run_dir, state
+    with stopping.deferred():  # no run folder without its config
+        run_dir = ws.new_run_dir(kind, config_hash(state))
+        atomic.write_json(run_dir / "config.json", state)
+    return run_dir, state, False
 
 
 def read_json(path: Path) -> Any:
@@ -255,6 +262,54 @@ class Log:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
+
+
+@dataclass
+class RunClock:
+    """A run's wall time across restarts: what its earlier processes spent (run_dir/clock.json)
+    plus this process's time. Kept apart from the config and the RNGs, so timing cannot change
+    what a resumed run computes; one file per run also serves --tune, whose trials each have a
+    checkpoint of their own."""
+
+    path: Path
+    started: float  # time.monotonic() when this process began
+    before: float = 0.0
+    resumes: int = 0
+
+    @classmethod
+    def begin(cls, run_dir: Path, started: float, resumed: bool) -> RunClock:
+        clock = cls(run_dir / CLOCK, started)
+        if resumed:
+            saved = _read_clock(clock.path)
+            clock.before = float(saved.get("wall_seconds", 0.0))
+            clock.resumes = int(saved.get("resumes", 0)) + 1
+            clock.save()  # counts this restart even if it is stopped before its first checkpoint
+        return clock
+
+    def total(self) -> float:
+        return self.before + time.monotonic() - self.started
+
+    def save(self) -> None:
+        atomic.write_json(self.path, {"wall_seconds": round(self.total(), 3),
+                                      "resumes": self.resumes})
+
+    @contextmanager
+    def saved_on_stop(self) -> Iterator[None]:
+        """A stopped process's time counts too, although its last epoch will be trained again."""
+        try:
+            yield
+        except stopping.Stopped:
+            self.save()
+            raise
+
+
+def _read_clock(path: Path) -> dict[str, Any]:
+    # Timing is for the record only: a missing or damaged clock must not block a resume.
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -307,11 +362,13 @@ def make_split(data: Cifar, cfg: dict[str, Any], device: torch.device) -> Split:
 
 
 def train_run(run_dir: Path, cfg: dict[str, Any], split: Split, rt: Runtime, log: Log,
-              dry_run: bool = False, deadline: float | None = None) -> dict[str, Any]:
+              dry_run: bool = False, deadline: float | None = None,
+              clock: RunClock | None = None) -> dict[str, Any]:
     """Train `cfg` in `run_dir`, continuing from its checkpoint if there is one.
 
     Returns the run's summary (also written to run_dir/metrics.json unless the deadline cut the
-    run short, in which case "stopped" is set and the run stays resumable).
+    run short, in which case "stopped" is set and the run stays resumable). `clock`, the whole
+    run's (a tuning run's for a trial), is saved with every checkpoint.
     """
     ckpt_path = run_dir / "checkpoint.pt"
     torch.manual_seed(cfg["seed"])
@@ -340,6 +397,7 @@ def train_run(run_dir: Path, cfg: dict[str, Any], split: Split, rt: Runtime, log
         if deadline is not None and time.monotonic() > deadline:
             log(f"time budget spent; {run_dir.name} stops after epoch {epoch} (resumable)")
             return {"stopped": True, "epochs_done": epoch}
+        stopping.at(f"during epoch {epoch + 1}/{cfg['epochs']} of {run_dir.name}", _kept(epoch))
         result = train_epoch(model, optimizer, schedule, split.train_x, split.train_y, cfg, gen,
                              rt, max_batches)
         train_seconds += result.seconds
@@ -349,17 +407,24 @@ def train_run(run_dir: Path, cfg: dict[str, Any], split: Split, rt: Runtime, log
                "images_per_s": round(result.images / max(result.seconds, 1e-9), 1),
                "elapsed_s": round(train_seconds, 2)}
         history.append(row)
-        save_checkpoint(ckpt_path, {
-            "format": 1, "config": cfg, "epoch": epoch + 1, "train_seconds": train_seconds,
-            "history": history, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None,
-        })
-        atomic.write_text(run_dir / "epochs.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        log(f"epoch {epoch + 1}/{cfg['epochs']} loss {row['loss']:.4f} "
-            f"train accuracy {row['train_accuracy']:.2f}% lr {row['lr']:.4f} "
-            f"{row['images_per_s']:.0f} img/s elapsed {train_seconds:.1f}s")
+        with stopping.deferred():  # a stop request waits for the epoch's records to be complete
+            save_checkpoint(ckpt_path, {
+                "format": 1, "config": cfg, "epoch": epoch + 1, "train_seconds": train_seconds,
+                "history": history, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None,
+            })
+            if clock is not None:
+                clock.save()
+            atomic.write_text(run_dir / "epochs.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in history))
+            log(f"epoch {epoch + 1}/{cfg['epochs']} loss {row['loss']:.4f} "
+                f"train accuracy {row['train_accuracy']:.2f}% lr {row['lr']:.4f} "
+                f"{row['images_per_s']:.0f} img/s elapsed {train_seconds:.1f}s")
+            stopping.at(f"after epoch {epoch + 1}/{cfg['epochs']} of {run_dir.name}",
+                        _kept(epoch + 1))
+    stopping.at(f"during the evaluation of {run_dir.name}", _kept(len(history)))
     eval_start = time.perf_counter()
     accuracy, loss = evaluate(model, split.eval_x, split.eval_y, rt, flip_tta=cfg["tta"],
                               max_batches=1 if dry_run else None)
@@ -373,23 +438,32 @@ def train_run(run_dir: Path, cfg: dict[str, Any], split: Split, rt: Runtime, log
         "images_per_s": round(images / max(train_seconds, 1e-9), 1),
         "optimizer_class": type(optimizer).__name__,
     }
-    atomic.write_via(run_dir / "model.pt", lambda tmp: torch.save(
-        {"config": cfg, "model": model.state_dict(), **summary}, tmp))
-    log(f"{split.eval_name} accuracy {accuracy:.2f}% loss {loss:.4f} "
-        f"(train {train_seconds:.1f}s, eval {eval_seconds:.1f}s)")
+    with stopping.deferred():
+        atomic.write_via(run_dir / "model.pt", lambda tmp: torch.save(
+            {"config": cfg, "model": model.state_dict(), **summary}, tmp))
+        log(f"{split.eval_name} accuracy {accuracy:.2f}% loss {loss:.4f} "
+            f"(train {train_seconds:.1f}s, eval {eval_seconds:.1f}s)")
     return summary
+
+
+def _kept(epochs_done: int) -> str:
+    """What a stop leaves to resume from, for its one-line report."""
+    if epochs_done == 0:
+        return "no epoch had finished yet"
+    return f"the checkpoint of epoch {epochs_done} is kept"
 
 
 # --- the two modes ----------------------------------------------------------------------------
 
 
-def run_summary(ws: Workspace, run_dir: Path, rt: Runtime, started: float, mode: str,
+def run_summary(ws: Workspace, run_dir: Path, rt: Runtime, clock: RunClock, mode: str,
                 accuracy: float, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "accuracy": round(accuracy, 2), "mode": mode, "run_id": run_dir.name,
         "run_dir": str(run_dir.relative_to(ws.root)),
         "model": str((run_dir / "model.pt").relative_to(ws.root)),
-        "wall_time_s": round(time.monotonic() - started, 2), "device": rt.describe(),
+        "wall_time_s": round(clock.total(), 2), "resumes": clock.resumes,
+        "device": rt.describe(),
         "torch": torch.__version__, "commit": ws.commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
     }
@@ -397,6 +471,7 @@ def run_summary(ws: Workspace, run_dir: Path, rt: Runtime, started: float, mode:
 
 def publish(ws: Workspace, run_dir: Path, summary: dict[str, Any], dry_run: bool) -> None:
     """Top-level results first, the run's own metrics.json (its "finished" mark) last."""
+    stopping.finishing()
     if not dry_run:
         atomic.write_text(ws.root / "accuracy.txt", f"{summary['accuracy']:.2f}\n")
         atomic.write_json(ws.root / "metrics.json", summary)
@@ -406,19 +481,22 @@ def publish(ws: Workspace, run_dir: Path, summary: dict[str, Any], dry_run: bool
 def run_train(args: argparse.Namespace, cfg: dict[str, Any], ws: Workspace, rt: Runtime,
               started: float) -> dict[str, Any]:
     if args.dry_run:
-        run_dir = ws.new_run_dir("dry", config_hash(cfg))
+        run_dir, resumed = ws.new_run_dir("dry", config_hash(cfg)), False
         atomic.write_json(run_dir / "config.json", cfg)
     else:
-        run_dir, cfg = choose_run_dir(ws, "train", cfg, args)
-    log = Log(run_dir / "train.log")
-    log(f"run {run_dir.name} config {json.dumps(cfg, sort_keys=True)}")
-    data = load_data(args, ws, log)
-    split = make_split(data, cfg, rt.device)
-    result = train_run(run_dir, cfg, split, rt, log, dry_run=args.dry_run)
-    accuracy = result.pop(f"{split.eval_name}_accuracy")
-    extra = {"config": cfg, "dry_run": args.dry_run, "train_images": len(split.train_x), **result}
-    summary = run_summary(ws, run_dir, rt, started, "train", accuracy, extra)
-    publish(ws, run_dir, summary, args.dry_run)
+        run_dir, cfg, resumed = choose_run_dir(ws, "train", cfg, args)
+    clock = RunClock.begin(run_dir, started, resumed)
+    with clock.saved_on_stop():
+        log = Log(run_dir / "train.log")
+        log(f"run {run_dir.name} config {json.dumps(cfg, sort_keys=True)}")
+        data = load_data(args, ws, log)
+        split = make_split(data, cfg, rt.device)
+        result = train_run(run_dir, cfg, split, rt, log, dry_run=args.dry_run, clock=clock)
+        accuracy = result.pop(f"{split.eval_name}_accuracy")
+        extra = {"config": cfg, "dry_run": args.dry_run, "train_images": len(split.train_x),
+                 **result}
+        summary = run_summary(ws, run_dir, rt, clock, "train", accuracy, extra)
+        publish(ws, run_dir, summary, args.dry_run)
     return summary
 
 
@@ -427,17 +505,21 @@ def run_tune(args: argparse.Namespace, base: dict[str, Any], ws: Workspace, rt: 
     from ct import tune
 
     plan = tune.make_plan(base, args.trials, args.time_budget, args.optimizers)
-    run_dir, plan = choose_run_dir(ws, "tune", plan, args)
-    log = Log(run_dir / "train.log")
-    log(f"tune {run_dir.name} plan {json.dumps(plan, sort_keys=True)}")
-    data = load_data(args, ws, log)
-    outcome = tune.search(run_dir, plan, data, rt, log, train_run, make_split, args.dry_run)
-    extra = {"config": outcome.best_config, "best_params": outcome.best_params,
-             "val_accuracy": outcome.val_accuracy, "trials": outcome.trials_run,
-             "trials_planned": plan["trials"], "time_budget_s": plan["time_budget"],
-             "dry_run": args.dry_run}
-    summary = run_summary(ws, run_dir, rt, started, "tune", outcome.test_accuracy, extra)
-    publish(ws, run_dir, summary, args.dry_run)
+    run_dir, plan, resumed = choose_run_dir(ws, "tune", plan, args)
+    clock = RunClock.begin(run_dir, started, resumed)
+    with clock.saved_on_stop():
+        log = Log(run_dir / "train.log")
+        log(f"tune {run_dir.name} plan {json.dumps(plan, sort_keys=True)}")
+        data = load_data(args, ws, log)
+        # Each trial saves the tuning run's clock with its checkpoints.
+        outcome = tune.search(run_dir, plan, data, rt, log, partial(train_run, clock=clock),
+                              make_split, args.dry_run)
+        extra = {"config": outcome.best_config, "best_params": outcome.best_params,
+                 "val_accuracy": outcome.val_accuracy, "trials": outcome.trials_run,
+                 "trials_planned": plan["trials"], "time_budget_s": plan["time_budget"],
+                 "dry_run": args.dry_run}
+        summary = run_summary(ws, run_dir, rt, clock, "tune", outcome.test_accuracy, extra)
+        publish(ws, run_dir, summary, args.dry_run)
     return summary
 
 
@@ -455,22 +537,24 @@ def load_data(args: argparse.Namespace, ws: Workspace, log: Log) -> Cifar:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
-    args = parse_args(argv)
-    try:
-        if args.resume and args.fresh:
-            raise UsageError("--resume and --fresh contradict each other; pick one")
-        if args.tune and not (1 <= args.trials <= 100 and args.time_budget > 0):
-            raise UsageError("--trials must be in 1..100 and --time-budget positive")
-        cfg = resolve_config(args)
-        ws = Workspace(args.out.resolve())
-        ws.check_writable()
-        rt = make_runtime(args.device)
-        print(f"device {rt.describe()}, torch {torch.__version__}", flush=True)
-        summary = (run_tune if args.tune else run_train)(args, cfg, ws, rt, started)
-    except UsageError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; run the same command again to continue from the last checkpoint", 130)
+    with stopping.handling_signals():
+        try:
+            args = parse_args(argv)
+            if args.resume and args.fresh:
+                raise UsageError("--resume and --fresh contradict each other; pick one")
+            if args.tune and not (1 <= args.trials <= 100 and args.time_budget > 0):
+                raise UsageError("--trials must be in 1..100 and --time-budget positive")
+            cfg = resolve_config(args)
+            ws = Workspace(args.out.resolve())
+            ws.check_writable()
+            rt = make_runtime(args.device)
+            print(f"device {rt.describe()}, torch {torch.__version__}", flush=True)
+            summary = (run_tune if args.tune else run_train)(args, cfg, ws, rt, started)
+        except UsageError as exc:
+            fail(str(exc))
+        except stopping.Stopped as stop:
+            print(f"train.py: {stopping.report(stop)}", file=sys.stderr, flush=True)
+            return stop.exit_status
     print(f"accuracy {summary['accuracy']:.2f}% ({summary['mode']}, run {summary['run_id']}, "
           f"{summary['wall_time_s']:.1f}s)", flush=True)
     return 0

@@ -4,26 +4,31 @@
     python3 -m ct.gate promote --workspace W
 
 `check` validates W/accuracy.txt, writes W/gate.properties (for Jenkins' parameterized trigger),
-appends W/accuracy-history.csv and rewrites W/plot/accuracy.csv (Jenkins Plot plugin).
-`promote` copies the run's model to W/best-model.pt and records it in W/best.json, only when it
-beats the current best. Errors are one line on stderr and exit 2, with nothing written.
+appends W/accuracy-history.csv and rewrites W/plot/accuracy.csv (Jenkins Plot plugin), as one
+change. `promote`, only when the run beats the current best: stores the run's model as
+W/models/best-<sha256[:16]>.pt, renames a new W/best.json over the old one (the record, which
+names that file and its sha256: the commit point), then points the symlink W/best-model.pt at it
+and deletes the stored models no record names. A reader of best.json and of the model it names
+sees the old pair or the new pair. Errors, I/O errors included, are one line on stderr and
+exit 2, with nothing written (or, past the commit point, a line saying what to repair).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
+import fcntl
 import io
 import json
 import math
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ct import atomic
@@ -32,7 +37,10 @@ ACCURACY_FILE = "accuracy.txt"
 METRICS_FILE = "metrics.json"
 COMMIT_FILE = "commit.txt"
 BEST_FILE = "best.json"
-BEST_MODEL = "best-model.pt"
+BEST_MODEL = "best-model.pt"  # what users open: a symlink to the model best.json names
+MODELS_DIR = "models"  # the stored best models, each named by its content
+STORED_NAME = ("best-", ".pt")  # models/best-<sha256[:16]>.pt
+_STORED_MODEL = re.compile(r"best-[0-9a-f]{16}\.pt")
 GATE_PROPERTIES = "gate.properties"
 PROMOTION_PROPERTIES = "promotion.properties"
 HISTORY_FILE = "accuracy-history.csv"
@@ -161,6 +169,30 @@ def csv_row(values: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
+def os_reason(err: OSError | UnicodeDecodeError) -> str:
+    """The cause of an I/O error in a few words ("Permission denied"), for a one-line message."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err).replace("\n", " ")
+
+
+def fix_workspace(workspace: Path, outcome: str, rerun: str) -> str:
+    """The remedy for a file that cannot be written: what happened, what to fix, what to rerun."""
+    return (
+        f"{outcome}; make {workspace} and its files writable for this user (or move what is "
+        f"in the way), then {rerun}"
+    )
+
+
+def write_files(files: Mapping[Path, str | bytes], remedy: str) -> None:
+    """Write the files as one change (each atomic, all or none); a failure is a GateError."""
+    encoded = {p: d if isinstance(d, bytes) else d.encode("utf-8") for p, d in files.items()}
+    try:
+        atomic.write_files(encoded)
+    except atomic.WriteError as err:
+        raise GateError(f"cannot write {err.target} ({err.reason}); {remedy}") from None
+
+
 # ---------------------------------------------------------------- check
 
 
@@ -244,8 +276,20 @@ def evaluate(workspace: Path, threshold: float) -> GateResult:
     )
 
 
+def read_history(path: Path, remedy: str) -> bytes:
+    """The history so far (b"" when there is none), ending in a newline for the next row."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    except OSError as err:
+        raise GateError(f"cannot read {path} ({os_reason(err)}); {remedy}") from None
+    return data if not data or data.endswith(b"\n") else data + b"\n"
+
+
 def record(workspace: Path, result: GateResult, build_id: str) -> None:
-    """Write gate.properties, append the history row, rewrite the plot CSV."""
+    """Write gate.properties, the history with one more row and the plot CSV, as one change: a
+    file that cannot be written leaves all three as they were."""
     passed = "true" if result.passed else "false"
     accuracy, threshold = fmt_number(result.accuracy), fmt_number(result.threshold)
     properties = {
@@ -256,16 +300,17 @@ def record(workspace: Path, result: GateResult, build_id: str) -> None:
         "RUN_DIR": result.run_dir,
         "RUN_ID": result.run_id,
     }
-    atomic.write_text(
-        workspace / GATE_PROPERTIES, format_properties(properties, "written by ct.gate check")
-    )
+    remedy = fix_workspace(workspace, "nothing recorded", "rerun job4 (the gate)")
     history = workspace / HISTORY_FILE
-    if not history.exists() or history.stat().st_size == 0:
-        atomic.append_line(history, csv_row(HISTORY_HEADER))
+    rows = read_history(history, remedy) or csv_row(HISTORY_HEADER).encode("utf-8")
     row = (utc_now(), build_id, result.commit, accuracy, threshold, passed)
-    atomic.append_line(history, csv_row(row))
-    atomic.write_text(
-        workspace / PLOT_FILE, "accuracy,threshold\n" + csv_row((accuracy, threshold))
+    write_files(
+        {
+            workspace / PLOT_FILE: "accuracy,threshold\n" + csv_row((accuracy, threshold)),
+            history: rows + csv_row(row).encode("utf-8"),
+            workspace / GATE_PROPERTIES: format_properties(properties, "written by ct.gate check"),
+        },
+        remedy,
     )
 
 
@@ -282,17 +327,37 @@ def check(workspace: Path, threshold_text: str | None, build_id: str) -> str:
 # ---------------------------------------------------------------- promote
 
 
+def promote_remedy(workspace: Path) -> str:
+    return fix_workspace(workspace, "the best model is unchanged", "rerun ct.gate promote")
+
+
 def model_path(workspace: Path, metrics: Mapping[str, Any]) -> Path:
-    """The model metrics.json names (relative to W), checked to be a non-empty file."""
+    """The model metrics.json names (relative to W), checked to be a non-empty, readable file."""
     path = workspace / metrics["model"]
     if not path.is_file():
         raise GateError(
             f"{path} (named by {workspace / METRICS_FILE}) is missing; nothing promoted; "
             f"{RERUN_TRAINING}"
         )
-    if path.stat().st_size == 0:
+    try:
+        with open(path, "rb") as handle:
+            empty = os.fstat(handle.fileno()).st_size == 0
+    except OSError as err:
+        raise GateError(
+            f"cannot read {path} ({os_reason(err)}); nothing promoted; make it readable for "
+            "this user, then rerun ct.gate promote"
+        ) from None
+    if empty:
         raise GateError(f"{path} is empty; nothing promoted; {RERUN_TRAINING}")
     return path
+
+
+def is_workspace_file(name: Any) -> bool:
+    """A relative path that stays inside the workspace (what best.json may name as its model)."""
+    if not isinstance(name, str) or not name:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def load_best(workspace: Path) -> dict[str, Any] | None:
@@ -304,18 +369,28 @@ def load_best(workspace: Path) -> dict[str, Any] | None:
     best = load_json_object(path, remedy)
     if not is_percentage(best.get("accuracy")):
         raise GateError(f"{path} has accuracy {best.get('accuracy')!r}, not a percentage; {remedy}")
+    # Records from before models/ name best-model.pt itself, or nothing: that is the model then.
+    best.setdefault("model", BEST_MODEL)
+    if not is_workspace_file(best["model"]):
+        raise GateError(f"{path} names model {best['model']!r}, not a workspace file; {remedy}")
     return best
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def best_model_missing(workspace: Path, best: Mapping[str, Any]) -> bool:
+    """The recorded model, or the best-model.pt users open, is gone: any run may replace it."""
+    return not (workspace / best["model"]).is_file() or not (workspace / BEST_MODEL).is_file()
 
 
-def best_record(workspace: Path, metrics: Mapping[str, Any], source: Path) -> dict[str, Any]:
+def stored_name(best: Mapping[str, Any] | None) -> str | None:
+    """The file in models/ that a record names; None for no record, or one from before models/."""
+    if best is None or PurePosixPath(best["model"]).parent != PurePosixPath(MODELS_DIR):
+        return None
+    return PurePosixPath(best["model"]).name
+
+
+def best_record(
+    workspace: Path, metrics: Mapping[str, Any], model: str, sha256: str
+) -> dict[str, Any]:
     record_ = {
         "accuracy": metrics["accuracy"],
         "params": run_params(metrics),
@@ -324,8 +399,8 @@ def best_record(workspace: Path, metrics: Mapping[str, Any], source: Path) -> di
         "run_dir": metrics["run_dir"],
         "mode": metrics.get("mode"),
         "source_model": metrics["model"],
-        "model": BEST_MODEL,
-        "model_sha256": sha256_of(source),
+        "model": model,
+        "model_sha256": sha256,
         "promoted_at": utc_now(),
     }
     if metrics.get("val_accuracy") is not None:
@@ -333,38 +408,144 @@ def best_record(workspace: Path, metrics: Mapping[str, Any], source: Path) -> di
     return record_
 
 
-def promote(workspace: Path) -> str:
-    metrics = load_metrics(workspace)
-    source = model_path(workspace, metrics)
-    best = load_best(workspace)
-    accuracy = fmt_number(metrics["accuracy"])
-    model_missing = best is not None and not (workspace / BEST_MODEL).is_file()
-    if best is not None and not model_missing and metrics["accuracy"] <= best["accuracy"]:
-        best_accuracy = fmt_number(best["accuracy"])
-        write_promotion(workspace, False, accuracy, best_accuracy)
-        return (
-            f"kept the current best {best_accuracy}% (run {best.get('run_id')}); "
-            f"this run's {accuracy}% is not better"
-        )
-    atomic.copy_file(source, workspace / BEST_MODEL)
-    atomic.write_json(workspace / BEST_FILE, best_record(workspace, metrics, source))
-    write_promotion(workspace, True, accuracy, accuracy)
-    before = "no previous best" if best is None else f"previous {fmt_number(best['accuracy'])}%"
-    if model_missing:
-        before += f", whose {BEST_MODEL} was missing"
-    return f"promoted {metrics['model']} ({accuracy}%, {before}) to {workspace / BEST_MODEL}"
-
-
-def write_promotion(workspace: Path, promoted: bool, accuracy: str, best_accuracy: str) -> None:
+def promotion_text(promoted: bool, accuracy: str, best_accuracy: str) -> str:
     properties = {
         "PROMOTED": "true" if promoted else "false",
         "ACCURACY": accuracy,
         "BEST_ACCURACY": best_accuracy,
     }
-    atomic.write_text(
-        workspace / PROMOTION_PROPERTIES,
-        format_properties(properties, "written by ct.gate promote"),
+    return format_properties(properties, "written by ct.gate promote")
+
+
+@contextmanager
+def promotion_lock(workspace: Path) -> Iterator[None]:
+    """Promotions of one workspace take turns (job4 and job5 may end together): comparing with
+    the best, replacing it and pruning models/ must not interleave. The lock is on the workspace
+    folder itself, so taking it writes nothing."""
+    try:
+        fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise GateError(
+            f"cannot open {workspace} ({os_reason(err)}); nothing promoted; check --workspace"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: promote unlocked, as before there was a lock
+        yield
+    finally:
+        os.close(fd)
+
+
+def promote(workspace: Path) -> str:
+    with promotion_lock(workspace):
+        metrics = load_metrics(workspace)
+        source = model_path(workspace, metrics)
+        best = load_best(workspace)
+        accuracy = fmt_number(metrics["accuracy"])
+        missing = best is not None and best_model_missing(workspace, best)
+        if best is not None and not missing and metrics["accuracy"] <= best["accuracy"]:
+            return keep(workspace, best, accuracy)
+        model = install(workspace, metrics, source)
+    before = "no previous best" if best is None else f"previous {fmt_number(best['accuracy'])}%"
+    if missing:
+        before += f", whose {BEST_MODEL} was missing"
+    return (
+        f"promoted {metrics['model']} ({accuracy}%, {before}) to {workspace / BEST_MODEL} "
+        f"-> {model}"
     )
+
+
+def keep(workspace: Path, best: Mapping[str, Any], accuracy: str) -> str:
+    best_accuracy = fmt_number(best["accuracy"])
+    text = promotion_text(False, accuracy, best_accuracy)
+    write_files({workspace / PROMOTION_PROPERTIES: text}, promote_remedy(workspace))
+    settle(workspace, best)  # repairs what an earlier promotion could not finish
+    return (
+        f"kept the current best {best_accuracy}% (run {best.get('run_id')}); "
+        f"this run's {accuracy}% is not better"
+    )
+
+
+def install(workspace: Path, metrics: Mapping[str, Any], source: Path) -> str:
+    """Make the run's model the best; returns the stored model's name (relative to W).
+
+    The stored copy is invisible until the rename of best.json names it: the last step of one
+    change with promotion.properties. best-model.pt follows, then the old model goes."""
+    remedy = promote_remedy(workspace)
+    link = workspace / BEST_MODEL
+    if link.is_dir() and not link.is_symlink():
+        raise GateError(f"{link} is a folder; nothing promoted; move it away, then rerun")
+    model, sha256 = store_model(workspace, source, remedy)
+    accuracy = fmt_number(metrics["accuracy"])
+    new = best_record(workspace, metrics, model, sha256)
+    files = {  # best.json last: its rename is the commit point
+        workspace / PROMOTION_PROPERTIES: promotion_text(True, accuracy, accuracy),
+        workspace / BEST_FILE: json.dumps(new, indent=2, sort_keys=True) + "\n",
+    }
+    try:
+        write_files(files, remedy)
+    except GateError:
+        prune_unnamed(workspace)  # the new copy, unless the old record names the same content
+        raise
+    settle(workspace, new)
+    return model
+
+
+def store_model(workspace: Path, source: Path, remedy: str) -> tuple[str, str]:
+    """Copy the model to models/ under its content's name; (name relative to W, sha256)."""
+    folder = workspace / MODELS_DIR
+    try:
+        stored, sha256 = atomic.store_by_content(source, folder, *STORED_NAME)
+    except atomic.WriteError as err:
+        raise GateError(f"cannot store {source} in {folder} ({err.reason}); {remedy}") from None
+    return stored.relative_to(workspace).as_posix(), sha256
+
+
+def settle(workspace: Path, best: Mapping[str, Any]) -> None:
+    """Point best-model.pt at the model the record names, then drop the models no record names.
+    Only ever called with the record in place, so nothing it names is deleted."""
+    name = stored_name(best)
+    if name is None:
+        return  # a record from before models/: best-model.pt is the model file itself
+    link, model = workspace / BEST_MODEL, best["model"]
+    if not (link.is_symlink() and os.readlink(link) == model):
+        try:
+            atomic.replace_symlink(link, model)
+        except atomic.WriteError as err:
+            raise GateError(
+                f"{workspace / BEST_FILE} names {model}, but {link} cannot point at it "
+                f"({err.reason}); move {link} away, then rerun ct.gate promote to repair the link"
+            ) from None
+    prune_models(workspace, keep=name)
+
+
+def prune_unnamed(workspace: Path) -> None:
+    """Delete the stored models that the record now on disk does not name; it is read again
+    rather than assumed, so that a model is never deleted while a record names it."""
+    try:
+        best = load_best(workspace)
+    except GateError:
+        return  # cannot tell what is named: delete nothing
+    prune_models(workspace, keep=stored_name(best))
+
+
+def prune_models(workspace: Path, keep: str | None) -> None:
+    """Delete the stored models other than `keep`, and copies killed midway. Best effort: a file
+    left over costs disk space, not consistency, and the next promotion tries again."""
+    folder = workspace / MODELS_DIR
+    try:
+        names = [path.name for path in folder.iterdir()]
+    except OSError:
+        return
+    for name in names:
+        ours = _STORED_MODEL.fullmatch(name) or atomic.is_incoming_leftover(name, *STORED_NAME)
+        if ours and name != keep:
+            try:
+                (folder / name).unlink()
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------- command line
@@ -410,6 +591,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ct.gate: {promote(workspace)}")
     except GateError as err:
         print(f"ct.gate: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # A safety net: every known read and write above has its own message; an unforeseen
+        # one is still one line naming the path, not a traceback.
+        print(f"ct.gate: {err}; fix that path's permissions, then rerun", file=sys.stderr)
         return 2
     return 0
 

@@ -5,7 +5,8 @@
 Settings come from the environment: SMTP_HOST, SMTP_PORT (25; 465 = implicit TLS),
 SMTP_STARTTLS (true/false or 1/0), SMTP_USER, SMTP_PASSWORD, NOTIFY_FROM, NOTIFY_TO (comma list).
 Without SMTP_HOST, or when sending fails, the message is kept in W/outbox/ as an .eml file.
-Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input.
+Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input or a
+file that cannot be read or written (one line on stderr naming it).
 """
 
 from __future__ import annotations
@@ -223,11 +224,23 @@ def build_message(workspace: Path, facts: Facts, settings: SmtpSettings) -> Emai
     msg["Message-ID"] = make_msgid(domain=settings.sender.rpartition("@")[2] or "localhost")
     msg.set_content(body(facts))
     for name in ATTACHMENTS:
-        path = workspace / name
-        if path.is_file():
-            data = path.read_bytes()
+        data = read_attachment(workspace / name)
+        if data is not None:
             msg.add_attachment(data, maintype="application", subtype="json", filename=name)
     return msg
+
+
+def read_attachment(path: Path) -> bytes | None:
+    """The file's bytes, None when there is no such file; an unreadable one is a NotifyError."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise NotifyError(
+            f"cannot read {path} ({gate.os_reason(err)}); nothing sent; make it readable for "
+            "this user, then rerun"
+        ) from None
 
 
 # ---------------------------------------------------------------- where the message goes
@@ -242,7 +255,13 @@ def keep_in_outbox(workspace: Path, msg: EmailMessage, commit: str) -> Path:
     while path.exists():
         count += 1
         path = workspace / OUTBOX / f"{stem}-{count}.eml"
-    atomic.write_bytes(path, msg.as_bytes())
+    try:
+        atomic.write_files({path: msg.as_bytes()})
+    except atomic.WriteError as err:
+        raise NotifyError(
+            f"cannot keep the message in {err.target} ({err.reason}); nothing written; make "
+            f"{workspace / OUTBOX} writable for this user (or move what is in the way), then rerun"
+        ) from None
     return path
 
 
@@ -279,8 +298,12 @@ def deliver(workspace: Path, msg: EmailMessage, facts: Facts, settings: SmtpSett
     try:
         send(msg, settings)
     except (OSError, smtplib.SMTPException) as err:
-        path = keep_in_outbox(workspace, msg, facts.commit)
         reason = describe_failure(err, settings)
+        try:
+            path = keep_in_outbox(workspace, msg, facts.commit)
+        except NotifyError as keep_err:
+            failed = f"mailing via {settings.address} failed ({reason})"
+            raise NotifyError(f"{failed}, and {keep_err}") from None
         print(
             f"ct.notify: mailing via {settings.address} failed ({reason}); message kept in {path}",
             file=sys.stderr,
@@ -331,13 +354,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = SmtpSettings.from_env(os.environ)
         facts = read_facts(workspace, args.event, args.note)
         msg = build_message(workspace, facts, settings)
+        if args.dry_run:
+            print(msg.as_string())
+            return 0
+        return deliver(workspace, msg, facts, settings, args.outbox_only)
     except NotifyError as err:
         print(f"ct.notify: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(msg.as_string())
-        return 0
-    return deliver(workspace, msg, facts, settings, args.outbox_only)
+    except OSError as err:
+        # A safety net: every known read and write has its own message; an unforeseen one is
+        # still one line naming the path, not a traceback.
+        print(f"ct.notify: {err}; fix that path's permissions, then rerun", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ct import atomic
+from ct import atomic, stopping
 from ct.data import Cifar
 from ct.engine import Runtime, evaluate
 from ct.errors import UsageError
@@ -105,13 +105,15 @@ def search(run_dir: Path, plan: dict[str, Any], data: Cifar, rt: Runtime,
         if time.monotonic() > deadline:
             log(f"time budget of {plan['time_budget']:.0f}s spent after {index} trial(s)")
             break
+        stopping.at(f"before trial {index + 1}/{plan['trials']}", "every finished trial is kept")
         params = trial_params(index, plan)
         cfg = {**plan["base"], **params, "val_split": val}
         if split is None:
             split = make_split(data, cfg, rt.device)
         folder = trial_dir(run_dir, index)
-        folder.mkdir(exist_ok=True)
-        atomic.write_json(folder / "config.json", cfg)
+        with stopping.deferred():  # no trial folder without its config
+            folder.mkdir(exist_ok=True)
+            atomic.write_json(folder / "config.json", cfg)
         log(f"trial {index + 1}/{plan['trials']} ({folder.name}): "
             f"{json.dumps(params, sort_keys=True)}")
         t0 = time.monotonic()
@@ -121,7 +123,9 @@ def search(run_dir: Path, plan: dict[str, Any], data: Cifar, rt: Runtime,
                "val_accuracy": result.get("validation_accuracy"),
                "optimizer_class": result.get("optimizer_class")}
         rows.append(row)
-        atomic.write_text(trials_path, "".join(json.dumps(r) + "\n" for r in rows))
+        with stopping.deferred():  # a finished trial is recorded, so a restart does not redo it
+            atomic.write_text(trials_path, "".join(json.dumps(r) + "\n" for r in rows))
+    stopping.at("while testing the best trial", "every finished trial is kept")
     return _finish(run_dir, plan, rows, data, rt, log, val)
 
 
@@ -138,12 +142,13 @@ def _finish(run_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]], dat
     model.load_state_dict(saved["model"])
     test_accuracy, _ = evaluate(model, data.test_x.to(rt.device), data.test_y.to(rt.device), rt,
                                 flip_tta=saved["config"]["tta"])
-    atomic.copy_file(best_dir / "model.pt", run_dir / "model.pt")
-    atomic.write_json(run_dir / "best.json", {
-        "trial": best["trial"], "params": best["params"], "val_accuracy": best["val_accuracy"],
-        "test_accuracy": round(test_accuracy, 2), "validation_images": val,
-        "trials_finished": len(finished), "trials_run": len(rows),
-    })
+    with stopping.deferred():  # the model and best.json describing it, together
+        atomic.copy_file(best_dir / "model.pt", run_dir / "model.pt")
+        atomic.write_json(run_dir / "best.json", {
+            "trial": best["trial"], "params": best["params"], "val_accuracy": best["val_accuracy"],
+            "test_accuracy": round(test_accuracy, 2), "validation_images": val,
+            "trials_finished": len(finished), "trials_run": len(rows),
+        })
     log(f"best trial {best['trial'] + 1} ({best_dir.name}): "
         f"validation {best['val_accuracy']:.2f}%, test {test_accuracy:.2f}%")
     return Outcome(best["params"], saved["config"], best["val_accuracy"], test_accuracy, len(rows))

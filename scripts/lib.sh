@@ -50,7 +50,7 @@ export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR C
 # Pipeline state that lives in the workspace beside the code; job1 never touches it.
 # shellcheck disable=SC2034 # used by job1-pull.sh
 CT_STATE_PATHS=(data/ runs/ outbox/ status/ plot/ artifacts/ accuracy.txt metrics.json best.json
-  best-model.pt commit.txt gate.properties promotion.properties accuracy-history.csv
+  best-model.pt models/ commit.txt gate.properties promotion.properties accuracy-history.csv
   handover.properties)
 
 # job6 -> job4: a run that job6 restarted and that has now finished (COMMIT, RUN_DIR), for the

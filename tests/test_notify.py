@@ -20,7 +20,21 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
 from ct import gate, notify
-from tests.test_gate import COMMIT, REPO, make_workspace, write_run
+from tests import test_gate
+from tests.test_gate import (
+    COMMIT,
+    REPO,
+    assert_one_line_error,
+    make_read_only,
+    make_workspace,
+    run_module,
+    snapshot,
+    write_run,
+)
+
+# the fixtures for a workspace this user cannot write (tests/test_gate.py)
+readonly_workspace = test_gate.readonly_workspace
+other_user = test_gate.other_user
 
 SUBJECT = "[CT] the best model is being created: 81.27% at a1b2c3d"
 USER, PASSWORD = "ci-bot", "s3cret-pw"
@@ -333,3 +347,61 @@ def test_bad_flags_exit_2(workspace: Path, args: list[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         notify.main(args)
     assert stop.value.code == 2
+
+
+# ---------------------------------------------------------------- I/O errors: one line (issue 8 B)
+
+
+def notify_cli(ws: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return run_module("ct.notify", "--workspace", str(ws), *args, **kwargs)
+
+
+def test_outbox_that_cannot_be_written_is_one_line(workspace: Path) -> None:
+    (workspace / "outbox").write_text("a file where the folder must be\n")
+    before = snapshot(workspace)
+
+    result = notify_cli(workspace)
+
+    assert_one_line_error(
+        result, f"cannot keep the message in {workspace / 'outbox'}", "Not a directory"
+    )
+    assert result.stdout == "" and snapshot(workspace) == before
+
+
+def test_failed_mail_and_unwritable_outbox_is_one_line(workspace: Path) -> None:
+    (workspace / "outbox").write_text("a file where the folder must be\n")
+    before = snapshot(workspace)
+    env = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(free_port()), "NOTIFY_TO": "ops@example.com"}
+
+    result = notify_cli(workspace, env=env)  # nothing listens on that port
+
+    assert_one_line_error(result, "mailing via 127.0.0.1", "ConnectionRefusedError",
+                          "cannot keep the message", "Not a directory")  # fmt: skip
+    assert snapshot(workspace) == before
+
+
+def test_notify_on_a_read_only_workspace(
+    readonly_workspace: Path, other_user: tuple[str, ...]
+) -> None:
+    ws = make_workspace(readonly_workspace, 81.27)
+    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    make_read_only(ws)
+    before = snapshot(ws)
+
+    result = notify_cli(ws, user=other_user)
+
+    assert_one_line_error(result, "cannot keep the message", "Permission denied", "nothing written")
+    assert snapshot(ws) == before
+
+
+def test_unreadable_attachment_is_one_line(
+    readonly_workspace: Path, other_user: tuple[str, ...]
+) -> None:
+    ws = make_workspace(readonly_workspace, 81.27)
+    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    (ws / "best.json").chmod(0o000)
+
+    result = notify_cli(ws, "--dry-run", user=other_user)
+
+    assert_one_line_error(result, f"cannot read {ws / 'best.json'}", "Permission denied")
+    assert result.stdout == ""

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from ct import stopping
 from tests.conftest import REPO, SHARED_CIFAR
 from tests.train_cli import run
 
@@ -80,10 +83,30 @@ def _train_cmd(ws: Path, data: Path, *extra: str) -> list[str]:
             "--epochs", "4", "--batch-size", "32", "--dropout", "0.1", *extra]
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path: Path, tiny_cifar_root: Path) -> None:
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_cifar_root: Path) -> Path:
+    """The workspace of an uninterrupted run of _train_cmd: what every resumed run must match."""
+    ws = tmp_path_factory.mktemp("reference")
+    subprocess.run(_train_cmd(ws, tiny_cifar_root), check=True, capture_output=True)
+    return ws
+
+
+def assert_same_result(reference: Path, resumed: Path) -> None:
+    """Bit for bit: the same accuracy, test loss and weights."""
+    assert (resumed / "accuracy.txt").read_text() == (reference / "accuracy.txt").read_text()
+    ref_metrics = json.loads((reference / "metrics.json").read_text())
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics["test_loss"] == ref_metrics["test_loss"]
+    ref_model = torch.load(only_run_dir(reference) / "model.pt", weights_only=False)["model"]
+    cut_model = torch.load(only_run_dir(resumed) / "model.pt", weights_only=False)["model"]
+    for name, tensor in ref_model.items():
+        assert torch.equal(tensor, cut_model[name]), f"{name} differs after resume"
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path, tiny_cifar_root: Path,
+                                               reference: Path) -> None:
     """SIGKILL mid-run, start the same command again: it continues and ends as if never stopped."""
-    reference, interrupted = tmp_path / "ref", tmp_path / "cut"
-    subprocess.run(_train_cmd(reference, tiny_cifar_root), check=True, capture_output=True)
+    interrupted = tmp_path / "cut"
     proc = subprocess.Popen(_train_cmd(interrupted, tiny_cifar_root), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -97,12 +120,102 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, tiny_cifar_root: 
                            text=True, check=True)
     assert "resuming" in again.stdout and "after epoch 2" in again.stdout
     assert "epoch 1/4" not in again.stdout, "finished epochs are not trained again"
-    assert (interrupted / "accuracy.txt").read_text() == (reference / "accuracy.txt").read_text()
-    ref_model = torch.load(reference / "runs" / only_run_dir(reference).name / "model.pt",
-                           weights_only=False)["model"]
-    cut_model = torch.load(only_run_dir(interrupted) / "model.pt", weights_only=False)["model"]
-    for name, tensor in ref_model.items():
-        assert torch.equal(tensor, cut_model[name]), f"{name} differs after resume"
+    assert_same_result(reference, interrupted)
+
+
+@dataclass
+class Stop:
+    status: int
+    stdout: str
+    stderr: str
+    ran_s: float  # from the child's "device" line to the signal: less than its own clock counts
+    exit_s: float  # from the signal to the child's exit
+
+
+def stop_after(cmd: list[str], markers: list[str], signum: int) -> Stop:
+    """Run `cmd`; once its stdout has shown each of `markers` in turn, send `signum`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    seen, waiting, began = [], list(markers), None
+    for line in proc.stdout:
+        seen.append(line)
+        if began is None and line.startswith("device "):
+            began = time.monotonic()
+        if waiting and waiting[0] in line:
+            waiting.pop(0)
+        if not waiting:
+            break
+    if waiting or began is None:
+        proc.kill()
+        pytest.fail(f"never saw {waiting}: {''.join(seen)}{proc.communicate()[1]}")
+    signalled = time.monotonic()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)
+    return Stop(proc.returncode, "".join(seen) + out, err, signalled - began,
+                time.monotonic() - signalled)
+
+
+def kept_epoch(message: str) -> int:
+    found = re.search(r"the checkpoint of epoch (\d+) is kept", message)
+    assert found, message
+    return int(found.group(1))
+
+
+def test_sigterm_stops_at_once_and_the_rerun_ends_as_if_never_stopped(
+        tmp_path: Path, tiny_cifar_root: Path, reference: Path) -> None:
+    """`docker stop`: exit 143 at once with one line, the checkpoint intact; the same command
+    then finishes exactly like an uninterrupted run, and metrics.json counts both processes."""
+    ws = tmp_path / "ws"
+    stop = stop_after(_train_cmd(ws, tiny_cifar_root), ["epoch 2/4"], signal.SIGTERM)
+    assert stop.status == 143, stop.stderr
+    assert stop.exit_s < 8, f"took {stop.exit_s:.1f}s to stop (docker stop waits 10 s)"
+    (line,) = stop.stderr.splitlines()
+    assert line.startswith("train.py: stopped by SIGTERM ") and "run the same command again" in line
+    kept = kept_epoch(line)  # epoch 2, unless a busy machine let epoch 3 finish before the signal
+    assert f"during epoch {kept + 1}/4" in line or f"after epoch {kept}/4" in line, line
+    ckpt = torch.load(only_run_dir(ws) / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == kept and 2 <= kept < 4
+    assert not (ws / "accuracy.txt").exists() and not list(ws.rglob("*.tmp"))
+    first_train_s = ckpt["train_seconds"]
+
+    again = subprocess.run(_train_cmd(ws, tiny_cifar_root), capture_output=True, text=True,
+                           check=True)
+    assert f"after epoch {kept}" in again.stdout
+    assert_same_result(reference, ws)
+    metrics = json.loads((ws / "metrics.json").read_text())
+    assert metrics["resumes"] == 1
+    assert json.loads((reference / "metrics.json").read_text())["resumes"] == 0
+    second_train_s = metrics["train_seconds"] - first_train_s
+    assert metrics["wall_time_s"] >= stop.ran_s + second_train_s - 0.05, (
+        "wall_time_s counts the stopped process's time as well as the resumed one's")
+
+
+def test_a_signal_waits_for_the_write_in_progress_and_handlers_are_restored() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    finished_writing = False
+    with stopping.handling_signals():
+        with pytest.raises(stopping.Stopped) as stop, stopping.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now, and must not have raised
+            finished_writing = True
+        assert finished_writing and stop.value.exit_status == 143
+    with stopping.handling_signals():
+        stopping.finishing()
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: the results are being published
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigint_stops_with_130_and_keeps_the_checkpoint(tmp_path: Path,
+                                                        tiny_cifar_root: Path) -> None:
+    ws = tmp_path / "ws"
+    stop = stop_after(_train_cmd(ws, tiny_cifar_root), ["epoch 1/4"], signal.SIGINT)
+    assert stop.status == 130, stop.stderr
+    (line,) = stop.stderr.splitlines()
+    assert line.startswith("train.py: stopped by SIGINT "), line
+    ckpt = torch.load(only_run_dir(ws) / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == kept_epoch(line)
+    assert json.loads((only_run_dir(ws) / "clock.json").read_text())["wall_seconds"] > 0
 
 
 def test_explicit_resume_and_fresh(tmp_path: Path, tiny_cifar_root: Path,

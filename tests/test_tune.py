@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 
 from ct.tune import trial_dir
+from tests.conftest import REPO
+from tests.test_train import stop_after
 from tests.train_cli import run
 
 TUNE = ["--tune", "--epochs", "2", "--batch-size", "64"]
@@ -93,3 +97,30 @@ def test_a_budget_too_small_for_any_trial_is_a_clear_error(
                           "--epochs", "50", "--time-budget", "0.5"], capsys)
     assert status == 2 and "no trial finished" in err
     assert (tmp_path / "accuracy.txt").read_text() == "70.00\n"
+
+
+def test_sigterm_stops_a_tune_that_then_continues_to_the_same_end(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # One trial, the base config: batches of 32 make it long enough (3 epochs of 29 steps) to be
+    # stopped inside it; sampled trials would only add time.
+    args = ["--data-dir", tiny_cifar_root, "--tune", "--epochs", "3", "--batch-size", "32",
+            "--trials", "1"]
+    assert run(["--out", tmp_path / "ref", *args], capsys)[0] == 0
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, str(REPO / "train.py"), "--out", str(ws), *map(str, args)]
+    stop = stop_after(cmd, ["trial 1/1", "epoch 1/3"], signal.SIGTERM)
+    assert stop.status == 143, stop.stderr
+    (line,) = stop.stderr.splitlines()
+    assert line.startswith("train.py: stopped by SIGTERM ") and "of trial-00" in line, line
+    status, out, _ = run(["--out", ws, *args], capsys)
+    assert status == 0 and "resuming trial-00" in out, out
+
+    def outcome(ws: Path) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows(tune_dir(ws))]
+
+    assert outcome(ws) == outcome(tmp_path / "ref"), "a resumed trial ends as if never stopped"
+    metrics = json.loads((ws / "metrics.json").read_text())
+    reference = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert metrics["accuracy"] == reference["accuracy"]
+    assert (metrics["resumes"], reference["resumes"]) == (1, 0)
+    assert metrics["wall_time_s"] >= stop.ran_s, "the stopped process's time counts"
