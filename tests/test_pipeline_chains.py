@@ -390,3 +390,12 @@ def test_docker_fault_drill_resumes_to_the_same_result_and_is_judged_once(
     assert result["accuracy"] == reference["accuracy"]
     assert result["test_loss"] == reference["test_loss"]
     assert (ws / "accuracy.txt").read_text() == (tmp_path / "ref" / "accuracy.txt").read_text()
+    assert result["resumes"] >= 1 and reference["resumes"] == 0
+    weights, ref_weights = (
+        torch.load(w / m["model"], map_location="cpu", weights_only=False)["model"]
+        for w, m in ((ws, result), (tmp_path / "ref", reference)))
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)  # bit for bit
+    print(f"fault drill: accuracy {result['accuracy']}% after {kills} kills = "
+          f"{reference['accuracy']}% uninterrupted; wall time {result['wall_time_s']} s over "
+          f"{result['resumes']} resumes vs {reference['wall_time_s']} s")
