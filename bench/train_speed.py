@@ -29,16 +29,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from ct.data import load_cifar  # noqa: E402
-from ct.engine import (  # noqa: E402
-    evaluate,
-    make_optimizer,
-    make_runtime,
-    make_schedule,
-    steps_per_epoch,
-    train_epoch,
-)
-from network import build_model  # noqa: E402
+from ct.trainer.data import load_cifar  # noqa: E402
+from ct.trainer.engine import evaluate, make_compute, steps_per_epoch, train_epoch  # noqa: E402
+from ct.trainer.run import TrainingState  # noqa: E402
 
 DATA_NOTE = "CIFAR-10 (JPEG q75 copy)"
 
@@ -68,16 +61,12 @@ def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float 
               target: float | None) -> dict[str, Any]:
     """Train `cfg` in-process until `budget_s` is spent (whole batches) or `target` is reached,
     evaluating after every epoch; the clock covers training and evaluation, not data loading."""
-    rt = make_runtime(device)
+    compute = make_compute(device)
     data = load_cifar(data_dir)
-    x, y, tx, ty = (t.to(rt.device) for t in (data.train_x, data.train_y, data.test_x, data.test_y))
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
+    x, y, tx, ty = (t.to(compute.device)
+                    for t in (data.train_x, data.train_y, data.test_x, data.test_y))
+    state = TrainingState.build(cfg, len(x), compute)  # as train.py's runs start
     per_epoch = steps_per_epoch(len(x), cfg["batch_size"])
-    schedule = make_schedule(optimizer, cfg["epochs"] * per_epoch, cfg["warmup_frac"],
-                             cfg["lr_schedule"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
     curve: list[dict[str, float]] = []
     start = time.perf_counter()
     reached = None
@@ -89,9 +78,10 @@ def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float 
             max_batches = int(max(0.0, left - curve[-1]["eval_s"]) / per_batch)
             if max_batches == 0:
                 break
-        result = train_epoch(model, optimizer, schedule, x, y, cfg, gen, rt, max_batches)
+        result = train_epoch(state.model, state.optimizer, state.schedule, x, y, cfg,
+                             state.generator, compute, max_batches)
         t_eval = time.perf_counter()
-        accuracy, _ = evaluate(model, tx, ty, rt, flip_tta=cfg["tta"])
+        accuracy, _ = evaluate(state.model, tx, ty, compute, flip_tta=cfg["tta"])
         elapsed = time.perf_counter() - start
         curve.append({"epoch": epoch + 1, "images": result.images, "accuracy": round(accuracy, 2),
                       "elapsed_s": round(elapsed, 1), "train_s": result.seconds,
@@ -104,7 +94,7 @@ def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float 
             break
     return {"accuracy": curve[-1]["accuracy"], "elapsed_s": curve[-1]["elapsed_s"],
             "images_seen": sum(c["images"] for c in curve), "time_to_target_s": reached,
-            "device": rt.describe(), "curve": curve}
+            "device": compute.describe(), "curve": curve}
 
 
 def overrides(pairs: list[str]) -> dict[str, Any]:

@@ -1,5 +1,12 @@
-"""Support modules of the continuous-training pipeline.
+"""The continuous-training pipeline's Python code, in two packages by where it runs.
 
-Everything here except `data`, `checkpoint` and `tune` is standard-library only, so the job
-scripts can run it with the host's plain python3 (no torch) around the training container.
+- `ct.trainer`: the training side, run by train.py in the training/tuning container (or as a
+  local process): imports torch.
+- `ct.pipeline`: the Jenkins side, run by the job scripts with the host's plain python3 around
+  the container: standard library only.
+
+What both sides use stays here, standard library only:
+
+- `ct.atomic`: atomic writes (a reader sees the old file or the new one).
+- `ct.workspace`: the workspace contract: its file names and how a run's commit is found.
 """

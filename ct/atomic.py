@@ -113,15 +113,6 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     write_via(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
-def append_line(path: str | os.PathLike[str], line: str) -> None:
-    """Append one line; a short single write is atomic enough for a log of whole lines."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line.rstrip("\n") + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 # ---------------------------------------------------------------- several files as one change
 
 

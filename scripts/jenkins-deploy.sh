@@ -28,83 +28,96 @@ set -euo pipefail
 die() { echo "jenkins-deploy: $*" >&2; exit 2; }
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-mode=update
-out=
-# The JJB definitions; jenkins/ also holds casc.yaml and docker-compose.yml, which are not JJB.
-jobs=$repo/jenkins/jobs.yaml
-case "${1:-}" in
-  "") ;;
-  --test)
-    [[ -n "${2:-}" ]] || die "--test needs an output folder"
-    mode="test"
-    out=$2
-    jobs=${3:-$jobs}
-    ;;
-  -h | --help)
-    sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-    exit 0
-    ;;
-  *) die "unknown argument '$1' (try --help)" ;;
-esac
 
-jjb=${JJB:-}
-if [[ -z "$jjb" ]]; then
-  if [[ -x "$repo/.venv/bin/jenkins-jobs" ]]; then
-    jjb=$repo/.venv/bin/jenkins-jobs
-  else
-    jjb=jenkins-jobs
+jenkins_jobs_program() {
+  local jjb=${JJB:-}
+  if [[ -z "$jjb" ]]; then
+    if [[ -x "$repo/.venv/bin/jenkins-jobs" ]]; then jjb=$repo/.venv/bin/jenkins-jobs; else jjb=jenkins-jobs; fi
   fi
-fi
-command -v "$jjb" >/dev/null || die "jenkins-jobs not found; run 'make venv' (jenkins/requirements.txt pins it)"
+  command -v "$jjb" >/dev/null || die "jenkins-jobs not found; run 'make venv' (jenkins/requirements.txt pins it)"
+  printf '%s' "$jjb"
+}
 
-if [[ "$mode" == update ]]; then
-  for var in JENKINS_URL JENKINS_USER JENKINS_API_TOKEN CT_TRIGGER_TOKEN CT_REPO_URL; do
-    [[ -n "${!var:-}" ]] || die "$var is not set (see README, 'Run it in Jenkins')"
-  done
-fi
-token=${CT_TRIGGER_TOKEN:-render-only-placeholder}
-repo_url=${CT_REPO_URL:-https://github.com/OWNER/REPO.git}
-branch=${CT_BRANCH:-*/main}
-web_url=${CT_REPO_WEB_URL:-}
-if [[ -z "$web_url" ]]; then
-  web_url=${repo_url%.git}
-  # git@github.com:OWNER/REPO -> https://github.com/OWNER/REPO
-  [[ "$web_url" =~ ^[^@/]+@([^:/]+):(.+)$ ]] && web_url="https://${BASH_REMATCH[1]}/${BASH_REMATCH[2]}"
-fi
-for var in token repo_url branch web_url; do
-  [[ "${!var}" != *$'\n'* && -n "${!var}" ]] || die "$var must be one non-empty line"
-done
 # Local as the git plugin sees it: file://..., or no scheme:// and not scp-like user@host:path.
 is_local_repo() {
   [[ "$1" =~ ^[Ff][Ii][Ll][Ee]:// ]] && return 0
   [[ ! "$1" =~ ^[A-Za-z][A-Za-z0-9+.-]*:// && ! "$1" =~ ^[^/]+@[^/]+: ]]
 }
-if is_local_repo "$repo_url" && [[ "${CT_ALLOW_LOCAL_CHECKOUT:-false}" != true ]]; then
-  die "CT_REPO_URL=$repo_url is a local repository, which the git plugin refuses to check out (SECURITY-2478): use an https:// or ssh URL, or set CT_ALLOW_LOCAL_CHECKOUT=true here and for docker-compose (README, 'Run it in Jenkins')"
-fi
 
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-chmod 700 "$tmp"
-printf '%s' "$token" >"$tmp/ct-trigger-token"
-printf '%s' "$repo_url" >"$tmp/ct-repo-url"
-printf '%s' "$web_url" >"$tmp/ct-repo-web-url"
-printf '%s' "$branch" >"$tmp/ct-branch"
-{
-  echo "[job_builder]"
-  echo "include_path=$tmp"
-  echo "keep_descriptions=False"
-  echo "[jenkins]"
-  echo "url=${JENKINS_URL:-http://localhost:8080/}"
-  echo "query_plugins_info=False"
-} >"$tmp/jenkins_jobs.ini"
+# write_includes DIR: the values jobs.yaml reads with !include-raw-verbatim, one file each, checked.
+write_includes() {
+  local token repo_url branch web_url var
+  token=${CT_TRIGGER_TOKEN:-render-only-placeholder}
+  repo_url=${CT_REPO_URL:-https://github.com/OWNER/REPO.git}
+  branch=${CT_BRANCH:-*/main}
+  web_url=${CT_REPO_WEB_URL:-}
+  if [[ -z "$web_url" ]]; then
+    web_url=${repo_url%.git}
+    # git@github.com:OWNER/REPO -> https://github.com/OWNER/REPO
+    if [[ "$web_url" =~ ^[^@/]+@([^:/]+):(.+)$ ]]; then
+      web_url="https://${BASH_REMATCH[1]}/${BASH_REMATCH[2]}"
+    fi
+  fi
+  for var in token repo_url branch web_url; do
+    [[ "${!var}" != *$'\n'* && -n "${!var}" ]] || die "$var must be one non-empty line"
+  done
+  if is_local_repo "$repo_url" && [[ "${CT_ALLOW_LOCAL_CHECKOUT:-false}" != true ]]; then
+    die "CT_REPO_URL=$repo_url is a local repository, which the git plugin refuses to check out (SECURITY-2478): use an https:// or ssh URL, or set CT_ALLOW_LOCAL_CHECKOUT=true here and for docker-compose (README, 'Run it in Jenkins')"
+  fi
+  printf '%s' "$token" >"$1/ct-trigger-token"
+  printf '%s' "$repo_url" >"$1/ct-repo-url"
+  printf '%s' "$web_url" >"$1/ct-repo-web-url"
+  printf '%s' "$branch" >"$1/ct-branch"
+}
 
-if [[ "$mode" == test ]]; then
-  mkdir -p "$out"
-  "$jjb" --conf "$tmp/jenkins_jobs.ini" -l warning test -o "$out" "$jobs"
-  echo "jenkins-deploy: rendered $(find "$out" -maxdepth 1 -type f | wc -l) items into $out"
-else
-  JJB_USER=$JENKINS_USER JJB_PASSWORD=$JENKINS_API_TOKEN \
-    "$jjb" --conf "$tmp/jenkins_jobs.ini" -l info update "$jobs"
-  echo "jenkins-deploy: jobs and view updated on $JENKINS_URL"
-fi
+main() {
+  local mode=update out="" jobs jjb var tmp
+  # The JJB definitions; jenkins/ also holds casc.yaml and docker-compose.yml, which are not JJB.
+  jobs=$repo/jenkins/jobs.yaml
+  case "${1:-}" in
+    "") ;;
+    --test)
+      [[ -n "${2:-}" ]] || die "--test needs an output folder"
+      mode="test"
+      out=$2
+      jobs=${3:-$jobs}
+      ;;
+    -h | --help)
+      sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      return 0
+      ;;
+    *) die "unknown argument '$1' (try --help)" ;;
+  esac
+  jjb=$(jenkins_jobs_program)
+  if [[ "$mode" == update ]]; then
+    for var in JENKINS_URL JENKINS_USER JENKINS_API_TOKEN CT_TRIGGER_TOKEN CT_REPO_URL; do
+      [[ -n "${!var:-}" ]] || die "$var is not set (see README, 'Run it in Jenkins')"
+    done
+  fi
+
+  tmp=$(mktemp -d)
+  # shellcheck disable=SC2064 # expand now: tmp is local to main
+  trap "rm -rf '$tmp'" EXIT
+  chmod 700 "$tmp"
+  write_includes "$tmp"
+  {
+    echo "[job_builder]"
+    echo "include_path=$tmp"
+    echo "keep_descriptions=False"
+    echo "[jenkins]"
+    echo "url=${JENKINS_URL:-http://localhost:8080/}"
+    echo "query_plugins_info=False"
+  } >"$tmp/jenkins_jobs.ini"
+
+  if [[ "$mode" == test ]]; then
+    mkdir -p "$out"
+    "$jjb" --conf "$tmp/jenkins_jobs.ini" -l warning test -o "$out" "$jobs"
+    echo "jenkins-deploy: rendered $(find "$out" -maxdepth 1 -type f | wc -l) items into $out"
+  else
+    JJB_USER=$JENKINS_USER JJB_PASSWORD=$JENKINS_API_TOKEN \
+      "$jjb" --conf "$tmp/jenkins_jobs.ini" -l info update "$jobs"
+    echo "jenkins-deploy: jobs and view updated on $JENKINS_URL"
+  fi
+}
+
+main "$@"

@@ -9,20 +9,18 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-require_workspace_code
-resolve_runtime
-ensure_data
+main() {
+  local image args
+  (($# == 0)) || die "usage: job3-train.sh (extra train.py flags: CT_TRAIN_ARGS)" 2
+  require_workspace_code
+  resolve_runtime
+  ensure_data
+  image="$(image_for train)"
+  read -ra args <<<"$CT_TRAIN_ARGS"
+  args+=("${DATA_FLAGS[@]}")
+  start_process train "$image" "${args[@]}"
+  follow train || ended_badly train
+  log "training finished: accuracy $(cat "$CT_WORKSPACE/accuracy.txt" 2>/dev/null || echo '?')%"
+}
 
-image=local
-if [[ "$CT_RUNTIME" == docker ]]; then
-  image="$(props_get "$CT_WORKSPACE/status/image.properties" TRAIN_IMAGE)"
-  if [[ -z "$image" || "$image" == local ]] || ! docker image inspect "$image" >/dev/null 2>&1; then
-    image="$(ensure_image train)"
-  fi
-fi
-
-read -ra args <<<"$CT_TRAIN_ARGS"
-args+=("${DATA_FLAGS[@]}")
-start_process train "$image" "${args[@]}"
-follow train || ended_badly train
-log "training finished: accuracy $(cat "$CT_WORKSPACE/accuracy.txt" 2>/dev/null || echo '?')%"
+main "$@"

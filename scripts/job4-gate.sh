@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # job4 gate: what follows a finished run (lib.sh after_run): validate accuracy.txt against
-# CT_THRESHOLD (ct.gate check). At or above: promote the run's model when it beats the best one
-# (ct.gate promote) and mail that the best model is created (ct.notify). Below: build the tuning
-# image and hand over to job5 (gate.properties PASSED=false, status/image.properties TUNE_IMAGE).
-# A missing/garbled/NaN/out-of-range accuracy: exit 2. Each run is judged once.
+# CT_THRESHOLD (ct.pipeline.gate check). At or above: promote the run's model when it beats the
+# best one (ct.pipeline.gate promote) and mail that the best model is created (ct.pipeline.notify).
+# Below: build the tuning image and hand over to job5 (gate.properties PASSED=false,
+# status/image.properties TUNE_IMAGE). A missing/garbled/NaN/out-of-range accuracy: exit 2. Each
+# run is judged once.
 #
 #   scripts/job4-gate.sh [RUN_DIR]
 #

@@ -4,71 +4,79 @@
 # best, and mail the best accuracy and params.
 # At most CT_MAX_TUNE_ROUNDS rounds per commit: the chain never loops.
 #
-#   scripts/job5-tune.sh [--no-mail]   (CT_TUNE_TRIALS, CT_TUNE_BUDGET seconds, CT_TUNE_ARGS)
+#   scripts/job5-tune.sh [--no-mail]   (CT_TUNE_TRIALS, CT_TUNE_BUDGET seconds, CT_TUNE_ARGS; unset
+#                                       trials and budget: train.py's defaults)
 #
 # --no-mail keeps the message in outbox/ only: Jenkins' job5 mails through email-ext itself.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-delivery=mail
-case "${1:-}" in
-  "") ;;
-  --no-mail) delivery=outbox-only ;;
-  *) die "unknown argument '$1'; usage: job5-tune.sh [--no-mail]" 2 ;;
-esac
-
-require_uint CT_TUNE_TRIALS "$CT_TUNE_TRIALS"
-require_uint CT_TUNE_BUDGET "$CT_TUNE_BUDGET"
-require_uint CT_MAX_TUNE_ROUNDS "$CT_MAX_TUNE_ROUNDS"
-require_workspace_code
-resolve_runtime
-
-W="$CT_WORKSPACE"
-commit="$(current_commit)"
-rounds_file="$W/status/tune-rounds.properties"
-rounds=0
-if [[ "$(props_get "$rounds_file" COMMIT)" == "$commit" ]]; then
-  rounds="$(props_get "$rounds_file" ROUNDS)"
-fi
-if ((rounds >= CT_MAX_TUNE_ROUNDS)); then
-  log "commit $commit was tuned $rounds time(s) already (CT_MAX_TUNE_ROUNDS=$CT_MAX_TUNE_ROUNDS): not tuning again"
-  exit 0
-fi
-props_set "$rounds_file" COMMIT "$commit" ROUNDS "$((rounds + 1))"
-ensure_data
-
-image=local
-args=(--trials "$CT_TUNE_TRIALS" --time-budget "$CT_TUNE_BUDGET")
-read -ra extra <<<"$CT_TUNE_ARGS"
-args+=("${extra[@]}" "${DATA_FLAGS[@]}")
-if [[ "$CT_RUNTIME" == docker ]]; then
-  image="$(props_get "$W/status/image.properties" TUNE_IMAGE)"
-  if [[ -z "$image" || "$image" == local ]] || ! docker image inspect "$image" >/dev/null 2>&1; then
-    image="$(ensure_image tune)"
+# tuning_rounds_left: 0 when this commit was tuned CT_MAX_TUNE_ROUNDS times already; else counts
+# this round (status/tune-rounds.properties) and sets ROUND.
+tuning_rounds_left() {
+  local rounds_file="$CT_WORKSPACE/status/tune-rounds.properties" commit rounds=0
+  commit="$(current_commit)"
+  if [[ "$(props_get "$rounds_file" COMMIT)" == "$commit" ]]; then
+    rounds="$(props_get "$rounds_file" ROUNDS)"
   fi
-else
-  args=(--tune "${args[@]}") # the tuning image's entry point adds --tune by itself
-fi
+  if ((rounds >= CT_MAX_TUNE_ROUNDS)); then
+    log "commit $commit was tuned $rounds time(s) already (CT_MAX_TUNE_ROUNDS=$CT_MAX_TUNE_ROUNDS): not tuning again"
+    return 1
+  fi
+  ROUND=$((rounds + 1))
+  props_set "$rounds_file" COMMIT "$commit" ROUNDS "$ROUND"
+}
 
-start_process tune "$image" "${args[@]}"
-# A hard stop well past the budget: train.py honours --time-budget; this guards against a hang.
-deadline=$((CT_TUNE_BUDGET + CT_TUNE_BUDGET / 2 + 300))
-name="$(props_get "$(state_file tune)" CONTAINER)"
-(
-  # the sleep must not hold this job's output open, and must end with the watchdog
-  sleep "$deadline" >/dev/null 2>&1 &
-  sleeper=$!
-  trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
-  wait "$sleeper"
-  log "tuning passed its hard deadline of ${deadline}s: stopping $name"
-  if [[ "$CT_RUNTIME" == docker ]]; then docker stop "$name" >/dev/null; else kill "${name#pid-}"; fi
-) &
-watchdog=$!
-code=0
-follow tune || code=$?
-kill "$watchdog" 2>/dev/null || true
-((code == 0)) || ended_badly tune
+# start_watchdog NAME BUDGET: stop the tuning process well past its budget. train.py honours
+# --time-budget at every epoch; this guards against a hang. Sets WATCHDOG.
+start_watchdog() {
+  local name="$1" deadline=$(($2 + $2 / 2 + 300))
+  (
+    # the sleep must not hold this job's output open, and must end with the watchdog
+    sleep "$deadline" >/dev/null 2>&1 &
+    sleeper=$!
+    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+    wait "$sleeper"
+    log "tuning passed its hard deadline of ${deadline}s: stopping $name"
+    if [[ "$CT_RUNTIME" == docker ]]; then docker stop "$name" >/dev/null; else kill "${name#pid-}"; fi
+  ) &
+  WATCHDOG=$!
+}
 
-after_run "$delivery"
-log "tuning round $((rounds + 1)) of $CT_MAX_TUNE_ROUNDS for commit $commit done"
+main() {
+  local delivery=mail image args=() extra code=0
+  case "${1:-}" in
+    "") ;;
+    --no-mail) delivery=outbox-only ;;
+    *) die "unknown argument '$1'; usage: job5-tune.sh [--no-mail]" 2 ;;
+  esac
+  [[ -z "$CT_TUNE_TRIALS" ]] || require_uint CT_TUNE_TRIALS "$CT_TUNE_TRIALS"
+  [[ -z "$CT_TUNE_BUDGET" ]] || require_uint CT_TUNE_BUDGET "$CT_TUNE_BUDGET"
+  require_uint CT_MAX_TUNE_ROUNDS "$CT_MAX_TUNE_ROUNDS"
+  require_workspace_code
+  resolve_runtime
+  tuning_rounds_left || exit 0
+  ensure_data
+
+  image="$(image_for tune)"
+  # the tuning image's entry point adds --tune by itself; the local runtime runs train.py
+  [[ "$image" != local ]] || args=(--tune)
+  [[ -z "$CT_TUNE_TRIALS" ]] || args+=(--trials "$CT_TUNE_TRIALS")
+  [[ -z "$CT_TUNE_BUDGET" ]] || args+=(--time-budget "$CT_TUNE_BUDGET")
+  read -ra extra <<<"$CT_TUNE_ARGS"
+  args+=("${extra[@]}" "${DATA_FLAGS[@]}")
+  start_process tune "$image" "${args[@]}"
+  WATCHDOG=
+  if [[ -n "$CT_TUNE_BUDGET" ]]; then
+    start_watchdog "$(props_get "$(state_file tune)" CONTAINER)" "$CT_TUNE_BUDGET"
+  fi
+  follow tune || code=$?
+  [[ -z "$WATCHDOG" ]] || kill "$WATCHDOG" 2>/dev/null || true
+  ((code == 0)) || ended_badly tune
+
+  after_run "$delivery"
+  log "tuning round $ROUND of $CT_MAX_TUNE_ROUNDS for commit $(current_commit) done"
+}
+
+main "$@"

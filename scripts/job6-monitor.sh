@@ -35,74 +35,6 @@ weekly() {
   log "weekly retrain requested: POST $url -> HTTP $status"
 }
 
-# observe ROLE: how the run's process stands. Prints "running", "ok", "gave-up", "final <why>" (an
-# end that a restart would only repeat) or "failed <why>". An end seen here is recorded in the
-# status file at once (STATUS=exited, EXIT_CODE, OOM_KILLED), so a later `docker rm` or
-# `docker container prune` cannot turn a finished run into a vanished one.
-observe() {
-  local file name code="" oom=false
-  file="$(state_file "$1")"
-  name="$(props_get "$file" CONTAINER)"
-  if [[ "$(props_get "$file" STATUS)" == gave-up ]]; then echo gave-up; return; fi
-  if [[ "$(props_get "$file" STATUS)" == running ]]; then
-    if [[ "$(props_get "$file" RUNTIME)" == docker ]]; then
-      local inspected
-      if inspected="$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}' "$name" 2>/dev/null)"; then
-        local st
-        read -r st code oom <<<"$inspected"
-        case "$st" in running | restarting | created) echo running; return ;; esac
-      fi
-    elif kill -0 "${name#pid-}" 2>/dev/null; then
-      echo running
-      return
-    fi
-    # Ended. A docker container's exit code is known while it exists; a local process started by
-    # an earlier cycle is no child of this one. Either way, a run that wrote its results after it
-    # started has finished well.
-    if [[ -z "$code" ]] && finished_since "$1" "$(props_get "$file" STARTED_AT)"; then code=0; fi
-    if [[ -n "$code" ]]; then
-      props_set "$file" STATUS exited EXIT_CODE "$code" OOM_KILLED "$oom" \
-        FINISHED_AT "$(date -u +%FT%TZ)"
-    fi
-  fi
-  code="$(props_get "$file" EXIT_CODE)"
-  if [[ -z "$code" ]]; then
-    echo "failed vanished (no $name, no exit code, no finished run)"
-  else
-    classify_end "$code" "$(props_get "$file" OOM_KILLED)"
-  fi
-}
-
-# finished_since ROLE STARTED_AT: the workspace's metrics.json is a ROLE run's (train.py writes it
-# when a run has ended well) and was written after STARTED_AT.
-finished_since() {
-  local since written
-  [[ "$(latest_run_field mode)" == "$1" ]] || return 1
-  since="$(date -u -d "$2" +%s 2>/dev/null)" || return 1
-  written="$(stat -c %Y "$CT_WORKSPACE/metrics.json" 2>/dev/null)" || return 1
-  ((written >= since))
-}
-
-# restart ROLE: start the same run again (train.py resumes from its last checkpoint); sets SINCE.
-# Runs in this shell, not in $(...): a local process must stay this shell's child to be followed.
-restart() {
-  local role="$1" file name
-  file="$(state_file "$role")"
-  name="$(props_get "$file" CONTAINER)"
-  SINCE="$(date -u +%FT%TZ)"
-  if [[ "$(props_get "$file" RUNTIME)" == docker ]] && docker inspect "$name" >/dev/null 2>&1; then
-    docker start "$name" >/dev/null || die "docker start $name failed"
-  else
-    local args=()
-    eval "args=($(props_get "$file" ARGS))"
-    CT_RUNTIME="$(props_get "$file" RUNTIME)"
-    export CT_RUNTIME
-    launch "$role" "$(props_get "$file" IMAGE)" "${args[@]}"
-    props_set "$file" CONTAINER "$LAUNCHED"
-  fi
-  props_set "$file" STATUS running EXIT_CODE "" OOM_KILLED "" FINISHED_AT ""
-}
-
 # hand_over ROLE FOLLOW: a run that job6 restarted and that has finished gets its verdict once:
 # after_run here (FOLLOW=1), or job4 through the hand-over file (Jenkins).
 hand_over() {
@@ -160,23 +92,25 @@ monitor_role() { # ROLE FOLLOW: 0 when fine or restarted, 1 when it gave up (now
   done
 }
 
-rm -f "$CT_WORKSPACE/$CT_HANDOVER_FILE" # a hand-over is for the build that wrote it only
-mode="${1:-monitor}"
-follow_flag=0
-for arg in "${@:2}"; do
-  case "$arg" in
-    --follow) follow_flag=1 ;;
+main() {
+  local mode="${1:-monitor}" follow_flag=0 arg rc=0 role
+  rm -f "$CT_WORKSPACE/$CT_HANDOVER_FILE" # a hand-over is for the build that wrote it only
+  for arg in "${@:2}"; do
+    case "$arg" in
+      --follow) follow_flag=1 ;;
+      *) die "usage: job6-monitor.sh [monitor [--follow] | weekly]" 2 ;;
+    esac
+  done
+  case "$mode" in
+    weekly) weekly ;;
+    monitor)
+      require_uint CT_MAX_RESTARTS "$CT_MAX_RESTARTS"
+      resolve_runtime
+      for role in train tune; do monitor_role "$role" "$follow_flag" || rc=1; done
+      return "$rc"
+      ;;
     *) die "usage: job6-monitor.sh [monitor [--follow] | weekly]" 2 ;;
   esac
-done
-case "$mode" in
-  weekly) weekly ;;
-  monitor)
-    require_uint CT_MAX_RESTARTS "$CT_MAX_RESTARTS"
-    resolve_runtime
-    rc=0
-    for role in train tune; do monitor_role "$role" "$follow_flag" || rc=1; done
-    exit "$rc"
-    ;;
-  *) die "usage: job6-monitor.sh [monitor [--follow] | weekly]" 2 ;;
-esac
+}
+
+main "$@"

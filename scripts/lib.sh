@@ -17,8 +17,9 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_DATA_DIR:=}"                      # dataset to seed $CT_WORKSPACE/data from (folder with
                                           # cifar-10-batches-py/ or cifar-10-python.tar.gz)
 : "${CT_TRAIN_ARGS:=}"                    # extra train.py flags for job3 (e.g. --epochs 30)
-: "${CT_TUNE_TRIALS:=8}"                  # tuning: number of trials (job5)
-: "${CT_TUNE_BUDGET:=3600}"               # tuning: time budget in seconds (job5)
+: "${CT_TUNE_TRIALS:=}"                   # tuning: number of trials (job5); empty: train.py's
+: "${CT_TUNE_BUDGET:=}"                   # tuning: time budget in seconds (job5); empty:
+                                          # train.py's, and no hard deadline on top of it
 : "${CT_TUNE_ARGS:=}"                     # extra train.py --tune flags for job5
 : "${CT_MAX_TUNE_ROUNDS:=1}"              # tuning rounds per commit
 : "${CT_MAX_RESTARTS:=3}"                 # job6: restarts of one failed container
@@ -29,11 +30,11 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_CONTAINER_USER:=}"                # uid:gid in the container; empty: yours, or 1000:1000 as root
 : "${CT_PYTHON:=python3}"                 # the interpreter of the local runtime (and of ct.*)
 : "${SMTP_HOST:=}"                        # empty: mails are kept in $CT_WORKSPACE/outbox/
-: "${SMTP_PORT:=25}"
+: "${SMTP_PORT:=}"                        # empty: ct.pipeline.notify's default (25; 465 for TLS)
 : "${SMTP_STARTTLS:=false}"                # true: STARTTLS before login (true/false, as Jenkins reads it)
 : "${SMTP_USER:=}"
 : "${SMTP_PASSWORD:=}"
-: "${NOTIFY_FROM:=ct-pipeline@localhost}"
+: "${NOTIFY_FROM:=}"                      # empty: ct.pipeline.notify's default sender
 : "${NOTIFY_TO:=}"
 : "${JENKINS_URL:=http://localhost:8080}"
 : "${JENKINS_USER:=}"
@@ -167,7 +168,7 @@ props_set() {
 # The record of a training/tuning process: $CT_WORKSPACE/status/<role>.properties.
 state_file() { printf '%s/status/%s.properties' "$CT_WORKSPACE" "$1"; }
 
-# Call a ct.* helper (ct.gate, ct.notify) with the pipeline's code on the path.
+# Call a host-side helper (ct.pipeline.gate, ct.pipeline.notify) with the pipeline's code on the path.
 ct_py() { PYTHONPATH="$CT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$CT_PYTHON" -m "$@"; }
 
 # ----------------------------------------------------------------------------------- data
@@ -254,137 +255,9 @@ ensure_image() {
   printf '%s' "$tag"
 }
 
-# ----------------------------------------------------------------------------------- processes
-# The container user: never root. As root on the host, the image's user (1000) gets the folders
-# train.py writes to; otherwise the caller's own uid, so files stay theirs.
-container_user() {
-  if [[ -n "$CT_CONTAINER_USER" ]]; then
-    printf '%s' "$CT_CONTAINER_USER"
-  elif [[ "$(id -u)" == 0 ]]; then
-    printf '1000:1000'
-  else
-    printf '%s:%s' "$(id -u)" "$(id -g)"
-  fi
-}
-
-prepare_workspace_for() { # USER (uid:gid)
-  mkdir -p "$CT_WORKSPACE/runs" "$CT_WORKSPACE/data"
-  if [[ "$(id -u)" == 0 && "$1" != 0:* ]]; then
-    chown "$1" "$CT_WORKSPACE" "$CT_WORKSPACE/data"
-    chown -R "$1" "$CT_WORKSPACE/runs"
-  fi
-}
-
-# launch ROLE IMAGE ARGS...: start the process detached (docker: a named, labelled container;
-# local: python in the background of this shell) and set LAUNCHED to its container name / pid-N.
-launch() {
-  local role="$1" image="$2" name user commit
-  shift 2
-  name="$(container_name "$role")"
-  commit="$(current_commit)"
-  mkdir -p "$CT_WORKSPACE/status"
-  if [[ "$CT_RUNTIME" == docker ]]; then
-    if [[ "$(docker inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" == true ]]; then
-      die "container $name is still running for this workspace; stop it or wait for it (job6 watches it)"
-    fi
-    docker rm -f "$name" >/dev/null 2>&1 || true
-    user="$(container_user)"
-    prepare_workspace_for "$user"
-    # --init: a tiny init (docker-init) is PID 1 and passes SIGTERM on to train.py, so `docker stop`
-    # and Jenkins' abort stop it at once (train.py keeps its last checkpoint).
-    local run=(docker run -d --init --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
-      --label "ct.commit=$commit" --user "$user" -e HOME=/tmp -e "CT_COMMIT=$commit"
-      --shm-size 1g -v "$CT_WORKSPACE:/workspace" -w /workspace)
-    [[ -n "$CT_GPUS" ]] && run+=(--gpus "$CT_GPUS")
-    # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time
-    [[ -n "$CT_MEMORY" ]] && run+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")
-    "${run[@]}" "$image" "$@" >/dev/null || die "docker run of $image failed"
-    LAUNCHED="$name"
-  else
-    local logf="$CT_WORKSPACE/status/$role.log"
-    if [[ -f "$logf" ]]; then mv -f "$logf" "$logf.prev"; fi
-    (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" exec "$CT_PYTHON" train.py "$@") >"$logf" 2>&1 &
-    LAUNCHED="pid-$!"
-  fi
-}
-
-# start_process ROLE IMAGE ARGS...: launch, and record it in status/<role>.properties (RESTARTS=0).
-start_process() {
-  local role="$1" image="$2"
-  shift 2
-  launch "$role" "$image" "$@"
-  write_file "$(state_file "$role")" "ROLE=$role
-RUNTIME=$CT_RUNTIME
-CONTAINER=$LAUNCHED
-IMAGE=$image
-COMMIT=$(current_commit)
-ARGS=$(printf '%q ' "$@")
-RESTARTS=0
-STATUS=running
-EXIT_CODE=
-OOM_KILLED=
-STARTED_AT=$(date -u +%FT%TZ)
-FINISHED_AT="
-  log "$role started: $LAUNCHED ($image) $*"
-}
-
-# classify_end EXIT_CODE OOM_KILLED: how an ended training/tuning process ended, for job3, job5 and
-# job6: "ok", "final <why>" when a restart would only repeat it (exit 2 is bad input; an OOM kill
-# recurs under the same memory), else "failed <why>" (killed, crashed: job6 resumes it).
-classify_end() {
-  if [[ "$2" == true ]]; then
-    echo "final OOM-killed (exit code $1, CT_MEMORY=${CT_MEMORY:-unset}): raise CT_MEMORY or lower --batch-size in CT_TRAIN_ARGS/CT_TUNE_ARGS, then run job3 again"
-  elif [[ "$1" == 0 ]]; then
-    echo ok
-  elif [[ "$1" == 2 ]]; then
-    echo "final bad input (exit code 2, see the log's last line): fix it, then push again or rerun job3"
-  else
-    echo "failed exit code $1${2:+, OOM-killed $2}"
-  fi
-}
-
-# ended_badly ROLE: job3/job5's one line after a failed run: whether job6 will restart it.
-ended_badly() {
-  local file verdict
-  file="$(state_file "$1")"
-  verdict="$(classify_end "$(props_get "$file" EXIT_CODE)" "$(props_get "$file" OOM_KILLED)")"
-  case "$verdict" in
-    final*) die "$1 ended for good: ${verdict#final }; job6 will not restart it" ;;
-    *) die "$1 ended with ${verdict#failed }; job6 (scripts/job6-monitor.sh) restarts it from its last checkpoint" ;;
-  esac
-}
-
-# follow ROLE [SINCE]: stream the log until the process ends; record and return its exit code.
-follow() {
-  local role="$1" since="${2:-}" file name code oom status
-  file="$(state_file "$role")"
-  name="$(props_get "$file" CONTAINER)"
-  if [[ "$(props_get "$file" RUNTIME)" == docker ]]; then
-    docker logs -f ${since:+--since "$since"} "$name" 2>&1 || true
-    code="$(docker wait "$name" 2>/dev/null || echo 255)"
-    read -r oom status < <(docker inspect -f '{{.State.OOMKilled}} {{.State.Status}}' "$name" \
-      2>/dev/null || echo "false vanished")
-  else
-    # a local process is followed by the shell that started it (start_process, same script)
-    local pid="${name#pid-}" tailer
-    tail -n +1 -f --pid "$pid" "$CT_WORKSPACE/status/$role.log" &
-    tailer=$!
-    code=0
-    wait "$pid" || code=$?
-    wait "$tailer" || true
-    oom=false
-    status=exited
-    ((code != 137)) || oom=unknown
-  fi
-  props_set "$file" STATUS "$status" EXIT_CODE "$code" OOM_KILLED "$oom" \
-    FINISHED_AT "$(date -u +%FT%TZ)"
-  keep_artifact "$file"
-  return "$code"
-}
-
 # ----------------------------------------------------------------------------------- after a run
 # latest_run_field KEY: a field of the workspace's metrics.json (the latest finished run), or ''
-# when it cannot be read (ct.gate check then says what is wrong with it).
+# when it cannot be read (ct.pipeline.gate check then says what is wrong with it).
 latest_run_field() {
   "$CT_PYTHON" - "$CT_WORKSPACE/metrics.json" "$1" 2>/dev/null <<'PY' || true
 import json, sys
@@ -397,10 +270,10 @@ PY
 }
 
 # after_run mail|outbox-only: what follows every finished training or tuning run, whoever started
-# it: job4 (after job3, or after job6 restarted the run), job5, job6 --follow. ct.gate check judges
+# it: job4 (after job3, or after job6 restarted the run), job5, job6 --follow. The gate (ct.pipeline.gate check) judges
 # the workspace's latest run against CT_THRESHOLD (gate.properties, history, plot); a tuning run,
 # or a training run at or above the threshold, is promoted when it beats the best model and
-# mailed (ct.notify; outbox-only keeps the message in outbox/ when Jenkins' email-ext sends job5's
+# mailed (ct.pipeline.notify; outbox-only keeps the message in outbox/ when Jenkins' email-ext sends job5's
 # mail); a training run below
 # the threshold gets the tuning image ready and gate.properties PASSED=false hands it to job5.
 # Exactly once per run: status/after-run.properties names the last run handled; a second call for
@@ -414,16 +287,16 @@ after_run() {
     log "run $run_id was judged already ($(props_get "$record" VERDICT)): nothing to do"
     return 0
   fi
-  ct_py ct.gate check --workspace "$W" --threshold "$CT_THRESHOLD" ||
+  ct_py ct.pipeline.gate check --workspace "$W" --threshold "$CT_THRESHOLD" ||
     die "the accuracy gate could not judge this run (see the line above); nothing promoted" 2
   keep_artifact "$W/gate.properties" "$W/plot/accuracy.csv"
   passed="$(props_get "$W/gate.properties" PASSED)"
   if [[ "$run_id" == tune-* || "$passed" == true ]]; then
-    ct_py ct.gate promote --workspace "$W" || die "promotion failed (see the line above)" 2
+    ct_py ct.pipeline.gate promote --workspace "$W" || die "promotion failed (see the line above)" 2
     event=best-model
     [[ "$run_id" == tune-* ]] && event=tuned
     if [[ "$event" == tuned || "$(props_get "$W/promotion.properties" PROMOTED)" == true ]]; then
-      ct_py ct.notify --workspace "$W" --event "$event" "${notify[@]}" ||
+      ct_py ct.pipeline.notify --workspace "$W" --event "$event" "${notify[@]}" ||
         die "the notification could not be sent (kept in $W/outbox/)"
     else
       log "the current best model stays (it is at least as good): no mail"
@@ -439,9 +312,42 @@ after_run() {
 prepare_tuning_image() {
   require_workspace_code
   resolve_runtime
+  select_image tune >/dev/null
+}
+
+# select_image ROLE: job2's choice for ROLE (train|tune), printed and recorded in
+# status/image.properties: on docker the image of the detected framework, built when its tag is new;
+# on the local runtime "local", after checking that this host's python can run the code.
+select_image() {
+  local role="$1" framework
   if [[ "$CT_RUNTIME" == docker ]]; then
-    ensure_image tune >/dev/null
+    ensure_image "$role"
+    return
+  fi
+  framework="$(detect_framework)"
+  [[ "$framework" == pytorch ]] ||
+    die "the local runtime runs PyTorch code only; detected $framework" 2
+  "$CT_PYTHON" -c 'import torch' 2>/dev/null ||
+    die "local runtime: $CT_PYTHON cannot import torch (pip install -r requirements.txt)" 2
+  props_set "$CT_WORKSPACE/status/image.properties" FRAMEWORK "$framework" "${role^^}_IMAGE" local
+  log "framework $framework: local runtime, no image ($CT_PYTHON)"
+  printf 'local'
+}
+
+# image_for ROLE: the image job2 (or job4, for tuning) selected, selecting it again when it is
+# missing (never selected, or removed from the engine since).
+image_for() {
+  local image
+  image="$(props_get "$CT_WORKSPACE/status/image.properties" "${1^^}_IMAGE")"
+  if [[ "$CT_RUNTIME" == local ]]; then
+    printf 'local'
+  elif [[ -n "$image" && "$image" != local ]] && docker image inspect "$image" >/dev/null 2>&1; then
+    printf '%s' "$image"
   else
-    "$CT_ROOT/scripts/job2-image.sh" tune >/dev/null
+    ensure_image "$1"
   fi
 }
+
+# ----------------------------------------------------------------------------------- processes
+# shellcheck source=scripts/lib-process.sh
+source "$CT_ROOT/scripts/lib-process.sh"

@@ -11,8 +11,6 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 here="$(cd "$(dirname "$0")" && pwd)"
-resolve_runtime
-log "runtime: $CT_RUNTIME; workspace: $CT_WORKSPACE; threshold: $CT_THRESHOLD%"
 
 step() { # SCRIPT ARGS...: run one job, timing it
   local t0=$SECONDS rc=0
@@ -22,20 +20,27 @@ step() { # SCRIPT ARGS...: run one job, timing it
   return "$rc"
 }
 
-step job1-pull.sh "$@" >/dev/null
-step job2-image.sh >/dev/null
-if step job3-train.sh; then
-  step job4-gate.sh
-else
-  # job6 restarts it and, once it has finished, runs what job4 runs (lib.sh after_run)
-  log "training failed: job6 restarts it (at most CT_MAX_RESTARTS=$CT_MAX_RESTARTS times)"
-  step job6-monitor.sh monitor --follow || die "training failed and job6 gave up; see $(state_file train)"
-fi
-if [[ "$(props_get "$CT_WORKSPACE/gate.properties" PASSED)" != true ]]; then
-  if ! step job5-tune.sh; then
-    log "tuning failed: job6 restarts it"
-    step job6-monitor.sh monitor --follow || die "tuning failed and job6 gave up; see $(state_file tune)"
+main() {
+  local best
+  resolve_runtime
+  log "runtime: $CT_RUNTIME; workspace: $CT_WORKSPACE; threshold: $CT_THRESHOLD%"
+  step job1-pull.sh "$@" >/dev/null
+  step job2-image.sh >/dev/null
+  if step job3-train.sh; then
+    step job4-gate.sh
+  else
+    # job6 restarts it and, once it has finished, runs what job4 runs (lib.sh after_run)
+    log "training failed: job6 restarts it (at most CT_MAX_RESTARTS=$CT_MAX_RESTARTS times)"
+    step job6-monitor.sh monitor --follow || die "training failed and job6 gave up; see $(state_file train)"
   fi
-fi
-best="$(props_get "$CT_WORKSPACE/promotion.properties" BEST_ACCURACY)"
-log "done: commit $(current_commit), accuracy $(cat "$CT_WORKSPACE/accuracy.txt")%, best model ${best:-?}% ($CT_WORKSPACE/best.json)"
+  if [[ "$(props_get "$CT_WORKSPACE/gate.properties" PASSED)" != true ]]; then
+    if ! step job5-tune.sh; then
+      log "tuning failed: job6 restarts it"
+      step job6-monitor.sh monitor --follow || die "tuning failed and job6 gave up; see $(state_file tune)"
+    fi
+  fi
+  best="$(props_get "$CT_WORKSPACE/promotion.properties" BEST_ACCURACY)"
+  log "done: commit $(current_commit), accuracy $(cat "$CT_WORKSPACE/accuracy.txt")%, best model ${best:-?}% ($CT_WORKSPACE/best.json)"
+}
+
+main "$@"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ct import data as data_module
-from ct.data import DataError, load_cifar, locate
+from ct.trainer import data as data_module
+from ct.trainer.data import DataError, load_cifar, locate
 from tests.conftest import SHARED_CIFAR
 from tests.synthetic_cifar import make_cifar_archive
 

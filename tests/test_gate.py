@@ -1,4 +1,4 @@
-"""ct.gate: the accuracy gate and model promotion, run as the real CLI where it matters."""
+"""ct.pipeline.gate: the accuracy gate and model promotion, run as the real CLI where it matters."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from ct import atomic, gate
+from ct import atomic
+from ct.pipeline import gate
 
 REPO = Path(__file__).resolve().parent.parent
 COMMIT = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
@@ -81,7 +82,7 @@ def write_run(
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_module("ct.gate", *args, env=env)
+    return run_module("ct.pipeline.gate", *args, env=env)
 
 
 def run_module(
@@ -533,7 +534,7 @@ def test_a_link_that_could_not_be_switched_is_repaired_by_the_next_promote(
         patch.setattr(atomic, "replace_symlink", injected_fault)
         assert gate.main(["promote", "--workspace", str(ws)]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "rerun ct.gate promote to repair the link" in err
+    assert len(err.splitlines()) == 1 and "rerun ct.pipeline.gate promote to repair the link" in err
     best = json.loads((ws / "best.json").read_text())  # the record is the new one, and whole
     assert sha256(ws / best["model"]) == best["model_sha256"]
     assert (ws / "best-model.pt").read_bytes() == b"first model"  # its old model is still there
@@ -685,7 +686,7 @@ def other_user() -> tuple[str, ...]:
     prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
     if shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv: cannot drop privileges for this test")
-    command = [*prefix, sys.executable, "-c", "import ct.gate"]
+    command = [*prefix, sys.executable, "-c", "import ct.pipeline.gate"]
     env = {"PYTHONPATH": str(REPO)}
     probe = subprocess.run(command, cwd=REPO, env=env, capture_output=True, check=False)
     if probe.returncode != 0:
@@ -703,9 +704,9 @@ def test_check_and_promote_on_a_read_only_workspace(
     make_read_only(ws)
     before = snapshot(ws)
 
-    checked = run_module("ct.gate", "check", "--workspace", str(ws), "--threshold", "80",
+    checked = run_module("ct.pipeline.gate", "check", "--workspace", str(ws), "--threshold", "80",
                          user=other_user)  # fmt: skip
-    promoted = run_module("ct.gate", "promote", "--workspace", str(ws), user=other_user)
+    promoted = run_module("ct.pipeline.gate", "promote", "--workspace", str(ws), user=other_user)
 
     assert_one_line_error(checked, "cannot write", str(ws), "Permission denied", "rerun job4")
     assert_one_line_error(promoted, "cannot store", "Permission denied", "best model is unchanged")

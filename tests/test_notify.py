@@ -1,4 +1,4 @@
-"""ct.notify against a real SMTP server (aiosmtpd on loopback) and the outbox fallback."""
+"""ct.pipeline.notify against a real SMTP server (aiosmtpd on loopback) and the outbox fallback."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
-from ct import gate, notify
+from ct.pipeline import gate, notify
 from tests import test_gate
 from tests.test_gate import (
     COMMIT,
@@ -272,7 +272,7 @@ def test_unreachable_server_exit_1_kept(workspace: Path) -> None:
         "NOTIFY_TO": "ops@example.com",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "ct.notify", "--workspace", str(workspace)],
+        [sys.executable, "-m", "ct.pipeline.notify", "--workspace", str(workspace)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -353,7 +353,7 @@ def test_bad_flags_exit_2(workspace: Path, args: list[str]) -> None:
 
 
 def notify_cli(ws: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return run_module("ct.notify", "--workspace", str(ws), *args, **kwargs)
+    return run_module("ct.pipeline.notify", "--workspace", str(ws), *args, **kwargs)
 
 
 def test_outbox_that_cannot_be_written_is_one_line(workspace: Path) -> None:

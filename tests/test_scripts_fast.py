@@ -42,12 +42,26 @@ def test_shellcheck_clean():
     }  # fmt: skip
 
 
+LIBRARIES = {"lib.sh", "lib-process.sh"}  # sourced, never run
+
+
 def test_scripts_are_strict():
     for script in JOB_SCRIPTS:
-        if script.name != "lib.sh":
-            text = script.read_text()
+        text = script.read_text()
+        assert "sudo" not in text, script.name
+        assert not re.search(r"^\s*eval\b", text, re.M), f"{script.name} uses eval"
+        if script.name not in LIBRARIES:
             assert "set -euo pipefail" in text, script.name
-            assert "sudo" not in text, script.name
+
+
+def test_every_script_has_a_main_at_the_end():
+    for script in JOB_SCRIPTS:
+        if script.name in LIBRARIES:
+            continue
+        code = [line for line in script.read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+        assert code[-1] == 'main "$@"', script.name
+        assert "main() {" in code, script.name
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.train", "Dockerfile.tune"])

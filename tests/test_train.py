@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ct import stopping
+from ct.trainer import stopping
 from tests.conftest import REPO, SHARED_CIFAR
 from tests.train_cli import run
 
@@ -327,3 +327,17 @@ def test_real_cifar_subset_learns(tmp_path: Path, capsys: pytest.CaptureFixture[
     accuracy = float((tmp_path / "accuracy.txt").read_text())
     seconds = time.monotonic() - t0
     assert accuracy > 35, f"{accuracy}% after 2 epochs on 5,000 real images ({seconds:.0f}s)"
+
+
+def test_every_training_flag_says_its_meaning_and_default(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import train
+
+    assert set(train.TRAIN_HELP) == set(train.TRAIN_DEFAULTS)
+    status, out, _ = run(["--help"], capsys)
+    assert status == 0
+    flat = " ".join(out.split())  # argparse wraps long help lines
+    for key, meaning in train.TRAIN_HELP.items():
+        value = train.TRAIN_DEFAULTS[key]
+        shown = ("yes" if value else "no") if isinstance(value, bool) else value
+        assert f"{' '.join(meaning.split())} (default: {shown})" in flat, key

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ct.tune import trial_dir
+from ct.trainer.tune import trial_dir
 from tests.conftest import REPO
 from tests.test_train import stop_after
 from tests.train_cli import run

@@ -1,4 +1,4 @@
-"""Bounded hyperparameter search: `train.py --tune`.
+"""Bounded hyperparameter search: `train.py --tune` (`tune_mode`).
 
 Trials are chosen on a validation split held out of the training set, never on the test set; the
 test set is touched once, by the winner. The search is bounded twice: at most `trials` trials, and a
@@ -12,17 +12,31 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ct import atomic, stopping
-from ct.data import Cifar
-from ct.engine import Runtime, evaluate
-from ct.errors import UsageError
+from ct import atomic
+from ct import workspace as names
+from ct.trainer import stopping
+from ct.trainer.data import Cifar
+from ct.trainer.engine import Compute, evaluate
+from ct.trainer.errors import UsageError
+from ct.trainer.run import (
+    Log,
+    LogLine,
+    RunClock,
+    RunOptions,
+    Workspace,
+    choose_run_dir,
+    load_data,
+    make_split,
+    publish,
+    run_summary,
+    train_config,
+)
 from network import build_model
 
 # What the search varies, with the values it picks from; the rest of the config stays at base.
@@ -90,11 +104,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def search(run_dir: Path, plan: dict[str, Any], data: Cifar, rt: Runtime,
-           log: Callable[[str], None], train_run: Callable[..., dict[str, Any]],
-           make_split: Callable[..., Any], dry_run: bool) -> Outcome:
-    """Run the remaining trials of `plan` in `run_dir`, then test the best one."""
-    trials_path = run_dir / "trials.jsonl"
+def search(run_dir: Path, plan: dict[str, Any], data: Cifar, compute: Compute, log: LogLine,
+           dry_run: bool, clock: RunClock | None = None) -> Outcome:
+    """Run the remaining trials of `plan` in `run_dir`, then test the best one. Each trial saves
+    `clock` (the tuning run's) with its checkpoints."""
+    trials_path = run_dir / names.RUN_TRIALS
     rows = _read_rows(trials_path)
     spent = sum(r["seconds"] for r in rows)
     deadline = time.monotonic() + plan["time_budget"] - spent
@@ -109,15 +123,16 @@ def search(run_dir: Path, plan: dict[str, Any], data: Cifar, rt: Runtime,
         params = trial_params(index, plan)
         cfg = {**plan["base"], **params, "val_split": val}
         if split is None:
-            split = make_split(data, cfg, rt.device)
+            split = make_split(data, cfg, compute.device)
         folder = trial_dir(run_dir, index)
         with stopping.deferred():  # no trial folder without its config
             folder.mkdir(exist_ok=True)
-            atomic.write_json(folder / "config.json", cfg)
+            atomic.write_json(folder / names.RUN_CONFIG, cfg)
         log(f"trial {index + 1}/{plan['trials']} ({folder.name}): "
             f"{json.dumps(params, sort_keys=True)}")
         t0 = time.monotonic()
-        result = train_run(folder, cfg, split, rt, log, dry_run=dry_run, deadline=deadline)
+        result = train_config(folder, cfg, split, compute, log, dry_run=dry_run,
+                              deadline=deadline, clock=clock)
         row = {"trial": index, "params": params, "seconds": round(time.monotonic() - t0, 2),
                "status": "stopped" if result.get("stopped") else "done",
                "val_accuracy": result.get("validation_accuracy"),
@@ -126,25 +141,25 @@ def search(run_dir: Path, plan: dict[str, Any], data: Cifar, rt: Runtime,
         with stopping.deferred():  # a finished trial is recorded, so a restart does not redo it
             atomic.write_text(trials_path, "".join(json.dumps(r) + "\n" for r in rows))
     stopping.at("while testing the best trial", "every finished trial is kept")
-    return _finish(run_dir, plan, rows, data, rt, log, val)
+    return _finish(run_dir, plan, rows, data, compute, log, val)
 
 
 def _finish(run_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]], data: Cifar,
-            rt: Runtime, log: Callable[[str], None], val: int) -> Outcome:
+            compute: Compute, log: LogLine, val: int) -> Outcome:
     finished = [r for r in rows if r["status"] == "done"]
     if not finished:
         raise UsageError(f"no trial finished within --time-budget {plan['time_budget']:.0f}s; "
                          "raise the budget or lower --epochs")
     best = max(finished, key=lambda r: r["val_accuracy"])
     best_dir = trial_dir(run_dir, best["trial"])
-    saved = torch.load(best_dir / "model.pt", map_location="cpu", weights_only=False)
-    model = build_model(saved["config"]).to(rt.device, memory_format=torch.channels_last)
+    saved = torch.load(best_dir / names.RUN_MODEL, map_location="cpu", weights_only=False)
+    model = build_model(saved["config"]).to(compute.device, memory_format=torch.channels_last)
     model.load_state_dict(saved["model"])
-    test_accuracy, _ = evaluate(model, data.test_x.to(rt.device), data.test_y.to(rt.device), rt,
-                                flip_tta=saved["config"]["tta"])
+    test_x, test_y = data.test_x.to(compute.device), data.test_y.to(compute.device)
+    test_accuracy, _ = evaluate(model, test_x, test_y, compute, flip_tta=saved["config"]["tta"])
     with stopping.deferred():  # the model and best.json describing it, together
-        atomic.copy_file(best_dir / "model.pt", run_dir / "model.pt")
-        atomic.write_json(run_dir / "best.json", {
+        atomic.copy_file(best_dir / names.RUN_MODEL, run_dir / names.RUN_MODEL)
+        atomic.write_json(run_dir / names.RUN_BEST, {
             "trial": best["trial"], "params": best["params"], "val_accuracy": best["val_accuracy"],
             "test_accuracy": round(test_accuracy, 2), "validation_images": val,
             "trials_finished": len(finished), "trials_run": len(rows),
@@ -152,3 +167,25 @@ def _finish(run_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]], dat
     log(f"best trial {best['trial'] + 1} ({best_dir.name}): "
         f"validation {best['val_accuracy']:.2f}%, test {test_accuracy:.2f}%")
     return Outcome(best["params"], saved["config"], best["val_accuracy"], test_accuracy, len(rows))
+
+
+def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Compute,
+              started: float, trials: int, time_budget: float, optimizers: str
+              ) -> dict[str, Any]:
+    """`train.py --tune`: search around `base` (or continue an unfinished search), test the best
+    trial, publish the results."""
+    plan = make_plan(base, trials, time_budget, optimizers)
+    run_dir, plan, resumed = choose_run_dir(ws, "tune", plan, opts)
+    clock = RunClock.begin(run_dir, started, resumed)
+    with clock.saved_on_stop():
+        log = Log(run_dir / names.RUN_LOG)
+        log(f"tune {run_dir.name} plan {json.dumps(plan, sort_keys=True)}")
+        data = load_data(opts, ws, log)
+        outcome = search(run_dir, plan, data, compute, log, opts.dry_run, clock)
+        extra = {"config": outcome.best_config, "best_params": outcome.best_params,
+                 "val_accuracy": outcome.val_accuracy, "trials": outcome.trials_run,
+                 "trials_planned": plan["trials"], "time_budget_s": plan["time_budget"],
+                 "dry_run": opts.dry_run}
+        summary = run_summary(ws, run_dir, compute, clock, "tune", outcome.test_accuracy, extra)
+        publish(ws, run_dir, summary, opts.dry_run)
+    return summary

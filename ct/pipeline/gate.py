@@ -1,7 +1,7 @@
 """The accuracy gate (job4) and model promotion (job4, job5). Standard library only.
 
-    python3 -m ct.gate check   --workspace W --threshold T [--build-id ID]
-    python3 -m ct.gate promote --workspace W
+    python3 -m ct.pipeline.gate check   --workspace W --threshold T [--build-id ID]
+    python3 -m ct.pipeline.gate promote --workspace W
 
 `check` validates W/accuracy.txt, writes W/gate.properties (for Jenkins' parameterized trigger),
 appends W/accuracy-history.csv and rewrites W/plot/accuracy.csv (Jenkins Plot plugin), as one
@@ -10,7 +10,8 @@ W/models/best-<sha256[:16]>.pt, renames a new W/best.json over the old one (the 
 names that file and its sha256: the commit point), then points the symlink W/best-model.pt at it
 and deletes the stored models no record names. A reader of best.json and of the model it names
 sees the old pair or the new pair. Errors, I/O errors included, are one line on stderr and
-exit 2, with nothing written (or, past the commit point, a line saying what to repair).
+exit 2, with nothing written (or, past the commit point, a line saying what to repair). Its
+messages and its files' comments call it `ct.gate`, the name the job logs have always shown.
 """
 
 from __future__ import annotations
@@ -32,19 +33,21 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ct import atomic
+from ct.workspace import (
+    ACCURACY_FILE,
+    BEST_FILE,
+    BEST_MODEL,
+    GATE_PROPERTIES,
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODELS_DIR,
+    PLOT_FILE,
+    PROMOTION_PROPERTIES,
+    commit_of_run,
+)
 
-ACCURACY_FILE = "accuracy.txt"
-METRICS_FILE = "metrics.json"
-COMMIT_FILE = "commit.txt"
-BEST_FILE = "best.json"
-BEST_MODEL = "best-model.pt"  # what users open: a symlink to the model best.json names
-MODELS_DIR = "models"  # the stored best models, each named by its content
 STORED_NAME = ("best-", ".pt")  # models/best-<sha256[:16]>.pt
 _STORED_MODEL = re.compile(r"best-[0-9a-f]{16}\.pt")
-GATE_PROPERTIES = "gate.properties"
-PROMOTION_PROPERTIES = "promotion.properties"
-HISTORY_FILE = "accuracy-history.csv"
-PLOT_FILE = "plot/accuracy.csv"
 HISTORY_HEADER = ("time", "build", "commit", "accuracy", "threshold", "passed")
 AGREEMENT = 0.01  # largest allowed gap between accuracy.txt and metrics.json, in points
 
@@ -113,17 +116,6 @@ def run_params(metrics: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(params, dict):
         params = metrics.get("config")
     return dict(params) if isinstance(params, dict) else {}
-
-
-def read_commit(workspace: Path, metrics: Mapping[str, Any] | None) -> str:
-    """The commit that produced the run: metrics.json's, else job1's W/commit.txt, else ''."""
-    if metrics and isinstance(metrics.get("commit"), str) and metrics["commit"].strip():
-        return metrics["commit"].strip()
-    try:
-        lines = (workspace / COMMIT_FILE).read_text(encoding="utf-8").split()
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return lines[0] if lines else ""
 
 
 def escape_property(value: str) -> str:
@@ -257,8 +249,8 @@ def read_accuracy(workspace: Path) -> float:
     return parse_accuracy_text(text, path)
 
 
-def evaluate(workspace: Path, threshold: float) -> GateResult:
-    """Validate everything the gate reads; writes nothing."""
+def judge(workspace: Path, threshold: float) -> GateResult:
+    """Read and validate the run's result, compare it with the threshold; writes nothing."""
     accuracy = read_accuracy(workspace)
     metrics = load_metrics(workspace) if (workspace / METRICS_FILE).exists() else None
     if metrics is not None and abs(metrics["accuracy"] - accuracy) > AGREEMENT:
@@ -270,7 +262,7 @@ def evaluate(workspace: Path, threshold: float) -> GateResult:
     return GateResult(
         accuracy=accuracy,
         threshold=threshold,
-        commit=read_commit(workspace, metrics),
+        commit=commit_of_run(workspace, metrics),
         run_dir=metrics["run_dir"] if metrics else "",
         run_id=metrics["run_id"] if metrics else "",
     )
@@ -316,7 +308,7 @@ def record(workspace: Path, result: GateResult, build_id: str) -> None:
 
 def check(workspace: Path, threshold_text: str | None, build_id: str) -> str:
     threshold = parse_threshold(threshold_text)
-    result = evaluate(workspace, threshold)
+    result = judge(workspace, threshold)
     record(workspace, result, build_id)
     accuracy, threshold_shown = fmt_number(result.accuracy), fmt_number(threshold)
     if result.passed:
@@ -328,7 +320,7 @@ def check(workspace: Path, threshold_text: str | None, build_id: str) -> str:
 
 
 def promote_remedy(workspace: Path) -> str:
-    return fix_workspace(workspace, "the best model is unchanged", "rerun ct.gate promote")
+    return fix_workspace(workspace, "the best model is unchanged", "rerun ct.pipeline.gate promote")
 
 
 def model_path(workspace: Path, metrics: Mapping[str, Any]) -> Path:
@@ -345,7 +337,7 @@ def model_path(workspace: Path, metrics: Mapping[str, Any]) -> Path:
     except OSError as err:
         raise GateError(
             f"cannot read {path} ({os_reason(err)}); nothing promoted; make it readable for "
-            "this user, then rerun ct.gate promote"
+            "this user, then rerun ct.pipeline.gate promote"
         ) from None
     if empty:
         raise GateError(f"{path} is empty; nothing promoted; {RERUN_TRAINING}")
@@ -394,7 +386,7 @@ def best_record(
     record_ = {
         "accuracy": metrics["accuracy"],
         "params": run_params(metrics),
-        "commit": read_commit(workspace, metrics) or None,
+        "commit": commit_of_run(workspace, metrics) or None,
         "run_id": metrics["run_id"],
         "run_dir": metrics["run_dir"],
         "mode": metrics.get("mode"),
@@ -516,7 +508,8 @@ def settle(workspace: Path, best: Mapping[str, Any]) -> None:
         except atomic.WriteError as err:
             raise GateError(
                 f"{workspace / BEST_FILE} names {model}, but {link} cannot point at it "
-                f"({err.reason}); move {link} away, then rerun ct.gate promote to repair the link"
+                f"({err.reason}); move {link} away, then rerun ct.pipeline.gate promote "
+                "to repair the link"
             ) from None
     prune_models(workspace, keep=name)
 

@@ -1,4 +1,4 @@
-"""The training engine: device set-up, batched augmentation, one epoch, evaluation.
+"""The training engine: device set-up (`Compute`), batched augmentation, one epoch, evaluation.
 
 The whole dataset stays on the device as uint8; each batch is cropped, flipped and normalised there
 with tensor ops (no DataLoader, no per-image Python). Every random draw comes from one
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ct.errors import UsageError
+from ct.trainer.errors import UsageError
 
 # Per-channel statistics of the CIFAR-10 training set, for normalisation.
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -28,7 +28,10 @@ EVAL_BATCH = 2000
 
 
 @dataclass
-class Runtime:
+class Compute:
+    """The device a run computes on and its number format (not the pipeline's CT_RUNTIME, which
+    says whether the container runs under docker or as a local process)."""
+
     device: torch.device
     amp_dtype: torch.dtype | None  # None: plain fp32
 
@@ -51,7 +54,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def make_runtime(name: str) -> Runtime:
+def make_compute(name: str) -> Compute:
     """`name` is auto, cpu or cuda; raises UsageError when cuda is asked for and absent."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -61,10 +64,10 @@ def make_runtime(name: str) -> Runtime:
         torch.backends.cudnn.deterministic = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return Runtime(torch.device("cuda"), torch.bfloat16)
+        return Compute(torch.device("cuda"), torch.bfloat16)
     cores = _usable_cores()
     torch.set_num_threads(cores)
-    return Runtime(torch.device("cpu"), torch.bfloat16 if cpu_has_bf16() else None)
+    return Compute(torch.device("cpu"), torch.bfloat16 if cpu_has_bf16() else None)
 
 
 def _usable_cores() -> int:
@@ -143,7 +146,7 @@ class EpochResult:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler, x: torch.Tensor, y: torch.Tensor,
-                cfg: dict[str, Any], gen: torch.Generator, rt: Runtime,
+                cfg: dict[str, Any], gen: torch.Generator, compute: Compute,
                 max_batches: int | None = None) -> EpochResult:
     """One pass over (x, y) in a fresh random order; `max_batches` cuts it short (dry runs)."""
     model.train()
@@ -159,7 +162,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             break
         idx = order[first:first + batch_size]
         inputs = augment(x[idx], gen) if use_aug else x[idx]
-        with rt.autocast():
+        with compute.autocast():
             logits = model(normalise(inputs))
             loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=cfg["label_smoothing"])
         optimizer.zero_grad(set_to_none=True)
@@ -169,14 +172,14 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         total_loss += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == y[idx]).sum()
         seen += len(idx)
-    if rt.device.type == "cuda":
+    if compute.device.type == "cuda":
         torch.cuda.synchronize()
     return EpochResult(float(total_loss) / max(1, seen), 100.0 * float(correct) / max(1, seen),
                        seen, time.perf_counter() - start)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime,
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Compute,
              flip_tta: bool = True, max_batches: int | None = None) -> tuple[float, float]:
     """(accuracy %, mean loss); `flip_tta` averages the logits of each image and its mirror."""
     model.eval()
@@ -188,7 +191,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime,
             break
         inputs = normalise(x[first:first + EVAL_BATCH])
         labels = y[first:first + EVAL_BATCH]
-        with rt.autocast():
+        with compute.autocast():
             logits = model(inputs).float()
             if flip_tta:
                 logits = (logits + model(inputs.flip(-1)).float()) / 2
@@ -196,9 +199,3 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime,
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
     return 100.0 * float(correct) / max(1, seen), float(loss_sum) / max(1, seen)
-
-
-def to_device(*tensors: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
-    return [t.to(device, non_blocking=True) for t in tensors]
-
-

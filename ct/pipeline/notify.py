@@ -1,12 +1,14 @@
 """Mail the pipeline's news (best model, tuning result, failure). Standard library only.
 
-    python3 -m ct.notify --workspace W [--event best-model|tuned|failed] [--note TEXT] [--dry-run]
+    python3 -m ct.pipeline.notify --workspace W [--event best-model|tuned|failed] [--note TEXT]
+                                  [--dry-run] [--outbox-only]
 
 Settings come from the environment: SMTP_HOST, SMTP_PORT (25; 465 = implicit TLS),
 SMTP_STARTTLS (true/false or 1/0), SMTP_USER, SMTP_PASSWORD, NOTIFY_FROM, NOTIFY_TO (comma list).
 Without SMTP_HOST, or when sending fails, the message is kept in W/outbox/ as an .eml file.
 Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input or a
-file that cannot be read or written (one line on stderr naming it).
+file that cannot be read or written (one line on stderr naming it). Its messages call it
+`ct.notify`, the name the job logs have always shown.
 """
 
 from __future__ import annotations
@@ -25,13 +27,17 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
-from ct import atomic, gate
+from ct import atomic
+from ct import workspace as names
+from ct.pipeline import gate
 
 SMTP_TIMEOUT_S = 30
 SMTP_SSL_PORT = 465
+# The defaults of SMTP_PORT and NOTIFY_FROM: written here only.
+DEFAULT_PORT = "25"
 DEFAULT_FROM = "ct-pipeline@localhost"
-OUTBOX = "outbox"
-ATTACHMENTS = (gate.METRICS_FILE, gate.BEST_FILE)
+OUTBOX = names.OUTBOX_DIR
+ATTACHMENTS = (names.METRICS_FILE, names.BEST_FILE)
 EVENTS = {
     "best-model": "the best model is being created",
     "tuned": "tuning finished",
@@ -64,7 +70,7 @@ class SmtpSettings:
             raise NotifyError("SMTP_HOST is set but NOTIFY_TO is empty; set NOTIFY_TO=a@b[,c@d]")
         return cls(
             host=host,
-            port=_port(env.get("SMTP_PORT", "").strip() or "25"),
+            port=_port(env.get("SMTP_PORT", "").strip() or DEFAULT_PORT),
             starttls=_flag("SMTP_STARTTLS", env.get("SMTP_STARTTLS", "")),
             user=env.get("SMTP_USER", ""),
             password=env.get("SMTP_PASSWORD", ""),
@@ -124,10 +130,10 @@ def read_facts(workspace: Path, event: str | None, note: str) -> Facts:
         event=event,
         metrics=metrics,
         metrics_problem=problem,
-        commit=gate.read_commit(workspace, metrics),
+        commit=names.commit_of_run(workspace, metrics),
         best=best,
-        gate=gate.read_properties(workspace / gate.GATE_PROPERTIES),
-        promotion=gate.read_properties(workspace / gate.PROMOTION_PROPERTIES),
+        gate=gate.read_properties(workspace / names.GATE_PROPERTIES),
+        promotion=gate.read_properties(workspace / names.PROMOTION_PROPERTIES),
         note=note,
     )
 
@@ -178,7 +184,7 @@ def summary_lines(facts: Facts) -> list[str]:
         best = facts.best
         lines.append(
             f"best model:          {percent(best.get('accuracy'))} from run {best.get('run_id')}"
-            f" at {short_commit(best.get('commit') or '')} ({gate.BEST_MODEL})"
+            f" at {short_commit(best.get('commit') or '')} ({names.BEST_MODEL})"
         )
     return lines
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ct import atomic
-from ct.errors import UsageError
+from ct.trainer.errors import UsageError
 
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"

@@ -1,0 +1,11 @@
+"""The training side: runs in the training/tuning container (or as a local process) under
+train.py, and imports torch.
+
+- `data`: CIFAR-10 from disk into uint8 tensors.
+- `engine`: the device set-up (`Compute`), batched augmentation, one epoch, evaluation.
+- `run`: one run in the workspace: the training state, checkpoints, the epoch loop, the run
+  clock, publishing the results; `train.py`'s training mode.
+- `tune`: the bounded hyperparameter search; `train.py --tune`.
+- `stopping`: stopping cleanly on SIGTERM/SIGINT.
+- `errors`: `UsageError`, bad input (exit status 2).
+"""

@@ -1,0 +1,91 @@
+"""The package layout: the Jenkins side (ct.pipeline and the shared top-level ct modules) runs
+on the host's plain python3, so it must import without torch and never reach into ct.trainer."""
+
+from __future__ import annotations
+
+import ast
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ct
+import ct.pipeline
+import ct.trainer
+from tests.conftest import REPO
+
+SHARED = sorted(f"ct.{m.name}" for m in pkgutil.iter_modules(ct.__path__) if not m.ispkg)
+HOST_SIDE = SHARED + sorted(f"ct.pipeline.{m.name}" for m in pkgutil.iter_modules(
+    ct.pipeline.__path__))
+TRAINER = sorted(f"ct.trainer.{m.name}" for m in pkgutil.iter_modules(ct.trainer.__path__))
+
+# Imports every host-side module with torch and numpy made unimportable (as on a Jenkins host
+# without them), then reports the modules those imports loaded from outside the standard library.
+PROBE = """
+import importlib, json, sys
+
+class NoContainerPackages:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "numpy"):
+            raise ImportError(f"{name} is not installed on the host (test_layout)")
+        return None
+
+sys.meta_path.insert(0, NoContainerPackages())
+before = set(sys.modules)
+for name in json.loads(sys.argv[1]):
+    importlib.import_module(name)
+loaded = sorted(n for n in set(sys.modules) - before
+                if n.split(".")[0] not in sys.stdlib_module_names)
+print(json.dumps(loaded))
+"""
+
+
+def module_path(name: str) -> Path:
+    return REPO.joinpath(*name.split(".")).with_suffix(".py")
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module an `import` or `from ... import` in the file names, submodules included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_layout_is_what_the_tests_expect() -> None:
+    assert SHARED == ["ct.atomic", "ct.workspace"]
+    assert {"ct.pipeline.gate", "ct.pipeline.notify"} <= set(HOST_SIDE)
+    assert {"ct.trainer.run", "ct.trainer.tune", "ct.trainer.engine"} <= set(TRAINER)
+
+
+def test_host_side_modules_import_without_torch() -> None:
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(HOST_SIDE)], cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout)
+    outside = [n for n in loaded if n.split(".")[0] != "ct"]
+    assert outside == [], "host-side modules may use the standard library only"
+    assert not [n for n in loaded if n.startswith("ct.trainer")]
+
+
+def test_no_host_side_module_imports_the_trainer() -> None:
+    for name in HOST_SIDE:
+        names = imported_names(module_path(name))
+        reaching = sorted(n for n in names if n == "ct.trainer" or n.startswith("ct.trainer."))
+        assert reaching == [], f"{name} imports {reaching}"
+
+
+def test_package_docstrings_list_what_is_there() -> None:
+    doc = ct.__doc__ or ""
+    listed = {word.strip("`:") for word in doc.split() if word.startswith("`ct.")}
+    present = {f"ct.{m.name}" for m in pkgutil.iter_modules(ct.__path__)}
+    assert listed == present
+    for package, modules in ((ct.trainer, TRAINER), (ct.pipeline, HOST_SIDE[len(SHARED):])):
+        for name in modules:
+            assert f"`{name.rsplit('.', 1)[1]}`" in (package.__doc__ or ""), name
