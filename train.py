@@ -4,10 +4,15 @@
     python train.py --preset fast         # >= 80% in about 75 s on 2 CPU cores
     python train.py --epochs 2 --subset 5000 --out /tmp/w    # a quick run
     python train.py --tune --trials 8 --time-budget 1800     # bounded search, best model kept
+    python train.py --reproduce train-20250101-120000-0123456789   # rerun a recorded run
 
 Outputs in --out (default: the current folder, the pipeline's workspace), each written atomically:
-runs/<run-id>/ {config.json, epochs.jsonl, checkpoint.pt, model.pt, metrics.json, train.log},
-then accuracy.txt and metrics.json at the top for the latest run. Running the same command again
+runs/<run-id>/ {config.json, epochs.jsonl, checkpoint.pt, curves.png, model.pt, metrics.json,
+train.log} (a tuning run: also trials.jsonl, trials.png), then accuracy.txt and metrics.json at
+the top for the latest run; metrics.json records the run's lineage (dataset and model sha256,
+seed, commit, image, torch, device, threads). --reproduce RUN_ID trains RUN_ID's recorded config
+again in a new run folder (the top-level results stay as they are) and prints one line comparing
+the two accuracies. Running the same command again
 continues an unfinished run of the same config from its last checkpoint (what `docker start` of a
 killed container does); --fresh starts over, --resume continues the latest unfinished run whatever
 its config. Exit 0 on success, 2 with one line on stderr for bad input, 1 for anything unexpected;
@@ -27,7 +32,14 @@ import torch
 from ct.trainer import stopping
 from ct.trainer.engine import make_compute
 from ct.trainer.errors import UsageError
-from ct.trainer.run import RunOptions, Workspace, train_mode
+from ct.trainer.run import (
+    RecordedRun,
+    RunOptions,
+    Workspace,
+    recorded_run,
+    reproduce_mode,
+    train_mode,
+)
 from ct.trainer.tune import tune_mode
 from network import NET_DEFAULTS, NET_HELP, check_net_config
 
@@ -105,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--dry-run", action="store_true", help="a few batches; workspace untouched")
     run.add_argument("--resume", action="store_true", help="continue the latest unfinished run")
     run.add_argument("--fresh", action="store_true", help="start over even if a run is unfinished")
+    run.add_argument("--reproduce", metavar="RUN_ID",
+                     help="train the recorded run RUN_ID (runs/RUN_ID/config.json, its seed "
+                          "included) again in a new run folder and compare the accuracies")
     tune = p.add_argument_group("tuning")
     tune.add_argument("--tune", action="store_true", help="search hyperparameters, keep the best")
     tune.add_argument("--trials", type=int, default=8,
@@ -181,6 +196,26 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise UsageError("--resume and --fresh contradict each other; pick one")
     if args.tune and not (1 <= args.trials <= 100 and args.time_budget > 0):
         raise UsageError("--trials must be in 1..100 and --time-budget positive")
+    if args.reproduce is not None:
+        others = [flag for flag, given in (("--tune", args.tune), ("--resume", args.resume),
+                                           ("--fresh", args.fresh), ("--dry-run", args.dry_run),
+                                           ("--preset", args.preset != "default"))
+                  if given]
+        others += ["--" + key.replace("_", "-") for key in TRAIN_DEFAULTS
+                   if getattr(args, key) is not None]
+        if others:
+            raise UsageError(f"--reproduce trains the recorded config as it is; drop {others[0]}")
+
+
+def recorded_for_reproduce(ws: Workspace, run_id: str) -> RecordedRun:
+    """The recorded run to reproduce, its config checked like a config from flags."""
+    recorded = recorded_run(ws, run_id)
+    missing = sorted(set(TRAIN_DEFAULTS) - set(recorded.config))
+    if missing:
+        raise UsageError(f"--reproduce: {run_id}'s config.json lacks {', '.join(missing)} "
+                         "(another version of train.py wrote it); check out that commit")
+    check_config(recorded.config)
+    return recorded
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
@@ -197,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = resolve_config(args)
             ws = Workspace(args.out.resolve())
             ws.check_writable()
+            recorded = (recorded_for_reproduce(ws, args.reproduce)
+                        if args.reproduce is not None else None)
             compute = make_compute(args.device)
             print(f"device {compute.describe()}, torch {torch.__version__}", flush=True)
+            if recorded is not None:
+                summary, line = reproduce_mode(run_options(args), recorded, ws, compute, started)
+                print(line, flush=True)
+                return 0
             if args.tune:
                 summary = tune_mode(run_options(args), cfg, ws, compute, started, args.trials,
                                     args.time_budget, args.optimizers)

@@ -6,7 +6,7 @@ Standard library only: the trainer (in the container) writes these files, the ga
 
     <workspace>/
       commit.txt                 job1: the commit checked out (its first word)
-      data/                      CIFAR-10, and the trainer's decoded cache of it
+      data/                      CIFAR-10, and the trainer's caches of it (DATA_* names below)
       runs/<run-id>/             one training or tuning run (RUN_* names below)
       accuracy.txt, metrics.json the latest finished run: its accuracy, its summary
       gate.properties            ct.pipeline.gate check: the verdict, for Jenkins' trigger
@@ -17,10 +17,13 @@ Standard library only: the trainer (in the container) writes these files, the ga
       best-model.pt              ct.pipeline.gate promote: a symlink to the model best.json names
       promotion.properties       ct.pipeline.gate promote: promoted or not
       outbox/                    ct.pipeline.notify: messages kept instead of (or before) mailing
+      report/index.html          ct.pipeline.report: the static HTML report (Jenkins' "CT report")
+      status/                    the job scripts: how the last training/tuning process ended
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from collections.abc import Mapping
@@ -41,6 +44,14 @@ MODELS_DIR = "models"  # the stored best models, each named by its content
 BEST_MODEL = "best-model.pt"  # what users open: a symlink to the model best.json names
 PROMOTION_PROPERTIES = "promotion.properties"
 OUTBOX_DIR = "outbox"
+REPORT_DIR = "report"
+REPORT_INDEX = "report/index.html"
+TRAIN_STATUS = "status/train.properties"  # job3/job6: how the training process ended, restarts
+TUNE_STATUS = "status/tune.properties"  # job5/job6: the same for the tuning process
+
+# --- the dataset, in DATA_DIR (or any --data-dir): the folder wins over the archive
+DATA_FOLDER = "cifar-10-batches-py"
+DATA_ARCHIVE = "cifar-10-python.tar.gz"
 
 # --- inside a run folder, runs/<kind>-<UTC time>-<config hash>/
 RUN_CONFIG = "config.json"  # the run's config (a tuning run's: its plan); written first
@@ -52,9 +63,23 @@ RUN_MODEL = "model.pt"  # the trained model, with its config and summary
 RUN_METRICS = METRICS_FILE  # the run's summary; its presence marks the run finished
 RUN_TRIALS = "trials.jsonl"  # a tuning run: one line per trial, in trial-NN/ folders
 RUN_BEST = BEST_FILE  # a tuning run: the best trial
+RUN_CURVES = "curves.png"  # loss, accuracies and learning rate per epoch (when matplotlib imports)
+RUN_TRIALS_PLOT = "trials.png"  # a tuning run: every trial's curve, the best highlighted
+
+# --- inside data/ (the trainer's caches, beside the dataset or instead of it)
+DATA_CACHE = "cifar-10-uint8.npz"  # the decoded dataset, keyed by its source's size and mtime
+DATA_HASH_CACHE = "cifar-10-sha256.json"  # the dataset's sha256 (lineage), keyed the same way
+
+# --- the `lineage` object in a run's metrics.json (copied into best.json on promotion)
+LINEAGE = "lineage"
 
 # The commit the trainer records when the pipeline passes it in (job3/job5 set it).
 COMMIT_ENV = "CT_COMMIT"
+# The image a run's container was started from, for its lineage (the job scripts pass them in):
+# its tag (<prefix>-train:<hash>) and its id (sha256:...). Unset or LOCAL_IMAGE: no container.
+IMAGE_ENV = "CT_IMAGE"
+IMAGE_ID_ENV = "CT_IMAGE_ID"
+LOCAL_IMAGE = "local"
 
 
 def recorded_commit(workspace: Path) -> str:
@@ -88,3 +113,47 @@ def current_commit(workspace: Path, code_dir: Path, env: Mapping[str, str] = os.
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+# ---------------------------------------------------------------- the dataset's identity
+
+
+def dataset_source(data_dir: Path) -> Path | None:
+    """What a run reads in `data_dir` (which may also name the folder or archive itself): the
+    cifar-10-batches-py folder (one holding test_batch) before the .tar.gz archive; None when
+    neither is there. The same order as the trainer's ct.trainer.data.locate."""
+    for path in (data_dir / DATA_FOLDER, data_dir / DATA_ARCHIVE, data_dir):
+        if path.is_dir() and (path / "test_batch").exists():
+            return path
+        if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+            return path
+    return None
+
+
+# What a folder's digest covers, in this order (ct.trainer.data.dataset_files: the same list).
+DATASET_FOLDER_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+
+
+def dataset_sha256(source: Path) -> str:
+    """The dataset's identity as the trainer records it in the lineage (ct.trainer.data.
+    dataset_sha256, without its cache): the sha256 of the archive's bytes, or of the folder's
+    DATASET_FOLDER_FILES one after the other (`cat data_batch_1 ... batches.meta | sha256sum`).
+    For the host (ct.pipeline.lineage --verify), which cannot import the trainer. Raises OSError
+    when a file is missing or unreadable."""
+    source = Path(source)
+    files = [source / name for name in DATASET_FOLDER_FILES] if source.is_dir() else [source]
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def current_image(env: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
+    """(tag, id) of the image this run's container runs: ("local", "local") outside a container
+    ($CT_IMAGE unset or "local"); the id is None when $CT_IMAGE_ID is not passed in."""
+    tag = env.get(IMAGE_ENV, "").strip()
+    if not tag or tag == LOCAL_IMAGE:
+        return LOCAL_IMAGE, LOCAL_IMAGE
+    return tag, env.get(IMAGE_ID_ENV, "").strip() or None

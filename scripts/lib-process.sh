@@ -42,8 +42,10 @@ launch() {
     prepare_workspace_for "$user"
     # --init: a tiny init (docker-init) is PID 1 and passes SIGTERM on to train.py, so `docker stop`
     # and Jenkins' abort stop it at once (train.py keeps its last checkpoint).
+    # CT_IMAGE, CT_IMAGE_ID: the run's lineage names the image it ran in
     local run=(docker run -d --init --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
       --label "ct.commit=$commit" --user "$user" -e HOME=/tmp -e "CT_COMMIT=$commit"
+      -e "CT_IMAGE=$image" -e "CT_IMAGE_ID=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null)"
       --shm-size 1g -v "$CT_WORKSPACE:/workspace" -w /workspace)
     [[ -n "$CT_GPUS" ]] && run+=(--gpus "$CT_GPUS")
     # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time
@@ -53,7 +55,8 @@ launch() {
   else
     local logf="$CT_WORKSPACE/status/$role.log"
     if [[ -f "$logf" ]]; then mv -f "$logf" "$logf.prev"; fi
-    (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" exec "$CT_PYTHON" train.py "$@") >"$logf" 2>&1 &
+    (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" CT_IMAGE=local CT_IMAGE_ID=local \
+      exec "$CT_PYTHON" train.py "$@") >"$logf" 2>&1 &
     LAUNCHED="pid-$!"
   fi
 }

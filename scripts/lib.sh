@@ -307,6 +307,20 @@ after_run() {
     log "handing over to job5 (gate.properties PASSED=false)"
   fi
   props_set "$record" RUN_ID "$run_id" VERDICT "passed=$passed" JUDGED_AT "$(date -u +%FT%TZ)"
+  write_report
+}
+
+# write_report: the pipeline's report page (W/report/index.html, Jenkins' "CT report" link), and
+# the judged run's curves for this build's mail (email-ext attaches artifacts/<job>/curves.png).
+# A report that cannot be written is said, not fatal: the verdict above is what the build is for.
+write_report() {
+  local run_dir
+  run_dir="$(latest_run_field run_dir)"
+  if [[ -n "$run_dir" && -f "$CT_WORKSPACE/$run_dir/curves.png" ]]; then
+    keep_artifact "$CT_WORKSPACE/$run_dir/curves.png"
+  fi
+  ct_py ct.pipeline.report --workspace "$CT_WORKSPACE" ||
+    log "warning: the report could not be written (see the line above); the verdict stands"
 }
 
 prepare_tuning_image() {

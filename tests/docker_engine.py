@@ -43,7 +43,7 @@ RUN apt-get update \\
 COPY host-ca.crt {wheel} /tmp/build/
 RUN python3 -m venv /opt/venv \\
  && PIP_CERT=/tmp/build/host-ca.crt /opt/venv/bin/pip install --no-cache-dir \\
-      /tmp/build/{wheel} "numpy>=1.26" \\
+      /tmp/build/{wheel} "numpy>=1.26" "{matplotlib}" \\
  && rm -rf /tmp/build
 ENV PATH=/opt/venv/bin:$PATH
 """
@@ -190,15 +190,27 @@ def _wheel() -> Path:
     return wheels[-1]
 
 
+def _requirement(name: str) -> str:
+    """The project's pin for `name` (requirements.txt), e.g. "matplotlib==3.10.9"."""
+    requirements = Path(__file__).resolve().parent.parent / "requirements.txt"
+    for line in requirements.read_text().splitlines():
+        spec = line.split("#", 1)[0].strip()
+        if spec.startswith(f"{name}=="):
+            return spec
+    raise EngineUnavailable(f"requirements.txt pins no {name}")
+
+
 def _has_image(engine: Engine, name: str) -> bool:
     out = engine.docker("images", "-q", name, check=False)
     return bool(out.strip())
 
 
 def ensure_base_image(engine: Engine) -> str:
-    """Build (once) and return the name of a base image with python + CPU torch + numpy."""
+    """Build (once) and return the name of a base image with python, CPU torch, numpy and
+    matplotlib (what the official PyTorch image plus Dockerfile.train give a user)."""
     wheel = _wheel()
-    recipe = BASE_DOCKERFILE.format(rootfs=ROOTFS_IMAGE, wheel=wheel.name)
+    recipe = BASE_DOCKERFILE.format(rootfs=ROOTFS_IMAGE, wheel=wheel.name,
+                                    matplotlib=_requirement("matplotlib"))
     tag = "ct-test-base:" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
     if _has_image(engine, tag):
         return tag

@@ -162,3 +162,24 @@ def test_a_changed_source_or_damaged_cache_is_read_again(tiny_cifar: Path, tmp_p
     (cache_dir / "cifar-10-uint8.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="labels outside"):
         load_cifar(tiny_cifar, cache_dir)
+
+
+def test_dataset_sha256_covers_the_archive_as_read_and_is_cached(tmp_path: Path) -> None:
+    from ct import workspace
+
+    assert workspace.DATASET_FOLDER_FILES == (*data_module.TRAIN_BATCHES, data_module.TEST_BATCH,
+                                              data_module.META)
+    archive = make_cifar_archive(tmp_path / "arch", per_batch=20, test=20)
+    cache_dir = tmp_path / "cache"
+    expected = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert data_module.dataset_sha256(archive, cache_dir) == (expected, False)
+    cache = cache_dir / "cifar-10-sha256.json"
+    stamp = cache.stat().st_mtime_ns
+    assert data_module.dataset_sha256(archive, cache_dir) == (expected, True)
+    assert cache.stat().st_mtime_ns == stamp
+    assert workspace.dataset_sha256(archive) == expected, "the host's --verify agrees"
+    archive.write_bytes(archive.read_bytes() + b"\0")  # a changed source is hashed again
+    changed = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert data_module.dataset_sha256(archive, cache_dir) == (changed, False)
+    cache.write_text("not json")
+    assert data_module.dataset_sha256(archive, cache_dir) == (changed, False)

@@ -712,3 +712,16 @@ def test_check_and_promote_on_a_read_only_workspace(
     assert_one_line_error(promoted, "cannot store", "Permission denied", "best model is unchanged")
     assert snapshot(ws) == before
     assert_consistent_pair(ws, b"first model")
+
+
+def test_promotion_carries_the_runs_lineage_and_old_runs_have_none(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path / "ws", 81.0, run_id="r1")
+    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert "lineage" not in json.loads((ws / "best.json").read_text())
+    metrics = write_run(ws, 85.0, run_id="r2", model_bytes=b"model-r2")
+    lineage = {"dataset_sha256": "e" * 64, "seed": 3, "commit": COMMIT, "image": "img:1",
+               "model_sha256": hashlib.sha256(b"model-r2").hexdigest()}
+    (ws / "metrics.json").write_text(json.dumps(metrics | {"lineage": lineage}))
+    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    best = json.loads((ws / "best.json").read_text())
+    assert best["lineage"] == lineage and best["model_sha256"] == lineage["model_sha256"]

@@ -311,6 +311,42 @@ def test_job5_mail_attaches_each_file_once(rendered):
     assert mail.get("plugin", "").startswith("email-ext")
 
 
+
+def test_job5_mail_attaches_the_reported_runs_curves_once(rendered):
+    mail = rendered["job5"].find("publishers/hudson.plugins.emailext.ExtendedEmailPublisher")
+    patterns = [mail.findtext("attachmentsPattern"),
+                *(t.findtext("email/attachmentsPattern") for t in mail.find("configuredTriggers"))]
+    attached = [a.strip() for p in patterns if p for a in p.split(",")]
+    assert attached.count("artifacts/job5/curves.png") == 1
+    assert sum("curves.png" in a for a in attached) == 1
+
+
+def test_job4_and_job5_publish_the_report_from_the_shared_workspace(rendered):
+    """htmlpublisher-plugin htmlpublisher-427.1, src/main/java/htmlpublisher/HtmlPublisher.java
+    (publishReports, lines 241-285): the report folder is `workspace.child(reportDir)`, relative
+    to the build's workspace (here the shared custom workspace ${CT_WORKSPACE}), and only the
+    files matching `includes` under it are copied (HtmlPublisherTarget.getIncludes: "**/*" when
+    empty). With keepAll false the copy lives at project level and `targetDir.deleteRecursive()`
+    removes the previous one first: no past reports are kept (keepAll true would keep one per
+    build, HtmlPublisherTarget.getBuildArchiveDir). So the page's ../runs/<id>/curves.png only
+    resolve in Jenkins when reportDir is the workspace itself and includes names report/ and the
+    pictures, and never data/ or the models (the whole workspace would be copied otherwise)."""
+    for job in ("job4", "job5"):
+        publishers = rendered[job].find("publishers")
+        (target,) = publishers.iter("htmlpublisher.HtmlPublisherTarget")
+        assert publishers.find("htmlpublisher.HtmlPublisher").get("plugin") == "htmlpublisher"
+        assert target.findtext("reportName") == "CT report"
+        assert target.findtext("reportDir") == "."
+        assert target.findtext("reportFiles") == "report/index.html"
+        includes = {i.strip() for i in target.findtext("includes").split(",")}
+        assert includes == {"report/**", "runs/*/curves.png", "runs/*/trials.png"}
+        assert target.findtext("keepAll") == "false"
+        assert target.findtext("allowMissing") == "true"
+        assert rendered[job].findtext("customWorkspace") == "${CT_WORKSPACE}"
+    for job in ("job1", "job2", "job3", "job6"):
+        assert rendered[job].find(".//htmlpublisher.HtmlPublisher") is None, job
+
+
 # ------------------------------------------------------------------ self-healing hand-over
 
 

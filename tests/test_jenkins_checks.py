@@ -43,6 +43,7 @@ CLASS_PLUGINS: dict[str, str | None] = {
     "hudson.plugins.build__timeout.": "build-timeout",
     "hudson.plugins.plot.": "plot",
     "hudson.plugins.emailext.": "email-ext",
+    "htmlpublisher.": "htmlpublisher",
     "org.jenkinsci.plugins.credentialsbinding.": "credentials-binding",
     "org.jenkinsci.plugins.parameterizedscheduler.": "parameterized-scheduler",
     "au.com.centrumsystems.hudson.plugin.buildpipeline.": "build-pipeline-plugin",

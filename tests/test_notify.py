@@ -405,3 +405,22 @@ def test_unreadable_attachment_is_one_line(
 
     assert_one_line_error(result, f"cannot read {ws / 'best.json'}", "Permission denied")
     assert result.stdout == ""
+
+
+def test_the_reported_runs_curves_are_attached_when_present(workspace: Path) -> None:
+    from tests.test_report import tiny_png
+
+    assert notify.main(["--workspace", str(workspace)]) == 0
+    (first,) = outbox(workspace)
+    msg = email.message_from_bytes(first.read_bytes(), policy=default_policy)
+    assert [p.get_filename() for p in msg.iter_attachments()] == ["metrics.json", "best.json"]
+
+    png = tiny_png()
+    (workspace / "runs" / "r1" / "curves.png").write_bytes(png)  # r1: the run metrics.json names
+    assert notify.main(["--workspace", str(workspace)]) == 0
+    (second,) = [p for p in outbox(workspace) if p != first]
+    msg = email.message_from_bytes(second.read_bytes(), policy=default_policy)
+    parts = {p.get_filename(): p for p in msg.iter_attachments()}
+    assert list(parts) == ["metrics.json", "best.json", "curves.png"]
+    assert parts["curves.png"].get_content_type() == "image/png"
+    assert parts["curves.png"].get_content() == png

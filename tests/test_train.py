@@ -341,3 +341,107 @@ def test_every_training_flag_says_its_meaning_and_default(
         value = train.TRAIN_DEFAULTS[key]
         shown = ("yes" if value else "no") if isinstance(value, bool) else value
         assert f"{' '.join(meaning.split())} (default: {shown})" in flat, key
+
+
+# --- lineage and --reproduce ------------------------------------------------------------------
+
+SMALL = [*QUICK, "--subset", "300"]
+LINEAGE_KEYS = {"dataset_sha256", "dataset_form", "seed", "commit", "image", "image_id", "torch",
+                "device", "threads", "model_sha256"}
+
+
+def sha256_of(*paths: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(p.read_bytes() for p in paths)).hexdigest()
+
+
+def test_lineage_is_recorded_and_the_dataset_hash_cached(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CT_IMAGE", "ct-cifar-train:0123abcd")
+    monkeypatch.setenv("CT_IMAGE_ID", "sha256:feed")
+    monkeypatch.setenv("CT_COMMIT", "c0ffee")
+    ws = tmp_path / "ws"
+    args = ["--out", ws, "--data-dir", tiny_cifar_root, *SMALL, "--seed", "3"]
+    status, out, _ = run(args, capsys)
+    assert status == 0, out
+    metrics = json.loads((ws / "metrics.json").read_text())
+    lineage = metrics["lineage"]
+    assert set(lineage) == LINEAGE_KEYS
+    assert json.loads((ws / metrics["run_dir"] / "metrics.json").read_text())["lineage"] == lineage
+    folder = tiny_cifar_root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    assert lineage["dataset_sha256"] == sha256_of(*(folder / n for n in names))
+    assert lineage["dataset_form"] == "folder"
+    assert lineage["model_sha256"] == sha256_of(ws / metrics["model"])
+    assert (lineage["seed"], lineage["commit"]) == (3, "c0ffee")
+    assert (lineage["image"], lineage["image_id"]) == ("ct-cifar-train:0123abcd", "sha256:feed")
+    assert lineage["torch"] == torch.__version__ and lineage["device"] == metrics["device"]
+    assert lineage["threads"] == torch.get_num_threads()
+    assert re.search(r"dataset sha256 [0-9a-f]{16} \(hashed in", out)
+
+    cache = ws / "data" / "cifar-10-sha256.json"
+    before = cache.stat().st_mtime_ns
+    monkeypatch.delenv("CT_IMAGE")
+    status, out, _ = run([*args, "--fresh"], capsys)
+    assert status == 0, out
+    assert f"dataset sha256 {lineage['dataset_sha256'][:16]} (cached)" in out
+    assert cache.stat().st_mtime_ns == before, "the second run does not hash again"
+    second = json.loads((ws / "metrics.json").read_text())["lineage"]
+    assert second["dataset_sha256"] == lineage["dataset_sha256"]
+    assert (second["image"], second["image_id"]) == ("local", "local")
+
+
+def test_reproduce_trains_the_recorded_run_again_in_a_new_folder(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ws = tmp_path / "ws"
+    data = ["--data-dir", tiny_cifar_root]
+    assert run(["--out", ws, *data, *SMALL, "--seed", "5", "--dropout", "0.1"], capsys)[0] == 0
+    original = only_run_dir(ws)
+    before = {p: p.read_bytes() for p in original.iterdir() if p.is_file()}
+    top = {p: p.read_bytes() for p in (ws / "accuracy.txt", ws / "metrics.json")}
+    status, out, err = run(["--out", ws, *data, "--reproduce", original.name], capsys)
+    assert status == 0, err
+    (line,) = [x for x in out.splitlines() if x.startswith("reproduced ")]
+    recorded = json.loads((original / "metrics.json").read_text())
+    assert f"{recorded['accuracy']:.2f}% vs recorded {recorded['accuracy']:.2f}%" in line
+    assert "(difference 0.00 points; exact: same CPU, torch and threads)" in line, line
+    (again,) = [d for d in ws.glob("runs/train-*") if d != original]
+    assert f"reproduced {original.name} as {again.name}:" in line
+    assert {p: p.read_bytes() for p in original.iterdir() if p.is_file()} == before
+    assert {p: p.read_bytes() for p in top} == top, "the top-level results stay as they were"
+    metrics = json.loads((again / "metrics.json").read_text())
+    assert metrics["reproduces"] == original.name and metrics["config"] == recorded["config"]
+    assert metrics["test_loss"] == recorded["test_loss"]
+
+
+def test_reproduce_says_when_an_exact_match_is_not_expected() -> None:
+    from ct.trainer.lineage import reproduction_line
+
+    recorded = {"torch": "2.13.0", "device": "cpu (fp32, 4 threads)", "threads": 4,
+                "dataset_sha256": "a" * 64, "commit": "abc"}
+    now = {**recorded, "torch": "2.14.1", "device": "cpu (fp32, 2 threads)", "threads": 2}
+    line = reproduction_line("train-1", "train-2", 80.1, 81.27, recorded, now, "cpu")
+    assert "difference -1.17 points; an exact match is not expected: torch 2.13.0 vs 2.14.1" in line
+    assert "threads 4 vs 2 now" in line
+    assert "no lineage" in reproduction_line("train-1", "train-2", 81.27, 81.27, None, now, "cpu")
+
+
+def test_reproduce_refuses_what_it_cannot_reproduce(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ws = tmp_path / "ws"
+    tune = ws / "runs" / "tune-20250101-000000-abc"
+    tune.mkdir(parents=True)
+    (tune / "config.json").write_text('{"base": {}, "trials": 2}')
+    (tune / "metrics.json").write_text('{"mode": "tune", "accuracy": 80.0}')
+    base = ["--out", ws, "--data-dir", tiny_cifar_root]
+    for extra, message in ((["--reproduce", "train-nope"], "no run 'train-nope'"),
+                           (["--reproduce", "../ws"], "no run '../ws'"),
+                           (["--reproduce", tune.name], "tuning round"),
+                           (["--reproduce", tune.name, "--epochs", "2"], "drop --epochs")):
+        status, _, err = run([*base, *extra], capsys)
+        assert status == 2, (extra, err)
+        (line,) = err.strip().splitlines()
+        assert line.startswith("train.py: error:") and message in line, line
+    assert len(list((ws / "runs").iterdir())) == 1, "nothing was trained"

@@ -7,11 +7,12 @@
 appends W/accuracy-history.csv and rewrites W/plot/accuracy.csv (Jenkins Plot plugin), as one
 change. `promote`, only when the run beats the current best: stores the run's model as
 W/models/best-<sha256[:16]>.pt, renames a new W/best.json over the old one (the record, which
-names that file and its sha256: the commit point), then points the symlink W/best-model.pt at it
-and deletes the stored models no record names. A reader of best.json and of the model it names
-sees the old pair or the new pair. Errors, I/O errors included, are one line on stderr and
-exit 2, with nothing written (or, past the commit point, a line saying what to repair). Its
-messages and its files' comments call it `ct.gate`, the name the job logs have always shown.
+names that file and its sha256 and carries the run's `lineage`: the commit point), then points
+the symlink W/best-model.pt at it and deletes the stored models no record names. A reader of
+best.json and of the model it names sees the old pair or the new pair. Errors, I/O errors
+included, are one line on stderr and exit 2, with nothing written (or, past the commit point, a
+line saying what to repair). Its messages and its files' comments call it `ct.gate`, the name
+the job logs have always shown.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ct.workspace import (
     BEST_MODEL,
     GATE_PROPERTIES,
     HISTORY_FILE,
+    LINEAGE,
     METRICS_FILE,
     MODELS_DIR,
     PLOT_FILE,
@@ -397,6 +399,10 @@ def best_record(
     }
     if metrics.get("val_accuracy") is not None:
         record_["val_accuracy"] = metrics["val_accuracy"]
+    # Where the model came from (commit, image, data, seed, ...), as the trainer recorded it;
+    # runs from before lineage have none, and their record has none either.
+    if isinstance(metrics.get(LINEAGE), dict):
+        record_[LINEAGE] = metrics[LINEAGE]
     return record_
 
 

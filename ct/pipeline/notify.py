@@ -6,6 +6,7 @@
 Settings come from the environment: SMTP_HOST, SMTP_PORT (25; 465 = implicit TLS),
 SMTP_STARTTLS (true/false or 1/0), SMTP_USER, SMTP_PASSWORD, NOTIFY_FROM, NOTIFY_TO (comma list).
 Without SMTP_HOST, or when sending fails, the message is kept in W/outbox/ as an .eml file.
+Attached: metrics.json, best.json and the reported run's runs/<run id>/curves.png, when present.
 Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input or a
 file that cannot be read or written (one line on stderr naming it). Its messages call it
 `ct.notify`, the name the job logs have always shown.
@@ -233,7 +234,20 @@ def build_message(workspace: Path, facts: Facts, settings: SmtpSettings) -> Emai
         data = read_attachment(workspace / name)
         if data is not None:
             msg.add_attachment(data, maintype="application", subtype="json", filename=name)
+    curves = curves_of(workspace, facts.metrics)
+    data = read_attachment(curves) if curves is not None else None
+    if data is not None:
+        msg.add_attachment(data, maintype="image", subtype="png", filename=names.RUN_CURVES)
     return msg
+
+
+def curves_of(workspace: Path, metrics: Mapping[str, Any] | None) -> Path | None:
+    """The reported run's training curves, runs/<run id>/curves.png (the run metrics.json names);
+    None without a usable run id: nothing to attach."""
+    run_id = (metrics or {}).get("run_id")
+    if not isinstance(run_id, str) or not gate.is_workspace_file(run_id) or "/" in run_id:
+        return None
+    return workspace / names.RUNS_DIR / run_id / names.RUN_CURVES
 
 
 def read_attachment(path: Path) -> bytes | None:

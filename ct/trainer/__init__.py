@@ -6,6 +6,9 @@ train.py, and imports torch.
 - `run`: one run in the workspace: the training state, checkpoints, the epoch loop, the run
   clock, publishing the results; `train.py`'s training mode.
 - `tune`: the bounded hyperparameter search; `train.py --tune`.
+- `plots`: the pictures of a run (curves.png, a tuning run's trials.png), when matplotlib imports.
+- `lineage`: what a run was made from (its metrics.json's `lineage`), and how a reproduction
+  (`train.py --reproduce`) compares with the run it repeats.
 - `stopping`: stopping cleanly on SIGTERM/SIGINT.
 - `errors`: `UsageError`, bad input (exit status 2).
 """

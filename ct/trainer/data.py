@@ -10,11 +10,12 @@ in bytes but not in structure.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import tarfile
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,19 @@ import numpy as np
 import torch
 
 from ct import atomic
+from ct import workspace as names
 from ct.trainer.errors import UsageError
 
-FOLDER = "cifar-10-batches-py"
-ARCHIVE = "cifar-10-python.tar.gz"
+FOLDER = names.DATA_FOLDER
+ARCHIVE = names.DATA_ARCHIVE
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 NUM_CLASSES = 10
-CACHE = "cifar-10-uint8.npz"
+CACHE = names.DATA_CACHE
+HASH_CACHE = names.DATA_HASH_CACHE
 
 
 class DataError(UsageError):
@@ -47,7 +50,9 @@ class Cifar:
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list[str]
-    source: str
+    source: str  # for the log: what was read, and the cache it came from
+    location: Path | None = None  # the folder or archive read (`locate`)
+    sha256: str = ""  # the dataset's `dataset_sha256`, when the caller asked for it
 
 
 def _unpickle(raw: bytes, name: str) -> dict[bytes, Any]:
@@ -147,9 +152,10 @@ def load_cifar(data_dir: Path, cache_dir: Path | None = None) -> Cifar:
     source = locate(data_dir)
     cache = cache_dir / CACHE if cache_dir is not None else None
     if cache is not None and (cached := _read_cache(cache, source)) is not None:
+        cached.location = source
         return cached
     data = _read_archive(source) if source.is_file() else _read_folder(source)
-    data.source = str(source)
+    data.source, data.location = str(source), source
     if cache is not None:
         _write_cache(cache, source, data)
     return data
@@ -188,6 +194,53 @@ def _write_cache(cache: Path, source: Path, data: Cifar) -> None:
         atomic.write_via(cache, save)
     except OSError:
         pass  # a read-only or full cache folder only costs speed
+
+
+def dataset_files(source: Path) -> list[Path]:
+    """What the dataset's sha256 covers, in this order: the archive itself, or the folder's batch
+    files (ct.workspace.DATASET_FOLDER_FILES: data_batch_1..5, test_batch, batches.meta)."""
+    if source.is_file():
+        return [source]
+    return [source / name for name in names.DATASET_FOLDER_FILES]
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    """The sha256 of the files' bytes one after the other (`cat PATHS | sha256sum`)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_sha256(source: Path, cache_dir: Path | None = None) -> tuple[str, bool]:
+    """(sha256 of `dataset_files(source)`, whether it came from the cache). With `cache_dir`, the
+    digest is kept in cache_dir/HASH_CACHE under the files' paths, sizes and modification times,
+    beside the decoded-data cache: later runs on the same files do not read them again."""
+    files = dataset_files(source)
+    try:
+        key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    except OSError as exc:
+        raise DataError(f"cannot read {exc.filename} to hash the dataset ({exc.strerror})") from exc
+    cache = cache_dir / HASH_CACHE if cache_dir is not None else None
+    if cache is not None:
+        try:
+            saved = json.loads(cache.read_text(encoding="utf-8"))
+            if saved["key"] == key and len(saved["sha256"]) == 64:
+                return str(saved["sha256"]), True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no cache, another source's, or a damaged one: hash again
+    try:
+        digest = names.dataset_sha256(source)  # the host's --verify hashes with the same code
+    except OSError as exc:
+        raise DataError(f"cannot read {exc.filename} to hash the dataset ({exc.strerror})") from exc
+    if cache is not None:
+        try:
+            atomic.write_json(cache, {"key": key, "sha256": digest})
+        except OSError:
+            pass  # a read-only data folder only costs the hashing next time
+    return digest, False
 
 
 def _md5(path: Path) -> str:

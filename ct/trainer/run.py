@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ from torch import nn
 
 from ct import atomic
 from ct import workspace as names
-from ct.trainer import stopping
-from ct.trainer.data import Cifar, download, load_cifar
+from ct.trainer import plots, stopping
+from ct.trainer.data import Cifar, dataset_sha256, download, load_cifar
 from ct.trainer.engine import (
     Compute,
     evaluate,
@@ -35,9 +35,11 @@ from ct.trainer.engine import (
     train_epoch,
 )
 from ct.trainer.errors import UsageError
+from ct.trainer.lineage import reproduction_line, run_lineage
 from network import build_model
 
 DRY_RUN_BATCHES = 3
+GLANCE_IMAGES = 2000  # evaluation images looked at after every epoch, for the curves (_glance)
 CODE_DIR = Path(__file__).resolve().parents[2]  # the checkout train.py runs from
 LogLine = Callable[[str], None]  # a Log, or anything else that takes one line
 
@@ -148,7 +150,20 @@ def load_data(opts: RunOptions, ws: Workspace, log: LogLine) -> Cifar:
     data = load_cifar(data_dir, cache_dir=ws.root / names.DATA_DIR)
     log(f"data {data.source}: {len(data.train_x)} train, {len(data.test_x)} test images "
         f"({time.perf_counter() - t0:.1f}s)")
+    assert data.location is not None  # load_cifar always says what it read
+    t0 = time.perf_counter()
+    data.sha256, cached = dataset_sha256(data.location, cache_dir=ws.root / names.DATA_DIR)
+    how = "cached" if cached else f"hashed in {time.perf_counter() - t0:.1f}s"
+    log(f"dataset sha256 {data.sha256[:16]} ({how})")
     return data
+
+
+def record_lineage(ws: Workspace, run_dir: Path, data: Cifar, cfg: dict[str, Any],
+                   compute: Compute) -> dict[str, Any]:
+    """The run's lineage (ct.trainer.lineage), once run_dir/model.pt is written."""
+    return run_lineage(dataset_sha256=data.sha256, dataset_location=data.location,
+                       seed=cfg["seed"], commit=ws.commit(), compute=compute,
+                       model_path=run_dir / names.RUN_MODEL)
 
 
 # --- the run's clock --------------------------------------------------------------------------
@@ -323,11 +338,21 @@ def train_config(run_dir: Path, cfg: dict[str, Any], split: Split, compute: Comp
         progress.epoch, progress.train_seconds = epoch + 1, progress.train_seconds + result.seconds
         row = {"epoch": epoch + 1, "loss": round(result.loss, 4),
                "train_accuracy": round(result.accuracy, 2),
+               "eval_accuracy": round(_glance(state, split, compute), 2),
                "lr": round(state.schedule.get_last_lr()[0], 6),
                "images_per_s": round(result.images / max(result.seconds, 1e-9), 1),
                "elapsed_s": round(progress.train_seconds, 2)}
         _record_epoch(run_dir, cfg, state, progress, row, compute, log, clock)
     return _test(run_dir, cfg, split, state, progress, compute, log, dry_run)
+
+
+def _glance(state: TrainingState, split: Split, compute: Compute) -> float:
+    """The evaluation accuracy on the first GLANCE_IMAGES evaluation images, without the mirror
+    average: the curve in curves.png (the test set in a training run, the validation split in a
+    tuning trial). One batch, about 2% of an epoch; it changes no weight, statistic or RNG."""
+    accuracy, _ = evaluate(state.model, split.eval_x[:GLANCE_IMAGES],
+                           split.eval_y[:GLANCE_IMAGES], compute, flip_tta=False)
+    return accuracy
 
 
 def _resume(run_dir: Path, cfg: dict[str, Any], state: TrainingState, compute: Compute,
@@ -358,6 +383,8 @@ def _record_epoch(run_dir: Path, cfg: dict[str, Any], state: TrainingState, prog
             clock.save()
         atomic.write_text(run_dir / names.RUN_EPOCHS,
                           "".join(json.dumps(r) + "\n" for r in history))
+        plots.draw_curves(run_dir, history, log)  # never raises; touches no RNG
+        # The epoch's line comes last: once it is printed, every file of the epoch is complete.
         log(f"epoch {epoch}/{cfg['epochs']} loss {row['loss']:.4f} "
             f"train accuracy {row['train_accuracy']:.2f}% lr {row['lr']:.4f} "
             f"{row['images_per_s']:.0f} img/s elapsed {progress.train_seconds:.1f}s")
@@ -386,6 +413,7 @@ def _test(run_dir: Path, cfg: dict[str, Any], split: Split, state: TrainingState
             {"config": cfg, "model": state.model.state_dict(), **summary}, tmp))
         log(f"{name} accuracy {accuracy:.2f}% loss {loss:.4f} "
             f"(train {train_seconds:.1f}s, eval {eval_seconds:.1f}s)")
+        plots.draw_curves(run_dir, progress.history, log, (name, accuracy))
     return summary
 
 
@@ -422,8 +450,9 @@ def publish(ws: Workspace, run_dir: Path, summary: dict[str, Any], dry_run: bool
 
 
 def train_mode(opts: RunOptions, cfg: dict[str, Any], ws: Workspace, compute: Compute,
-               started: float) -> dict[str, Any]:
-    """`train.py`: train `cfg` (or continue its unfinished run), test it, publish the results."""
+               started: float, reproduces: str | None = None) -> dict[str, Any]:
+    """`train.py`: train `cfg` (or continue its unfinished run), test it, publish the results.
+    A reproduction (`reproduces`: the run it repeats) leaves the top-level results alone."""
     if opts.dry_run:
         run_dir, resumed = ws.new_run_dir("dry", config_hash(cfg)), False
         atomic.write_json(run_dir / names.RUN_CONFIG, cfg)
@@ -439,7 +468,53 @@ def train_mode(opts: RunOptions, cfg: dict[str, Any], ws: Workspace, compute: Co
                               clock=clock)
         accuracy = result.pop(f"{split.eval_name}_accuracy")
         extra = {"config": cfg, "dry_run": opts.dry_run, "train_images": len(split.train_x),
-                 **result}
+                 **result, names.LINEAGE: record_lineage(ws, run_dir, data, cfg, compute)}
+        if reproduces is not None:
+            extra["reproduces"] = reproduces
         summary = run_summary(ws, run_dir, compute, clock, "train", accuracy, extra)
-        publish(ws, run_dir, summary, opts.dry_run)
+        publish(ws, run_dir, summary, opts.dry_run or reproduces is not None)
     return summary
+
+
+# --- train.py --reproduce ---------------------------------------------------------------------
+
+
+@dataclass
+class RecordedRun:
+    run_dir: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def recorded_run(ws: Workspace, run_id: str) -> RecordedRun:
+    """The finished training run `run_id` of the workspace; UsageError (one line) otherwise."""
+    run_dir = ws.runs / run_id
+    if (not run_id or Path(run_id).name != run_id or run_id in (".", "..")
+            or not (run_dir / names.RUN_CONFIG).is_file()):
+        raise UsageError(f"--reproduce: no run {run_id!r} in {ws.runs} (give a folder name "
+                         "under runs/, and --out for another workspace)")
+    if run_id.startswith("tune-"):
+        raise UsageError(f"--reproduce: {run_id} is a tuning round, which is not reproducible "
+                         "this way; reproduce its best trial's config with train.py's flags")
+    if not (run_dir / names.RUN_METRICS).is_file():
+        raise UsageError(f"--reproduce: {run_id} has not finished (no {names.RUN_METRICS}), so "
+                         "there is no result to compare with")
+    metrics = read_json(run_dir / names.RUN_METRICS)
+    if not run_id.startswith("train-") or metrics.get("dry_run") or metrics.get("mode") != "train":
+        raise UsageError(f"--reproduce: {run_id} is not a finished training run "
+                         "(dry runs and tuning rounds are not reproducible this way)")
+    return RecordedRun(run_dir, read_json(run_dir / names.RUN_CONFIG), metrics)
+
+
+def reproduce_mode(opts: RunOptions, recorded: RecordedRun, ws: Workspace, compute: Compute,
+                   started: float) -> tuple[dict[str, Any], str]:
+    """Train the recorded run's config (and so its seed) again in a new run folder; the summary
+    and one line comparing its accuracy with the recorded one."""
+    run_id = recorded.run_dir.name
+    fresh = replace(opts, fresh=True, resume=False, dry_run=False)
+    summary = train_mode(fresh, recorded.config, ws, compute, started, reproduces=run_id)
+    line = reproduction_line(run_id, summary["run_id"], summary["accuracy"],
+                             float(recorded.metrics["accuracy"]),
+                             recorded.metrics.get(names.LINEAGE), summary[names.LINEAGE],
+                             compute.device.type)
+    return summary, line

@@ -20,7 +20,7 @@ import torch
 
 from ct import atomic
 from ct import workspace as names
-from ct.trainer import stopping
+from ct.trainer import plots, stopping
 from ct.trainer.data import Cifar
 from ct.trainer.engine import Compute, evaluate
 from ct.trainer.errors import UsageError
@@ -34,6 +34,7 @@ from ct.trainer.run import (
     load_data,
     make_split,
     publish,
+    record_lineage,
     run_summary,
     train_config,
 )
@@ -140,6 +141,7 @@ def search(run_dir: Path, plan: dict[str, Any], data: Cifar, compute: Compute, l
         rows.append(row)
         with stopping.deferred():  # a finished trial is recorded, so a restart does not redo it
             atomic.write_text(trials_path, "".join(json.dumps(r) + "\n" for r in rows))
+            plots.draw_trials(run_dir, rows, lambda i: trial_dir(run_dir, i), log)
     stopping.at("while testing the best trial", "every finished trial is kept")
     return _finish(run_dir, plan, rows, data, compute, log, val)
 
@@ -185,7 +187,8 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
         extra = {"config": outcome.best_config, "best_params": outcome.best_params,
                  "val_accuracy": outcome.val_accuracy, "trials": outcome.trials_run,
                  "trials_planned": plan["trials"], "time_budget_s": plan["time_budget"],
-                 "dry_run": opts.dry_run}
+                 "dry_run": opts.dry_run,
+                 names.LINEAGE: record_lineage(ws, run_dir, data, outcome.best_config, compute)}
         summary = run_summary(ws, run_dir, compute, clock, "tune", outcome.test_accuracy, extra)
         publish(ws, run_dir, summary, opts.dry_run)
     return summary

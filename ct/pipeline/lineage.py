@@ -1,0 +1,224 @@
+"""Where a model came from: commit -> image -> data -> config -> run -> model. Stdlib only.
+
+    python3 -m ct.pipeline.lineage --workspace W [best|RUN_ID] [--verify]
+
+Prints the chain for the best model (best.json, default) or for a run (runs/RUN_ID/metrics.json),
+from the `lineage` object the trainer writes into metrics.json and the gate copies into best.json
+on promotion. `--verify` hashes the model file again (the one best.json names, or
+runs/RUN_ID/model.pt) and the dataset (W/data: the cifar-10-batches-py folder, else
+cifar-10-python.tar.gz, hashed by ct.workspace.dataset_sha256 as the trainer does) and says what
+no longer matches. Exit 0: printed (and, with --verify, everything matches); 1: a mismatch or a
+file that cannot be hashed; 2: bad input (no such workspace, run or record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ct import workspace as names
+from ct.pipeline import gate
+
+# The lineage fields, each with the keys it may be recorded under (the first is the one the
+# trainer writes; the others are read too, so that a renamed key does not blank the report).
+FIELDS: dict[str, tuple[str, ...]] = {
+    "commit": ("commit",),
+    "image": ("image", "image_tag"),
+    "image_id": ("image_id",),
+    "dataset_sha256": ("dataset_sha256", "data_sha256"),
+    "dataset_form": ("dataset_form",),  # "archive" or "folder": what the digest covers
+    "seed": ("seed",),
+    "torch": ("torch", "torch_version"),
+    "device": ("device",),
+    "threads": ("threads", "torch_threads"),
+    "model_sha256": ("model_sha256",),
+}
+
+
+class LineageError(Exception):
+    """Bad input; its text is the one line printed on stderr (exit 2)."""
+
+
+def field(record: Mapping[str, Any] | None, name: str) -> Any:
+    """A lineage field of a best.json record or a metrics.json: from its `lineage` object, else
+    the same key at the top level (older records carry commit, device, torch there); None."""
+    if not record:
+        return None
+    lineage = record.get(names.LINEAGE)
+    for source in (lineage if isinstance(lineage, dict) else {}, record):
+        for key in FIELDS[name]:
+            value = source.get(key)
+            if value not in (None, ""):
+                return value
+    return None
+
+
+def config_sha256(config: Any) -> str | None:
+    """A short identity for a config: sha256 of its canonical JSON (sorted keys)."""
+    if not isinstance(config, dict):
+        return None
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What the chain is printed for: the best model or one run."""
+
+    what: str  # "best model" or "run <id>"
+    record: dict[str, Any]  # best.json, or the run's metrics.json
+    model: Path  # the model file to verify
+    model_sha256: str | None  # what the record says it is
+
+
+def load_subject(workspace: Path, which: str) -> Subject:
+    if which == "best":
+        try:
+            best = gate.load_best(workspace)
+        except gate.GateError as err:
+            raise LineageError(str(err)) from None
+        if best is None:
+            raise LineageError(f"{workspace / names.BEST_FILE} is missing: no model has been "
+                               "promoted yet; name a run id instead")
+        return Subject("best model", best, workspace / best["model"],
+                       best.get("model_sha256") or field(best, "model_sha256"))
+    if not which or "/" in which or which in (".", ".."):
+        raise LineageError(f"{which!r} is not a run id (a folder name under runs/) or 'best'")
+    run_dir = workspace / names.RUNS_DIR / which
+    if not run_dir.is_dir():
+        raise LineageError(f"no run {which!r}: {run_dir} is not a folder")
+    try:
+        metrics = gate.load_json_object(run_dir / names.RUN_METRICS,
+                                        "the run did not finish, or its summary is damaged")
+    except gate.GateError as err:
+        raise LineageError(str(err)) from None
+    return Subject(f"run {which}", metrics, run_dir / names.RUN_MODEL,
+                   field(metrics, "model_sha256"))
+
+
+def chain_lines(workspace: Path, subject: Subject) -> list[str]:
+    record = subject.record
+
+    def shown(value: Any) -> str:
+        return "unknown" if value in (None, "") else str(value)
+
+    lineage_note = "" if isinstance(record.get(names.LINEAGE), dict) else \
+        " (no lineage recorded: a run from before lineage; fields from its summary)"
+    config = record.get("config") if isinstance(record.get("config"), dict) else None
+    params = record.get("params") if isinstance(record.get("params"), dict) else None
+    cfg = config or params
+    cfg_hash = config_sha256(cfg)
+    image = shown(field(record, "image"))
+    if field(record, "image_id"):
+        image += f" ({field(record, 'image_id')})"
+    run_dir = record.get("run_dir") or f"{names.RUNS_DIR}/{record.get('run_id')}"
+    return [
+        f"lineage of the {subject.what}{lineage_note}:",
+        f"  commit  {shown(field(record, 'commit'))}",
+        f"  image   {image}",
+        f"  data    sha256 {shown(field(record, 'dataset_sha256'))}"
+        + (f" ({field(record, 'dataset_form')})" if field(record, "dataset_form") else ""),
+        f"  config  sha256 {shown(cfg_hash)[:16]}  seed {shown(field(record, 'seed'))}"
+        + (f"  {json.dumps(cfg, sort_keys=True)}" if cfg else ""),
+        f"  run     {shown(record.get('run_id'))} ({run_dir}; mode {shown(record.get('mode'))},"
+        f" torch {shown(field(record, 'torch'))}, device {shown(field(record, 'device'))},"
+        f" threads {shown(field(record, 'threads'))})",
+        f"  model   sha256 {shown(subject.model_sha256)} ({subject.model.relative_to(workspace)})",
+    ]
+
+
+def verify(workspace: Path, subject: Subject) -> list[str]:
+    """What no longer matches the record: one line per problem, [] when all match."""
+    problems = []
+    try:
+        actual = file_sha256(subject.model)
+    except OSError as err:
+        problems.append(f"model: cannot hash {subject.model} ({gate.os_reason(err)})")
+    else:
+        if not subject.model_sha256:
+            problems.append(f"model: the record names no model sha256 to compare with {actual}")
+        elif actual != subject.model_sha256:
+            problems.append(f"model: {subject.model} has sha256 {actual}, the record says "
+                            f"{subject.model_sha256}: the model file changed")
+    expected = field(subject.record, "dataset_sha256")
+    source = dataset_to_hash(workspace, field(subject.record, "dataset_form"))
+    if not expected:
+        problems.append("data: the record names no dataset sha256 (a run from before lineage)")
+    elif source is None:
+        problems.append(f"data: no {names.DATA_FOLDER}/ or {names.DATA_ARCHIVE} in "
+                        f"{workspace / names.DATA_DIR} to hash")
+    else:
+        try:
+            actual = names.dataset_sha256(source)
+        except OSError as err:
+            problems.append(f"data: cannot hash {source} ({gate.os_reason(err)})")
+        else:
+            if actual != expected:
+                problems.append(f"data: {source} has sha256 {actual}, the record says "
+                                f"{expected}: the dataset changed")
+    return problems
+
+
+def dataset_to_hash(workspace: Path, form: Any) -> Path | None:
+    """The dataset in W/data that the record's digest covers: the form it names (archive or
+    folder) when that is there, else what a run would read now."""
+    data = workspace / names.DATA_DIR
+    wanted = {"archive": data / names.DATA_ARCHIVE, "folder": data / names.DATA_FOLDER}.get(form)
+    if wanted is not None and wanted.exists():
+        return wanted
+    return names.dataset_source(data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ct.lineage", description=__doc__.split("\n")[0])
+    parser.add_argument("which", nargs="?", default="best",
+                        help="'best' (default: the promoted model) or a run id under runs/")
+    parser.add_argument("--workspace", type=Path, default=os.environ.get("CT_WORKSPACE"),
+                        help="the pipeline workspace (default: $CT_WORKSPACE)")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash the model and the dataset again and compare with the record")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workspace is None:
+        parser.error("--workspace is required (or set CT_WORKSPACE)")
+    workspace = Path(args.workspace)
+    try:
+        if not workspace.is_dir():
+            raise LineageError(f"workspace {workspace} is not a directory; check --workspace")
+        subject = load_subject(workspace, args.which)
+        print("\n".join(chain_lines(workspace, subject)))
+        if not args.verify:
+            return 0
+        problems = verify(workspace, subject)
+    except LineageError as err:
+        print(f"ct.lineage: {err}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"ct.lineage: MISMATCH {problem}")
+    if problems:
+        return 1
+    print("ct.lineage: verified: the model and the dataset match the record")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""The pipeline's report: one static HTML page. Standard library only.
+
+    python3 -m ct.pipeline.report --workspace W [--runs N]
+
+Writes W/report/index.html atomically (a reader sees the old page or the new one): the best model
+(best.json and its lineage), the accuracy over commits with the threshold (an inline SVG chart of
+accuracy-history.csv), the newest N runs (default 50) with their training curves
+(<img src="../runs/<id>/curves.png">), the tuning rounds (trials, best parameters, trials.png)
+and job6's restarts (status/train.properties, status/tune.properties). No JavaScript, no server:
+it opens from disk, and Jenkins' HTML Publisher shows it as "CT report" (job4, job5).
+
+Input is read leniently: a run whose metrics.json is missing or damaged is listed as unreadable,
+with the reason, and the page is still written. Exit 0 when written; 2 (one line on stderr) for
+a workspace that is not a folder or a page that cannot be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Any
+from urllib.parse import quote
+
+from ct import atomic
+from ct import workspace as names
+from ct.pipeline import gate, lineage
+
+DEFAULT_RUNS = 50
+MAX_TUNE_ROUNDS = 20
+MAX_CHART_POINTS = 500
+_STAMP = re.compile(r"-(\d{8}-\d{6})-")  # runs/<kind>-<UTC time>-<config hash>[-n]
+
+
+class ReportError(Exception):
+    """The report cannot be made; its text is the one line printed on stderr (exit 2)."""
+
+
+# ---------------------------------------------------------------- what the workspace holds
+
+
+@dataclass
+class Run:
+    run_id: str
+    path: Path
+    metrics: dict[str, Any] | None
+    problem: str  # why metrics is None
+    has_curves: bool
+    has_trials_plot: bool
+
+    @property
+    def mode(self) -> str:
+        mode = (self.metrics or {}).get("mode")
+        if isinstance(mode, str) and mode:
+            return mode
+        return self.run_id.split("-", 1)[0] if "-" in self.run_id else "?"
+
+
+@dataclass
+class Workspace:
+    root: Path
+    best: dict[str, Any] | None = None
+    best_problem: str = ""
+    history: list[dict[str, str]] = field(default_factory=list)
+    history_problem: str = ""
+    runs: list[Run] = field(default_factory=list)  # newest first, all of them
+    status: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(object, "") or (None, why not) for a file that should hold a JSON object."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, f"no {path.name}"
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"{path.name} cannot be read ({gate.os_reason(err)})"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, f"{path.name} is not valid JSON ({err})"
+    if not isinstance(obj, dict):
+        return None, f"{path.name} holds a {type(obj).__name__}, not a JSON object"
+    return obj, ""
+
+
+def run_sort_key(path: Path) -> tuple[str, float, str]:
+    """Newest first: the UTC time in the run's name, else its folder's modification time."""
+    match = _STAMP.search(path.name)
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    return (match.group(1) if match else "", mtime, path.name)
+
+
+def read_run(path: Path) -> Run:
+    metrics, problem = read_json_object(path / names.RUN_METRICS)
+    if metrics is None and problem == f"no {names.RUN_METRICS}":
+        started = (path / names.RUN_CHECKPOINT).exists() or (path / names.RUN_EPOCHS).exists()
+        problem += " (not finished: still running, stopped or crashed)" if started else ""
+    elif metrics is not None and not gate.is_percentage(metrics.get("accuracy")):
+        problem = f"{names.RUN_METRICS} has accuracy {metrics.get('accuracy')!r}, not a percentage"
+        metrics = None
+    return Run(path.name, path, metrics, problem, (path / names.RUN_CURVES).is_file(),
+               (path / names.RUN_TRIALS_PLOT).is_file())
+
+
+def read_history(path: Path) -> tuple[list[dict[str, str]], str]:
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError:
+        return [], ""
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        return [], f"{path.name} cannot be read ({err})"
+    good = [r for r in rows if _number(r.get("accuracy")) is not None]
+    skipped = len(rows) - len(good)
+    return good, f"{skipped} row(s) without a readable accuracy left out" if skipped else ""
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def collect(root: Path) -> Workspace:
+    ws = Workspace(root)
+    best, problem = read_json_object(root / names.BEST_FILE)
+    ws.best, ws.best_problem = best, ("" if problem == f"no {names.BEST_FILE}" else problem)
+    ws.history, ws.history_problem = read_history(root / names.HISTORY_FILE)
+    try:
+        folders = [p for p in (root / names.RUNS_DIR).iterdir() if p.is_dir()]
+    except OSError:
+        folders = []
+    folders.sort(key=run_sort_key, reverse=True)
+    ws.runs = [read_run(p) for p in folders]
+    for role, name in (("training", names.TRAIN_STATUS), ("tuning", names.TUNE_STATUS)):
+        props = gate.read_properties(root / name)
+        if props:
+            ws.status[role] = props
+    return ws
+
+
+# ---------------------------------------------------------------- HTML pieces
+
+
+def esc(value: Any) -> str:
+    if value is None or value == "":
+        return '<span class="na">n/a</span>'
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return html.escape(text)
+
+
+def pct(value: Any) -> str:
+    return f"{gate.fmt_number(value)}%" if gate.is_percentage(value) else esc(None)
+
+
+def short(sha: Any, n: int = 12) -> str:
+    if not isinstance(sha, str) or not sha:
+        return esc(None)
+    return f'<code title="{html.escape(sha)}">{html.escape(sha[:n])}</code>'
+
+
+def rel_url(*parts: str) -> str:
+    """A relative URL from report/index.html to a workspace file."""
+    return "../" + "/".join(quote(p) for p in parts)
+
+
+def params_text(params: Any) -> str:
+    if not isinstance(params, dict) or not params:
+        return esc(None)
+    return ", ".join(f"{html.escape(str(k))}={esc(params[k])}" for k in sorted(params))
+
+
+def seconds(value: Any) -> str:
+    number = _number(value)
+    if number is None:
+        return esc(None)
+    minutes, secs = divmod(number, 60)
+    return f"{int(minutes)} min {secs:.0f} s" if minutes else f"{secs:.1f} s"
+
+
+def dl(rows: Sequence[tuple[str, str]]) -> str:
+    return "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
+
+
+def best_card(ws: Workspace) -> str:
+    if ws.best is None:
+        why = f"best.json is unreadable: {html.escape(ws.best_problem)}" if ws.best_problem \
+            else "no model has been promoted yet (no best.json)"
+        return f'<section id="best" class="card"><h2>Best model</h2><p>{why}</p></section>'
+    best = ws.best
+    run_id = best.get("run_id")
+    source = next((r for r in ws.runs if r.run_id == run_id and r.metrics), None)
+    summary = source.metrics if source else None
+
+    def pick(name: str) -> Any:
+        return lineage.field(best, name) or lineage.field(summary, name)
+
+    image = pick("image")
+    rows = [
+        ("accuracy", f'<b class="big">{pct(best.get("accuracy"))}</b>'
+                     + (f" (validation {pct(best['val_accuracy'])})"
+                        if best.get("val_accuracy") is not None else "")),
+        ("commit", short(pick("commit"), 40)),
+        ("parameters", params_text(best.get("params"))),
+        ("data sha256", short(pick("dataset_sha256"), 64)),
+        ("torch", esc(pick("torch"))),
+        ("device", esc(pick("device"))),
+        ("image", esc(image)),
+        ("model sha256", short(best.get("model_sha256"), 64)),
+        ("model file", esc(best.get("model"))),
+        ("promoted", f"{esc(best.get('promoted_at'))} from run {esc(run_id)} "
+                     f"({esc(best.get('mode'))})"),
+    ]
+    lineage_note = "" if isinstance(best.get(names.LINEAGE), dict) else \
+        '<p class="note">best.json carries no lineage (promoted before lineage was recorded)</p>'
+    curves = ""
+    if source is not None and source.has_curves:
+        curves = (f'<img class="curves" alt="training curves of {html.escape(str(run_id))}" '
+                  f'src="{rel_url(names.RUNS_DIR, source.run_id, names.RUN_CURVES)}">')
+    return (f'<section id="best" class="card"><h2>Best model</h2>{dl(rows)}{lineage_note}'
+            f"{curves}</section>")
+
+
+def history_chart(rows: list[dict[str, str]]) -> str:
+    """Accuracy per judged run (x: in order, labelled by commit) and the threshold, as SVG."""
+    rows = rows[-MAX_CHART_POINTS:]
+    width, height, left, right, top, bottom = 900, 280, 48, 16, 16, 56
+    points = [(_number(r.get("accuracy")) or 0.0, _number(r.get("threshold"))) for r in rows]
+    values = [a for a, _ in points] + [t for _, t in points if t is not None]
+    low = max(0.0, math.floor((min(values) - 5) / 10) * 10) if values else 0.0
+    high = 100.0
+    span_x = width - left - right
+    span_y = height - top - bottom
+
+    def x(i: int) -> float:
+        return left + (span_x * (i + 0.5) / len(points) if points else 0)
+
+    def y(v: float) -> float:
+        return top + span_y * (high - v) / (high - low)
+
+    parts = [f'<svg id="accuracy-chart" xmlns="http://www.w3.org/2000/svg" role="img" '
+             f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
+             "<title>Test accuracy per judged run, with the threshold</title>",
+             f'<rect x="{left}" y="{top}" width="{span_x}" height="{span_y}" class="plot"/>']
+    step = 10 if high - low > 30 else 5
+    tick = high
+    while tick >= low:
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" '
+                     f'y2="{y(tick):.1f}" class="grid"/><text x="{left - 6}" '
+                     f'y="{y(tick) + 4:.1f}" class="ylab">{tick:g}</text>')
+        tick -= step
+    if points:
+        thresholds = [(i, t) for i, (_, t) in enumerate(points) if t is not None]
+        if thresholds:
+            path = " ".join(f"{x(i) - span_x / len(points) / 2:.1f},{y(t):.1f} "
+                            f"{x(i) + span_x / len(points) / 2:.1f},{y(t):.1f}"
+                            for i, t in thresholds)
+            parts.append(f'<polyline id="threshold-line" class="threshold" points="{path}">'
+                         f"<title>threshold {thresholds[-1][1]:g}%</title></polyline>")
+        line = " ".join(f"{x(i):.1f},{y(a):.1f}" for i, (a, _) in enumerate(points))
+        parts.append(f'<polyline class="accuracy" points="{line}"/>')
+        every = max(1, math.ceil(len(points) / 12))
+        for i, ((acc, thr), row) in enumerate(zip(points, rows, strict=True)):
+            passed = row.get("passed") == "true" or (thr is not None and acc >= thr)
+            commit = (row.get("commit") or "")[:7] or "?"
+            tip = (f"{acc:g}% at {commit}, build {row.get('build') or '?'}, "
+                   f"{row.get('time') or ''}, threshold {'' if thr is None else f'{thr:g}%'}")
+            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(acc):.1f}" r="3.5" '
+                         f'class="{"pass" if passed else "fail"}"><title>'
+                         f"{html.escape(tip)}</title></circle>")
+            if i % every == 0 or i == len(points) - 1:
+                parts.append(f'<text x="{x(i):.1f}" y="{height - bottom + 16}" class="xlab" '
+                             f'transform="rotate(30 {x(i):.1f} {height - bottom + 16})">'
+                             f"{html.escape(commit)}</text>")
+    else:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" class="empty">no gate results '
+                     "yet</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def history_section(ws: Workspace) -> str:
+    note = f'<p class="note">{html.escape(ws.history_problem)}</p>' if ws.history_problem else ""
+    shown = len(ws.history[-MAX_CHART_POINTS:])
+    return (f'<section id="history"><h2>Accuracy over commits</h2><p>{shown} judged run(s) '
+            f'from {html.escape(names.HISTORY_FILE)}; the red line is the threshold.</p>'
+            f"{note}{history_chart(ws.history)}</section>")
+
+
+def run_row(run: Run) -> str:
+    rid = html.escape(run.run_id)
+    if run.metrics is None:
+        return (f'<tr class="run unreadable" id="run-{rid}"><td><code>{rid}</code></td>'
+                f"<td>{html.escape(run.mode)}</td><td colspan=\"4\"><b>unreadable</b>: "
+                f"{html.escape(run.problem)}</td><td>{curves_cell(run)}</td></tr>")
+    m = run.metrics
+    resumes = m.get("resumes")
+    wall = seconds(m.get("wall_time_s")) + (f" ({resumes} resume(s))" if resumes else "")
+    return (f'<tr class="run" id="run-{rid}"><td><code>{rid}</code></td>'
+            f"<td>{esc(run.mode)}</td><td class=\"num\">{pct(m.get('accuracy'))}</td>"
+            f"<td>{short(m.get('commit'), 7)}</td><td>{wall}</td>"
+            f"<td>{esc(m.get('finished_at'))}</td><td>{curves_cell(run)}</td></tr>")
+
+
+def curves_cell(run: Run) -> str:
+    if not run.has_curves:
+        return esc(None)
+    src = rel_url(names.RUNS_DIR, run.run_id, names.RUN_CURVES)
+    return (f'<a href="{src}"><img class="curves" alt="training curves of '
+            f'{html.escape(run.run_id)}" src="{src}"></a>')
+
+
+def runs_section(ws: Workspace, limit: int) -> str:
+    shown = ws.runs[:limit]
+    unreadable = sum(1 for r in ws.runs if r.metrics is None)
+    more = len(ws.runs) - len(shown)
+    head = (f"<p>{len(ws.runs)} run(s) in {names.RUNS_DIR}/, newest first"
+            + (f"; the {more} oldest are not shown" if more > 0 else "")
+            + (f"; {unreadable} unreadable" if unreadable else "") + ".</p>")
+    if not shown:
+        return f'<section id="runs"><h2>Recent runs</h2>{head}</section>'
+    return (f'<section id="runs"><h2>Recent runs</h2>{head}<table id="runs-table"><thead><tr>'
+            "<th>run</th><th>mode</th><th>accuracy</th><th>commit</th><th>wall time</th>"
+            "<th>finished</th><th>curves</th></tr></thead><tbody>"
+            + "".join(run_row(r) for r in shown) + "</tbody></table></section>")
+
+
+def tuning_section(ws: Workspace) -> str:
+    rounds = [r for r in ws.runs if r.mode == "tune"][:MAX_TUNE_ROUNDS]
+    if not rounds:
+        return '<section id="tuning"><h2>Tuning rounds</h2><p>no tuning runs.</p></section>'
+    rows = []
+    for run in rounds:
+        m = run.metrics or {}
+        if run.metrics is None:
+            detail = f"<td colspan=\"4\"><b>unreadable</b>: {html.escape(run.problem)}</td>"
+        else:
+            planned = m.get("trials_planned")
+            trials = esc(m.get("trials")) + (f" of {esc(planned)}" if planned else "")
+            detail = (f"<td>{trials}</td><td>{params_text(m.get('best_params'))}</td>"
+                      f"<td class=\"num\">{pct(m.get('accuracy'))} "
+                      f"(val {pct(m.get('val_accuracy'))})</td>"
+                      f"<td>{short(m.get('commit'), 7)}</td>")
+        plot = esc(None)
+        if run.has_trials_plot:
+            src = rel_url(names.RUNS_DIR, run.run_id, names.RUN_TRIALS_PLOT)
+            plot = (f'<a href="{src}"><img class="trials" alt="trials of '
+                    f'{html.escape(run.run_id)}" src="{src}"></a>')
+        rows.append(f'<tr class="tune-round"><td><code>{html.escape(run.run_id)}</code></td>'
+                    f"{detail}<td>{plot}</td></tr>")
+    return ('<section id="tuning"><h2>Tuning rounds</h2><table><thead><tr><th>run</th>'
+            "<th>trials</th><th>best parameters</th><th>test accuracy</th><th>commit</th>"
+            "<th>trials plot</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table></section>")
+
+
+def restarts_section(ws: Workspace) -> str:
+    if not ws.status:
+        return ('<section id="restarts"><h2>Restarts (job6)</h2><p>no training or tuning '
+                "process recorded yet (status/*.properties).</p></section>")
+    keys = ("RESTARTS", "STATUS", "EXIT_CODE", "GAVE_UP")
+    rows = "".join(
+        f'<tr class="status-{html.escape(role)}"><td>{html.escape(role)}</td>'
+        + "".join(f"<td>{esc(props.get(k))}</td>" for k in keys) + "</tr>"
+        for role, props in ws.status.items())
+    return ('<section id="restarts"><h2>Restarts (job6)</h2><table><thead><tr><th>process</th>'
+            + "".join(f"<th>{k}</th>" for k in keys) + f"</tr></thead><tbody>{rows}</tbody>"
+            "</table></section>")
+
+
+PAGE = Template("""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>CT report: CIFAR-10 continuous training</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1200px; }
+h1 { font-size: 1.5em; margin: 0 0 .2em; } h2 { font-size: 1.15em; margin: 1.4em 0 .4em; }
+.card { border: 1px solid #ccc; border-radius: 6px; padding: .2em 1em 1em; background: #fafafa; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .2em 1em; margin: .5em 0; }
+dt { color: #666; } dd { margin: 0; } .big { font-size: 1.4em; color: #1a7f37; }
+table { border-collapse: collapse; width: 100%; } th, td { border-bottom: 1px solid #ddd;
+  padding: .25em .5em; text-align: left; vertical-align: middle; } th { background: #f0f0f0; }
+td.num { text-align: right; } tr.unreadable td { background: #fff4f4; color: #8a1c1c; }
+img.curves, img.trials { height: 64px; width: auto; border: 1px solid #ddd; background: #fff; }
+.card img.curves { height: 220px; } .na { color: #999; } .note { color: #8a5a00; }
+svg .plot { fill: #fff; stroke: #bbb; } svg .grid { stroke: #eee; }
+svg .accuracy { fill: none; stroke: #1f6feb; stroke-width: 2; }
+svg .threshold { fill: none; stroke: #d1242f; stroke-width: 2; stroke-dasharray: 6 4; }
+svg .pass { fill: #1a7f37; } svg .fail { fill: #d1242f; }
+svg text { font: 11px system-ui, sans-serif; fill: #555; } svg .ylab { text-anchor: end; }
+svg .empty { text-anchor: middle; font-size: 14px; }
+footer { margin-top: 2em; color: #777; font-size: .9em; }
+</style>
+</head>
+<body>
+<h1>CIFAR-10 continuous training</h1>
+<p>Workspace <code>$workspace</code>, report written $written by
+<code>python3 -m ct.pipeline.report</code>.</p>
+$best
+$history
+$runs
+$tuning
+$restarts
+<footer>Static page: no JavaScript; pictures are read from ../runs/ next to this folder.</footer>
+</body>
+</html>
+""")
+
+
+def render(ws: Workspace, limit: int = DEFAULT_RUNS) -> str:
+    return PAGE.substitute(
+        workspace=html.escape(str(ws.root)), written=html.escape(gate.utc_now()),
+        best=best_card(ws), history=history_section(ws), runs=runs_section(ws, limit),
+        tuning=tuning_section(ws), restarts=restarts_section(ws),
+    )
+
+
+def write_report(root: Path, limit: int = DEFAULT_RUNS) -> Path:
+    ws = collect(root)
+    page = render(ws, limit)
+    target = root / names.REPORT_INDEX
+    try:
+        atomic.write_files({target: page.encode("utf-8")})
+    except atomic.WriteError as err:
+        raise ReportError(
+            f"cannot write {err.target} ({err.reason}); make {root / names.REPORT_DIR} writable "
+            "for this user (or move what is in the way), then rerun") from None
+    return target
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ct.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--workspace", type=Path, default=os.environ.get("CT_WORKSPACE"),
+                        help="the pipeline workspace (default: $CT_WORKSPACE)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
+                        help=f"how many of the newest runs to list (default {DEFAULT_RUNS})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workspace is None:
+        parser.error("--workspace is required (or set CT_WORKSPACE)")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    workspace = Path(args.workspace)
+    try:
+        if not workspace.is_dir():
+            raise ReportError(f"workspace {workspace} is not a directory; check --workspace")
+        path = write_report(workspace, args.runs)
+    except ReportError as err:
+        print(f"ct.report: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"ct.report: {err}; fix that path's permissions, then rerun", file=sys.stderr)
+        return 2
+    print(f"ct.report: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""ct.pipeline.lineage: the chain commit -> image -> data -> config -> run -> model, and --verify,
+on a workspace built from real files (tests/test_report.py's builder)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ct import workspace as names
+from ct.pipeline import gate
+from tests.test_gate import COMMIT, make_workspace, run_module
+from tests.test_report import add_run
+
+
+def workspace_with_data(root: Path, form: str = "archive") -> Path:
+    """A promoted run whose lineage names the dataset in W/data, hashed as the trainer does."""
+    ws = make_workspace(root, 70.0, run_id="train-20250101-000000-aaaa")
+    data = ws / "data"
+    if form == "archive":
+        data.mkdir()
+        (data / names.DATA_ARCHIVE).write_bytes(b"not really gzip, only bytes to hash" * 100)
+        source = data / names.DATA_ARCHIVE
+    else:
+        source = data / names.DATA_FOLDER
+        source.mkdir(parents=True)
+        for i, name in enumerate(names.DATASET_FOLDER_FILES):
+            (source / name).write_bytes(bytes([i]) * 1000)
+    metrics = add_run(ws, "train-20250102-000000-bbbb", 84.5)
+    metrics["lineage"] |= {"dataset_sha256": names.dataset_sha256(source), "dataset_form": form}
+    text = json.dumps(metrics)
+    (ws / "runs" / metrics["run_id"] / "metrics.json").write_text(text)
+    (ws / "metrics.json").write_text(text)
+    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    return ws
+
+
+def lineage(ws: Path, *args: str):
+    return run_module("ct.pipeline.lineage", "--workspace", str(ws), *args)
+
+
+def test_promotion_copies_the_lineage_into_best_json(tmp_path: Path) -> None:
+    ws = workspace_with_data(tmp_path / "ws")
+    best = json.loads((ws / "best.json").read_text())
+    metrics = json.loads((ws / "metrics.json").read_text())
+    assert best["lineage"] == metrics["lineage"]
+    assert best["lineage"]["model_sha256"] == best["model_sha256"]
+
+
+def test_the_chain_of_the_best_model_and_of_a_run(tmp_path: Path) -> None:
+    ws = workspace_with_data(tmp_path / "ws")
+    best = json.loads((ws / "best.json").read_text())
+    proc = lineage(ws)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "lineage of the best model:"
+    labels = [line.split()[0] for line in lines[1:]]
+    assert labels == ["commit", "image", "data", "config", "run", "model"]
+    assert COMMIT in lines[1] and "ct-cifar-train:0123456789ab (sha256:abc)" in lines[2]
+    assert best["lineage"]["dataset_sha256"] in lines[3] and "seed 1" in lines[4]
+    assert "train-20250102-000000-bbbb" in lines[5] and best["model_sha256"] in lines[6]
+    proc = lineage(ws, "train-20250102-000000-bbbb")
+    assert proc.returncode == 0 and proc.stdout.startswith(
+        "lineage of the run train-20250102-000000-bbbb:")
+    assert "runs/train-20250102-000000-bbbb/model.pt" in proc.stdout
+
+
+def test_verify_passes_then_catches_a_changed_model_and_a_changed_dataset(tmp_path: Path) -> None:
+    for form in ("archive", "folder"):
+        ws = workspace_with_data(tmp_path / form, form)
+        proc = lineage(ws, "--verify")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "verified: the model and the dataset match the record" in proc.stdout
+        assert lineage(ws, "train-20250102-000000-bbbb", "--verify").returncode == 0
+
+        best = json.loads((ws / "best.json").read_text())
+        model = ws / best["model"]
+        model.write_bytes(model.read_bytes() + b"tampered")
+        proc = lineage(ws, "--verify")
+        assert proc.returncode == 1
+        (problem,) = [x for x in proc.stdout.splitlines() if "MISMATCH" in x]
+        assert problem.startswith("ct.lineage: MISMATCH model:") and "model file changed" in problem
+
+        source = ws / "data" / (names.DATA_ARCHIVE if form == "archive" else
+                                f"{names.DATA_FOLDER}/test_batch")
+        source.write_bytes(source.read_bytes()[:-1] + b"X")
+        proc = lineage(ws, "train-20250102-000000-bbbb", "--verify")
+        assert proc.returncode == 1
+        (problem,) = [x for x in proc.stdout.splitlines() if "MISMATCH" in x]
+        assert "data:" in problem and "the dataset changed" in problem
+
+
+def test_dataset_sha256_is_the_files_one_after_the_other(tmp_path: Path) -> None:
+    """The trainer's definition (ct.trainer.data.dataset_files + sha256_files), in the stdlib."""
+    folder = tmp_path / names.DATA_FOLDER
+    folder.mkdir()
+    blob = b""
+    for i, name in enumerate(names.DATASET_FOLDER_FILES):
+        (folder / name).write_bytes(bytes([65 + i]) * (i + 3))
+        blob += bytes([65 + i]) * (i + 3)
+    (folder / "readme.html").write_text("not covered")
+    assert names.dataset_sha256(folder) == hashlib.sha256(blob).hexdigest()
+    archive = tmp_path / names.DATA_ARCHIVE
+    archive.write_bytes(b"abc")
+    assert names.dataset_sha256(archive) == hashlib.sha256(b"abc").hexdigest()
+    assert names.dataset_source(tmp_path) == folder  # the folder wins, as in data.locate
+
+
+def test_old_records_without_lineage(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path / "ws", 81.0, run_id="r1")
+    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert "lineage" not in json.loads((ws / "best.json").read_text())
+    proc = lineage(ws)
+    assert proc.returncode == 0 and "no lineage recorded" in proc.stdout
+    assert COMMIT in proc.stdout  # from the record's own commit
+    proc = lineage(ws, "--verify")
+    assert proc.returncode == 1 and "names no dataset sha256" in proc.stdout
+
+
+def test_bad_input_is_exit_2_with_one_line(tmp_path: Path) -> None:
+    for args in (["--workspace", str(tmp_path / "nope")],
+                 ["--workspace", str(tmp_path)],  # no best.json
+                 ["--workspace", str(tmp_path), "no-such-run"],
+                 ["--workspace", str(tmp_path), "../etc"]):
+        proc = run_module("ct.pipeline.lineage", *args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
