@@ -52,7 +52,7 @@ export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR C
 # shellcheck disable=SC2034 # used by job1-pull.sh
 CT_STATE_PATHS=(data/ runs/ outbox/ status/ plot/ artifacts/ accuracy.txt metrics.json best.json
   best-model.pt models/ commit.txt gate.properties promotion.properties accuracy-history.csv
-  handover.properties)
+  handover.properties report/)
 
 # job6 -> job4: a run that job6 restarted and that has now finished (COMMIT, RUN_DIR), for the
 # parameterized trigger on job6 (jenkins/jobs.yaml); written by job6 only, removed by its next build.

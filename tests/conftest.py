@@ -169,3 +169,16 @@ def smtp_server():
         )
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def browser() -> str:
+    """A real headless browser (Debian chromium) for pages; skip without, unless CI requires it."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CT_REQUIRE_BROWSER") == "1":
+            pytest.fail("CT_REQUIRE_BROWSER=1 but chromium is not installed "
+                        "(apt-get install -y --no-install-recommends chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium); CI sets "
+                    "CT_REQUIRE_BROWSER=1 to make this a failure")
+    return found

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import time
 import uuid
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SCRIPTS, git, read_props, run_script
+from tests.test_report import WRAPPER, chromium
 
 
 def _mail_checks(inbox, ws: Path, commit: str) -> None:
@@ -62,7 +64,8 @@ def docker_env(script_env, docker_engine):
 # ------------------------------------------------------------------------------ local runtime
 
 
-def test_local_chain_passes_promotes_and_mails(source_repo, script_env, smtp_server):
+def test_local_chain_passes_promotes_and_mails(source_repo, script_env, smtp_server, browser,
+                                              tmp_path):
     smtp, inbox = smtp_server
     env = {**script_env, **smtp}
     proc = run_script("pipeline.sh", env, str(source_repo))
@@ -70,6 +73,23 @@ def test_local_chain_passes_promotes_and_mails(source_repo, script_env, smtp_ser
     _assert_passed_and_promoted(ws, inbox)
     assert "job5" not in proc.stderr  # no tuning above the threshold
     assert read_props(ws / "status" / "train.properties")["RUNTIME"] == "local"
+    # the mail carries the run's curves, and job4 wrote the report of this real run
+    metrics = json.loads((ws / "metrics.json").read_text())
+    attached = [part.get_filename() for part in inbox.messages[0].iter_attachments()]
+    assert "curves.png" in attached
+    index = ws / "report" / "index.html"
+    dom = chromium("--dump-dom", index.as_uri(), cwd=tmp_path).stdout
+    best = dom.split('id="best"', 1)[1].split("</section>", 1)[0]
+    assert f"{metrics['accuracy']:g}%" in best and metrics["lineage"]["dataset_sha256"] in best
+    assert len(re.findall(r'<tr class="run[^"]*" id="run-', dom)) == 1
+    wrapper = tmp_path / "wrapper.html"
+    wrapper.write_text(WRAPPER.replace("REPORT", index.as_uri()))
+    out = chromium("--allow-file-access-from-files", "--virtual-time-budget=5000", "--dump-dom",
+                   wrapper.as_uri(), cwd=tmp_path).stdout
+    images = json.loads(re.search(r'<pre id="out">(.*?)</pre>', out, re.S).group(1)
+                        .replace("&quot;", '"'))
+    curves = [i for i in images if i[0] == f"../{metrics['run_dir']}/curves.png"]
+    assert curves and all(complete and width > 0 for _, complete, width in curves), images
 
 
 @pytest.mark.slow

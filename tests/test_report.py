@@ -4,7 +4,6 @@ opened by a real headless browser (Debian chromium) from file://, without a serv
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
@@ -13,8 +12,6 @@ import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from ct.pipeline import gate, report
 from tests.test_gate import COMMIT, make_workspace, run_module, write_run
@@ -250,17 +247,6 @@ def png_size_and_variety(data: bytes) -> tuple[int, int, int]:
             idat += data[pos + 8:pos + 8 + length]
         pos += 12 + length
     return width, height, len(set(zlib.decompress(idat)))
-
-
-@pytest.fixture
-def browser() -> str:
-    if CHROMIUM is None:
-        if os.environ.get("CT_REQUIRE_BROWSER") == "1":
-            pytest.fail("CT_REQUIRE_BROWSER=1 but chromium is not installed "
-                        "(apt-get install -y --no-install-recommends chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium); CI sets "
-                    "CT_REQUIRE_BROWSER=1 to make this a failure")
-    return CHROMIUM
 
 
 def test_a_browser_opens_the_report_from_disk(tmp_path: Path, browser: str) -> None:
