@@ -70,6 +70,10 @@ def test_trials_png_after_a_small_tune(tmp_path: Path, tiny_cifar_root: Path,
     assert is_png(tune_dir / "trials.png")
     for trial in ("trial-00", "trial-01"):
         assert is_png(tune_dir / trial / "curves.png"), "each trial is a run with its curves"
+    # the round's own curves are the best trial's (the report's row and the mail show them)
+    best = json.loads((tune_dir / "best.json").read_text())["trial"]
+    assert (tune_dir / "curves.png").read_bytes() == (
+        tune_dir / f"trial-{best:02d}" / "curves.png").read_bytes()
 
 
 def test_trials_png_fades_stopped_trials_and_highlights_the_best(tmp_path: Path) -> None:

@@ -166,6 +166,8 @@ def _finish(run_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]], dat
             "test_accuracy": round(test_accuracy, 2), "validation_images": val,
             "trials_finished": len(finished), "trials_run": len(rows),
         })
+    if (best_dir / names.RUN_CURVES).is_file():  # the round's picture in the report and the mail
+        atomic.copy_file(best_dir / names.RUN_CURVES, run_dir / names.RUN_CURVES)
     log(f"best trial {best['trial'] + 1} ({best_dir.name}): "
         f"validation {best['val_accuracy']:.2f}%, test {test_accuracy:.2f}%")
     return Outcome(best["params"], saved["config"], best["val_accuracy"], test_accuracy, len(rows))
