@@ -23,9 +23,11 @@ Standard library only: the trainer (in the container) writes these files, the ga
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,25 @@ def current_image(env: Mapping[str, str] = os.environ) -> tuple[str, str | None]
     if not tag or tag == LOCAL_IMAGE:
         return LOCAL_IMAGE, LOCAL_IMAGE
     return tag, env.get(IMAGE_ID_ENV, "").strip() or None
+
+
+# ---------------------------------------------------------------- the host tools' --workspace
+
+
+def add_workspace_argument(parser: argparse.ArgumentParser) -> None:
+    """--workspace W, defaulting to $CT_WORKSPACE, for the host-side tools (ct.pipeline.*)."""
+    parser.add_argument("--workspace", type=Path, default=os.environ.get("CT_WORKSPACE"),
+                        help="the pipeline workspace (default: $CT_WORKSPACE)")
+
+
+def workspace_of(parser: argparse.ArgumentParser, given: Path | None) -> Path | None:
+    """The workspace a tool was given, an existing folder; None after one line on stderr (the
+    tool's name first), for the caller to exit 2. None given at all is argparse's usage error."""
+    if given is None:
+        parser.error("--workspace is required (or set CT_WORKSPACE)")
+    workspace = Path(given)
+    if not workspace.is_dir():
+        print(f"{parser.prog}: workspace {workspace} is not a directory; check --workspace",
+              file=sys.stderr)
+        return None
+    return workspace

@@ -45,7 +45,9 @@ from ct.workspace import (
     MODELS_DIR,
     PLOT_FILE,
     PROMOTION_PROPERTIES,
+    add_workspace_argument,
     commit_of_run,
+    workspace_of,
 )
 
 STORED_NAME = ("best-", ".pt")  # models/best-<sha256[:16]>.pt
@@ -553,11 +555,8 @@ def prune_models(workspace: Path, keep: str | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ct.gate", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    workspace_help = "the pipeline workspace (default: $CT_WORKSPACE)"
     check_cmd = commands.add_parser("check", help="validate accuracy.txt against the threshold")
-    check_cmd.add_argument(
-        "--workspace", type=Path, default=os.environ.get("CT_WORKSPACE"), help=workspace_help
-    )
+    add_workspace_argument(check_cmd)
     check_cmd.add_argument(
         "--threshold",
         default=os.environ.get("CT_THRESHOLD"),
@@ -569,21 +568,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="build id for the history (default: $BUILD_NUMBER)",
     )
     promote_cmd = commands.add_parser("promote", help="keep the run's model if it beats the best")
-    promote_cmd.add_argument(
-        "--workspace", type=Path, default=os.environ.get("CT_WORKSPACE"), help=workspace_help
-    )
+    add_workspace_argument(promote_cmd)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.workspace is None:
-        parser.error("--workspace is required (or set CT_WORKSPACE)")
-    workspace = Path(args.workspace)
+    workspace = workspace_of(parser, args.workspace)
+    if workspace is None:
+        return 2
     try:
-        if not workspace.is_dir():
-            raise GateError(f"workspace {workspace} is not a directory; check --workspace")
         if args.command == "check":
             print(check(workspace, args.threshold, args.build_id))
         else:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -188,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ct.lineage", description=__doc__.split("\n")[0])
     parser.add_argument("which", nargs="?", default="best",
                         help="'best' (default: the promoted model) or a run id under runs/")
-    parser.add_argument("--workspace", type=Path, default=os.environ.get("CT_WORKSPACE"),
-                        help="the pipeline workspace (default: $CT_WORKSPACE)")
+    names.add_workspace_argument(parser)
     parser.add_argument("--verify", action="store_true",
                         help="hash the model and the dataset again and compare with the record")
     return parser
@@ -198,12 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.workspace is None:
-        parser.error("--workspace is required (or set CT_WORKSPACE)")
-    workspace = Path(args.workspace)
+    workspace = names.workspace_of(parser, args.workspace)
+    if workspace is None:
+        return 2
     try:
-        if not workspace.is_dir():
-            raise LineageError(f"workspace {workspace} is not a directory; check --workspace")
         subject = load_subject(workspace, args.which)
         print("\n".join(chain_lines(workspace, subject)))
         if not args.verify:

@@ -339,12 +339,7 @@ def deliver(workspace: Path, msg: EmailMessage, facts: Facts, settings: SmtpSett
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ct.notify", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--workspace",
-        type=Path,
-        default=os.environ.get("CT_WORKSPACE"),
-        help="the pipeline workspace (default: $CT_WORKSPACE)",
-    )
+    names.add_workspace_argument(parser)
     parser.add_argument(
         "--event",
         choices=sorted(EVENTS),
@@ -365,12 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.workspace is None:
-        parser.error("--workspace is required (or set CT_WORKSPACE)")
-    workspace = Path(args.workspace)
+    workspace = names.workspace_of(parser, args.workspace)
+    if workspace is None:
+        return 2
     try:
-        if not workspace.is_dir():
-            raise NotifyError(f"workspace {workspace} is not a directory; check --workspace")
         settings = SmtpSettings.from_env(os.environ)
         facts = read_facts(workspace, args.event, args.note)
         msg = build_message(workspace, facts, settings)

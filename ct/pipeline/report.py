@@ -21,7 +21,6 @@ import csv
 import html
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -450,8 +449,7 @@ def write_report(root: Path, limit: int = DEFAULT_RUNS) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ct.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--workspace", type=Path, default=os.environ.get("CT_WORKSPACE"),
-                        help="the pipeline workspace (default: $CT_WORKSPACE)")
+    names.add_workspace_argument(parser)
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
                         help=f"how many of the newest runs to list (default {DEFAULT_RUNS})")
     return parser
@@ -460,14 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.workspace is None:
-        parser.error("--workspace is required (or set CT_WORKSPACE)")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    workspace = Path(args.workspace)
+    workspace = names.workspace_of(parser, args.workspace)
+    if workspace is None:
+        return 2
     try:
-        if not workspace.is_dir():
-            raise ReportError(f"workspace {workspace} is not a directory; check --workspace")
         path = write_report(workspace, args.runs)
     except ReportError as err:
         print(f"ct.report: {err}", file=sys.stderr)
