@@ -28,7 +28,7 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -132,24 +132,33 @@ def dataset_source(data_dir: Path) -> Path | None:
     return None
 
 
-# What a folder's digest covers, in this order (ct.trainer.data.dataset_files: the same list).
+# What a folder's digest covers, in this order (dataset_files).
 DATASET_FOLDER_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 
 
-def dataset_sha256(source: Path) -> str:
-    """The dataset's identity as the trainer records it in the lineage (ct.trainer.data.
-    dataset_sha256, without its cache): the sha256 of the archive's bytes, or of the folder's
-    DATASET_FOLDER_FILES one after the other (`cat data_batch_1 ... batches.meta | sha256sum`).
-    For the host (ct.pipeline.lineage --verify), which cannot import the trainer. Raises OSError
-    when a file is missing or unreadable."""
+def dataset_files(source: Path) -> list[Path]:
+    """What the dataset's sha256 covers, in this order: the archive itself, or the folder's
+    DATASET_FOLDER_FILES (data_batch_1..5, test_batch, batches.meta)."""
     source = Path(source)
-    files = [source / name for name in DATASET_FOLDER_FILES] if source.is_dir() else [source]
-    digest = hashlib.sha256()
-    for path in files:
+    return [source / name for name in DATASET_FOLDER_FILES] if source.is_dir() else [source]
+
+
+def hash_files(paths: Iterable[Path], algorithm: str = "sha256") -> str:
+    """The hex digest of the files' bytes one after the other (`cat PATHS | sha256sum`), read in
+    1 MiB blocks. Raises OSError when a file is missing or unreadable."""
+    digest = hashlib.new(algorithm)
+    for path in paths:
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def dataset_sha256(source: Path) -> str:
+    """The dataset's identity as the lineage records it: the sha256 of `dataset_files(source)`.
+    The trainer (ct.trainer.data.dataset_sha256, which caches it) and the host's
+    `ct.pipeline.lineage --verify` both call this. Raises OSError when a file is unreadable."""
+    return hash_files(dataset_files(source))
 
 
 def current_image(env: Mapping[str, str] = os.environ) -> tuple[str, str | None]:

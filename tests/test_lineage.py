@@ -91,7 +91,7 @@ def test_verify_passes_then_catches_a_changed_model_and_a_changed_dataset(tmp_pa
 
 
 def test_dataset_sha256_is_the_files_one_after_the_other(tmp_path: Path) -> None:
-    """The trainer's definition (ct.trainer.data.dataset_files + sha256_files), in the stdlib."""
+    """The definition (ct.workspace.dataset_files + hash_files), written out again independently."""
     folder = tmp_path / names.DATA_FOLDER
     folder.mkdir()
     blob = b""

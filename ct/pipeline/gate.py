@@ -81,14 +81,20 @@ def is_percentage(value: Any) -> bool:
     return number and math.isfinite(value) and 0.0 <= value <= 100.0
 
 
-def load_json_object(path: Path, what_to_do: str) -> dict[str, Any]:
-    """Read a JSON object; anything else is a GateError naming the file and the remedy."""
+def read_text(path: Path, what_to_do: str, if_missing: str | None = None) -> str:
+    """A UTF-8 file's text; a missing or unreadable one is a GateError naming the file and the
+    remedy (`if_missing` for a missing one, when that remedy differs)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise GateError(f"{path} is missing; {what_to_do}") from None
+        raise GateError(f"{path} is missing; {if_missing or what_to_do}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise GateError(f"{path} cannot be read ({err}); {what_to_do}") from None
+
+
+def load_json_object(path: Path, what_to_do: str) -> dict[str, Any]:
+    """Read a JSON object; anything else is a GateError naming the file and the remedy."""
+    text = read_text(path, what_to_do)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
@@ -244,12 +250,7 @@ def parse_accuracy_text(text: str, path: Path) -> float:
 
 def read_accuracy(workspace: Path) -> float:
     path = workspace / ACCURACY_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GateError(f"{path} is missing; run job3 (training) to write it") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise GateError(f"{path} cannot be read ({err}); {RERUN_TRAINING}") from None
+    text = read_text(path, RERUN_TRAINING, if_missing="run job3 (training) to write it")
     return parse_accuracy_text(text, path)
 
 

@@ -67,12 +67,6 @@ def config_sha256(config: Any) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -145,7 +139,7 @@ def verify(workspace: Path, subject: Subject) -> list[str]:
     """What no longer matches the record: one line per problem, [] when all match."""
     problems = []
     try:
-        actual = file_sha256(subject.model)
+        actual = names.hash_files([subject.model])
     except OSError as err:
         problems.append(f"model: cannot hash {subject.model} ({gate.os_reason(err)})")
     else:

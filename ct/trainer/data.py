@@ -9,13 +9,12 @@ in bytes but not in structure.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import tarfile
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,29 +195,12 @@ def _write_cache(cache: Path, source: Path, data: Cifar) -> None:
         pass  # a read-only or full cache folder only costs speed
 
 
-def dataset_files(source: Path) -> list[Path]:
-    """What the dataset's sha256 covers, in this order: the archive itself, or the folder's batch
-    files (ct.workspace.DATASET_FOLDER_FILES: data_batch_1..5, test_batch, batches.meta)."""
-    if source.is_file():
-        return [source]
-    return [source / name for name in names.DATASET_FOLDER_FILES]
-
-
-def sha256_files(paths: Iterable[Path]) -> str:
-    """The sha256 of the files' bytes one after the other (`cat PATHS | sha256sum`)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def dataset_sha256(source: Path, cache_dir: Path | None = None) -> tuple[str, bool]:
-    """(sha256 of `dataset_files(source)`, whether it came from the cache). With `cache_dir`, the
-    digest is kept in cache_dir/HASH_CACHE under the files' paths, sizes and modification times,
-    beside the decoded-data cache: later runs on the same files do not read them again."""
-    files = dataset_files(source)
+    """(ct.workspace.dataset_sha256 of `source`, whether it came from the cache). With
+    `cache_dir`, the digest is kept in cache_dir/HASH_CACHE under the files' paths, sizes and
+    modification times, beside the decoded-data cache: later runs on the same files do not read
+    them again."""
+    files = names.dataset_files(source)
     try:
         key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     except OSError as exc:
@@ -243,12 +225,6 @@ def dataset_sha256(source: Path, cache_dir: Path | None = None) -> tuple[str, bo
     return digest, False
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(data_dir: Path) -> Path:
@@ -262,7 +238,7 @@ def download(data_dir: Path) -> Path:
     try:
         if download_url is not None:
             download_url(URL, str(data_dir), ARCHIVE, MD5)
-        elif not archive.exists() or _md5(archive) != MD5:
+        elif not archive.exists() or names.hash_files([archive], "md5") != MD5:
             partial = archive.with_suffix(".part")
             try:
                 urllib.request.urlretrieve(URL, partial)
@@ -274,7 +250,7 @@ def download(data_dir: Path) -> Path:
                         "by hand and rerun without --download") from exc
     except RuntimeError:  # torchvision's word for a failed integrity check
         pass
-    if not archive.exists() or _md5(archive) != MD5:
+    if not archive.exists() or names.hash_files([archive], "md5") != MD5:
         archive.unlink(missing_ok=True)
         raise DataError(f"the downloaded {ARCHIVE} failed its md5 check; rerun with --download")
     return archive

@@ -1,7 +1,7 @@
 """A run's lineage: what it was made from, recorded in its metrics.json as `lineage`, and how a
 reproduction (`train.py --reproduce RUN_ID`) compares with the run it repeats.
 
-    dataset_sha256  sha256 of the dataset as read (ct.trainer.data.dataset_files: the archive, or
+    dataset_sha256  sha256 of the dataset as read (ct.workspace.dataset_files: the archive, or
                     the folder's batch files one after the other); cached in data/
     dataset_form    "archive" or "folder": which of the two the digest covers
     seed            the config's seed
@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from ct import workspace as names
-from ct.trainer.data import sha256_files
 from ct.trainer.engine import Compute
 
 # What must be equal for a reproduction to be expected to match bit for bit, and how to say it.
@@ -42,7 +41,7 @@ def run_lineage(*, dataset_sha256: str, dataset_location: Path | None, seed: int
         "dataset_sha256": dataset_sha256, "dataset_form": form, "seed": seed, "commit": commit,
         "image": image, "image_id": image_id, "torch": torch.__version__,
         "device": compute.describe(), "threads": torch.get_num_threads(),
-        "model_sha256": sha256_files([model_path]),
+        "model_sha256": names.hash_files([model_path]),
     }
 
 
