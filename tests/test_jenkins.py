@@ -169,6 +169,9 @@ def test_deploy_refuses_a_local_repository_unless_allowed(tmp_path, url):
 
 
 def test_job6_monitors_every_five_minutes_and_retrains_weekly(rendered):
+    """parameterized-scheduler 378.va_234d1c44456, ParameterizedTimerTrigger.java: the trigger
+    is built from one field, parameterizedSpecification ("cron % NAME=value" per line), the same
+    as in the 1.1 pin it replaces."""
     root = rendered["job6"]
     spec = root.findtext("triggers/org.jenkinsci.plugins.parameterizedscheduler."
                          "ParameterizedTimerTrigger/parameterizedSpecification")
@@ -212,6 +215,10 @@ def test_chain_job1_to_job4_on_success(rendered):
 
 
 def test_job4_hands_over_to_job5_only_below_the_threshold(rendered):
+    """The XML is read back by the classes at the pinned tags: conditional-buildstep-1.5.0
+    singlestep/SingleConditionalBuilder.java (fields buildStep, condition, runner) and
+    run-condition-1.7 core/StringsMatchCondition.java (arg1, arg2, ignoreCase) and
+    BuildStepRunner.java (nested class Fail), unchanged from the 1.4.2/1.5 pins they replace."""
     root = rendered["job4"]
     assert downstream_publishers(root) == [], "job4 must not trigger job5 unconditionally"
     step = gated_trigger(root)
