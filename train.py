@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import torch
 
 from ct.trainer import stopping
-from ct.trainer.engine import make_compute
+from ct.trainer.engine import Compute, make_compute
 from ct.trainer.errors import UsageError
 from ct.trainer.run import (
     RecordedRun,
@@ -40,7 +40,6 @@ from ct.trainer.run import (
     reproduce_mode,
     train_mode,
 )
-from ct.trainer.tune import tune_mode
 from network import NET_DEFAULTS, NET_HELP, check_net_config
 
 # ---------------------------------------------------------------------------------------------
@@ -122,11 +121,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "included) again in a new run folder and compare the accuracies")
     tune = p.add_argument_group("tuning")
     tune.add_argument("--tune", action="store_true", help="search hyperparameters, keep the best")
-    tune.add_argument("--trials", type=int, default=8,
+    tune.add_argument("--trials", type=int, default=30,
                       help="at most this many trials (default: %(default)s)")
     tune.add_argument("--time-budget", type=float, default=3600.0,
                       help="seconds for all trials (default: %(default)s)")
     tune.add_argument("--optimizers", default="sgd,adam,adamw", help="optimizers the search uses")
+    tune.add_argument("--max-epochs", type=int, default=24,
+                      help="the longest trial the search may propose (default: %(default)s)")
+    tune.add_argument("--sampler", default="tpe", choices=["tpe", "random"],
+                      help="how trials are proposed (default: %(default)s)")
+    tune.add_argument("--pruner", default="median",
+                      help="what stops trials that fall behind: median, halving, hyperband or "
+                           "none (default: %(default)s)")
+    tune.add_argument("--worker", type=int, default=0, metavar="K",
+                      help="K >= 1: help the open round of the same flags and workspace "
+                           "(CT_TUNE_WORKERS starts these); 0: run the round (default)")
+    tune.add_argument("--stale-after", type=float, default=300.0, metavar="SECONDS",
+                      help="a trial without a heartbeat this long lost its worker and is "
+                           "retried (default: %(default)s)")
     cfg = p.add_argument_group("training (defaults: TRAIN_DEFAULTS in train.py, then --preset)")
     for key, value in TRAIN_DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
@@ -196,6 +208,11 @@ def check_run_flags(args: argparse.Namespace) -> None:
         raise UsageError("--resume and --fresh contradict each other; pick one")
     if args.tune and not (1 <= args.trials <= 100 and args.time_budget > 0):
         raise UsageError("--trials must be in 1..100 and --time-budget positive")
+    if args.worker or args.stale_after != 300.0:
+        if not args.tune:
+            raise UsageError("--worker and --stale-after belong to --tune")
+        if not (0 <= args.worker <= 64 and args.stale_after > 0):
+            raise UsageError("--worker must be in 0..64 and --stale-after positive")
     if args.reproduce is not None:
         others = [flag for flag, given in (("--tune", args.tune), ("--resume", args.resume),
                                            ("--fresh", args.fresh), ("--dry-run", args.dry_run),
@@ -216,6 +233,21 @@ def recorded_for_reproduce(ws: Workspace, run_id: str) -> RecordedRun:
                          "(another version of train.py wrote it); check out that commit")
     check_config(recorded.config)
     return recorded
+
+
+def tune(args: argparse.Namespace, cfg: dict[str, Any], ws: Workspace, compute: Compute,
+         started: float) -> dict[str, Any] | None:
+    """--tune: optuna is imported here only, so the training image needs none of it."""
+    try:
+        from ct.trainer.tune import TuneOptions, tune_mode
+    except ImportError as exc:
+        raise UsageError(f"--tune needs {exc.name} (the tuning image installs it): "
+                         "pip install -r requirements-tune.txt") from exc
+    tuning = TuneOptions(trials=args.trials, time_budget=args.time_budget,
+                         optimizers=args.optimizers, max_epochs=args.max_epochs,
+                         sampler=args.sampler, pruner=args.pruner,
+                         worker=args.worker, stale_after=args.stale_after)
+    return tune_mode(run_options(args), cfg, ws, compute, started, tuning)
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
@@ -241,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, flush=True)
                 return 0
             if args.tune:
-                summary = tune_mode(run_options(args), cfg, ws, compute, started, args.trials,
-                                    args.time_budget, args.optimizers)
+                summary = tune(args, cfg, ws, compute, started)
+                if summary is None:  # a helper worker: the round's owner reports
+                    return 0
             else:
                 summary = train_mode(run_options(args), cfg, ws, compute, started)
         except UsageError as exc:

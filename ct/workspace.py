@@ -19,6 +19,7 @@ Standard library only: the trainer (in the container) writes these files, the ga
       outbox/                    ct.pipeline.notify: messages kept instead of (or before) mailing
       report/index.html          ct.pipeline.report: the static HTML report (Jenkins' "CT report")
       status/                    the job scripts: how the last training/tuning process ended
+      studies/optuna.journal     train.py --tune: the Optuna study every round continues
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ PROMOTION_PROPERTIES = "promotion.properties"
 OUTBOX_DIR = "outbox"
 REPORT_DIR = "report"
 REPORT_INDEX = "report/index.html"
+TUNE_JOURNAL = "studies/optuna.journal"  # the tuning study (unless CT_TUNE_STORAGE names a DB)
 TRAIN_STATUS = "status/train.properties"  # job3/job6: how the training process ended, restarts
 TUNE_STATUS = "status/tune.properties"  # job5/job6: the same for the tuning process
 
@@ -63,7 +65,7 @@ RUN_CLOCK = "clock.json"  # the wall time earlier processes spent on the run, an
 RUN_LOG = "train.log"
 RUN_MODEL = "model.pt"  # the trained model, with its config and summary
 RUN_METRICS = METRICS_FILE  # the run's summary; its presence marks the run finished
-RUN_TRIALS = "trials.jsonl"  # a tuning run: one line per trial, in trial-NN/ folders
+RUN_TRIALS = "trials.jsonl"  # a tuning run: one line per trial, in trial-NNN/ folders
 RUN_BEST = BEST_FILE  # a tuning run: the best trial
 RUN_CURVES = "curves.png"  # loss, accuracies and learning rate per epoch (when matplotlib imports)
 RUN_TRIALS_PLOT = "trials.png"  # a tuning run: every trial's curve, the best highlighted

@@ -7,6 +7,11 @@
 #   scripts/job5-tune.sh [--no-mail]   (CT_TUNE_TRIALS, CT_TUNE_BUDGET seconds, CT_TUNE_ARGS; unset
 #                                       trials and budget: train.py's defaults)
 #
+# CT_TUNE_WORKERS=N runs N tuning processes (local) or containers (docker) on the round: the first
+# owns it (job6 restarts it; it tests the winner once), the others (`--worker K`) take its trials
+# from the study until none is left. The study lives in the workspace (studies/), or in the
+# database CT_TUNE_STORAGE names, which workers on other machines can share.
+#
 # --no-mail keeps the message in outbox/ only: Jenkins' job5 mails through email-ext itself.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -44,6 +49,29 @@ start_watchdog() {
   WATCHDOG=$!
 }
 
+# start_helpers IMAGE ARGS...: workers 2..CT_TUNE_WORKERS, each `train.py --tune --worker K`.
+start_helpers() {
+  local image="$1" k
+  shift
+  for ((k = 1; k < CT_TUNE_WORKERS; k++)); do
+    start_process "tune-w$k" "$image" "$@" --worker "$k"
+  done
+}
+
+# stop_helpers: the owner has tested the winner, so the helpers have nothing left to do; one that
+# is still up (waiting, or killed mid-trial and not yet noticed) is stopped.
+stop_helpers() {
+  local k name
+  for ((k = 1; k < CT_TUNE_WORKERS; k++)); do
+    name="$(props_get "$(state_file "tune-w$k")" CONTAINER)"
+    if [[ "$CT_RUNTIME" == docker ]]; then
+      docker stop "$name" >/dev/null 2>&1 || true
+    else
+      kill "${name#pid-}" 2>/dev/null || true
+    fi
+  done
+}
+
 main() {
   local delivery=mail image args=() extra code=0
   case "${1:-}" in
@@ -53,6 +81,9 @@ main() {
   esac
   [[ -z "$CT_TUNE_TRIALS" ]] || require_uint CT_TUNE_TRIALS "$CT_TUNE_TRIALS"
   [[ -z "$CT_TUNE_BUDGET" ]] || require_uint CT_TUNE_BUDGET "$CT_TUNE_BUDGET"
+  require_uint CT_TUNE_WORKERS "$CT_TUNE_WORKERS"
+  ((CT_TUNE_WORKERS >= 1 && CT_TUNE_WORKERS <= 64)) ||
+    die "CT_TUNE_WORKERS must be in 1..64, not $CT_TUNE_WORKERS" 2
   require_uint CT_MAX_TUNE_ROUNDS "$CT_MAX_TUNE_ROUNDS"
   require_workspace_code
   resolve_runtime
@@ -67,12 +98,14 @@ main() {
   read -ra extra <<<"$CT_TUNE_ARGS"
   args+=("${extra[@]}" "${DATA_FLAGS[@]}")
   start_process tune "$image" "${args[@]}"
+  start_helpers "$image" "${args[@]}"
   WATCHDOG=
   if [[ -n "$CT_TUNE_BUDGET" ]]; then
     start_watchdog "$(props_get "$(state_file tune)" CONTAINER)" "$CT_TUNE_BUDGET"
   fi
   follow tune || code=$?
   [[ -z "$WATCHDOG" ]] || kill "$WATCHDOG" 2>/dev/null || true
+  stop_helpers
   ((code == 0)) || ended_badly tune
 
   after_run "$delivery"

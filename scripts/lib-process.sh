@@ -48,6 +48,8 @@ launch() {
       -e "CT_IMAGE=$image" -e "CT_IMAGE_ID=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null)"
       --shm-size 1g -v "$CT_WORKSPACE:/workspace" -w /workspace)
     [[ -n "$CT_GPUS" ]] && run+=(--gpus "$CT_GPUS")
+    # the study's URL holds a password: passed by name, so it is in no argument list or record
+    [[ -n "$CT_TUNE_STORAGE" ]] && run+=(-e CT_TUNE_STORAGE)
     # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time
     [[ -n "$CT_MEMORY" ]] && run+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")
     "${run[@]}" "$image" "$@" >/dev/null || die "docker run of $image failed"

@@ -21,6 +21,9 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_TUNE_BUDGET:=}"                   # tuning: time budget in seconds (job5); empty:
                                           # train.py's, and no hard deadline on top of it
 : "${CT_TUNE_ARGS:=}"                     # extra train.py --tune flags for job5
+: "${CT_TUNE_WORKERS:=1}"                 # job5: tuning processes/containers sharing one round
+: "${CT_TUNE_STORAGE:=}"                  # the study's database URL (secret: a Jenkins credential);
+                                          # empty: the journal file in the workspace (studies/)
 : "${CT_MAX_TUNE_ROUNDS:=1}"              # tuning rounds per commit
 : "${CT_MAX_RESTARTS:=3}"                 # job6: restarts of one failed container
 : "${CT_BASE_IMAGE:=}"                    # BASE_IMAGE build arg; empty: the Dockerfiles' default
@@ -43,7 +46,7 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_RETRAIN_JOB:=job2}"               # the Jenkins job the weekly retrain starts
 : "${DOCKER_BUILDKIT:=0}"                 # the classic builder: no BuildKit needed on the host
 export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR CT_TRAIN_ARGS \
-  CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS CT_BASE_IMAGE \
+  CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_TUNE_WORKERS CT_TUNE_STORAGE CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS CT_BASE_IMAGE \
   CT_IMAGE_PREFIX CT_GPUS CT_MEMORY CT_CONTAINER_USER CT_PYTHON SMTP_HOST SMTP_PORT SMTP_STARTTLS \
   SMTP_USER SMTP_PASSWORD NOTIFY_FROM NOTIFY_TO JENKINS_URL JENKINS_USER JENKINS_API_TOKEN \
   CT_TRIGGER_TOKEN CT_RETRAIN_JOB DOCKER_BUILDKIT
@@ -52,7 +55,7 @@ export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR C
 # shellcheck disable=SC2034 # used by job1-pull.sh
 CT_STATE_PATHS=(data/ runs/ outbox/ status/ plot/ artifacts/ accuracy.txt metrics.json best.json
   best-model.pt models/ commit.txt gate.properties promotion.properties accuracy-history.csv
-  handover.properties report/)
+  handover.properties report/ studies/)
 
 # job6 -> job4: a run that job6 restarted and that has now finished (COMMIT, RUN_DIR), for the
 # parameterized trigger on job6 (jenkins/jobs.yaml); written by job6 only, removed by its next build.
@@ -226,7 +229,7 @@ image_tag() {
   local hash
   hash="$(cd "$CT_WORKSPACE" && {
     printf 'base=%s\n' "$CT_BASE_IMAGE"
-    for f in "$2" requirements.txt .dockerignore; do
+    for f in "$2" requirements.txt requirements-tune.txt .dockerignore; do
       printf '%s\n' "$f"
       if [[ -f "$f" ]]; then cat "$f"; fi
     done

@@ -182,3 +182,20 @@ def browser() -> str:
         pytest.skip("chromium is not installed (apt-get install chromium); CI sets "
                     "CT_REQUIRE_BROWSER=1 to make this a failure")
     return found
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server (tests/postgres_server.py) for the session; its URL. Skips
+    without one, unless CT_REQUIRE_POSTGRES=1 (CI), which makes that a failure."""
+    from tests import postgres_server as pg
+
+    try:
+        with pg.postgres_server() as url:
+            yield url
+            return
+    except pg.PostgresUnavailable as err:
+        reason = f"no PostgreSQL server: {err}"
+    if os.environ.get("CT_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"CT_REQUIRE_POSTGRES=1 but {reason}")
+    pytest.skip(reason)

@@ -43,7 +43,7 @@ RUN apt-get update \\
 COPY host-ca.crt {wheel} /tmp/build/
 RUN python3 -m venv /opt/venv \\
  && PIP_CERT=/tmp/build/host-ca.crt /opt/venv/bin/pip install --no-cache-dir \\
-      /tmp/build/{wheel} "numpy>=1.26" "{matplotlib}" \\
+      /tmp/build/{wheel} "numpy>=1.26" "{matplotlib}" {tune} \\
  && rm -rf /tmp/build
 ENV PATH=/opt/venv/bin:$PATH
 """
@@ -190,11 +190,16 @@ def _wheel() -> Path:
     return wheels[-1]
 
 
+def _pins(file: str) -> list[str]:
+    """The project's pins in `file`, e.g. ["matplotlib==3.10.9", ...]."""
+    requirements = Path(__file__).resolve().parent.parent / file
+    return [spec for line in requirements.read_text().splitlines()
+            if "==" in (spec := line.split("#", 1)[0].strip())]
+
+
 def _requirement(name: str) -> str:
     """The project's pin for `name` (requirements.txt), e.g. "matplotlib==3.10.9"."""
-    requirements = Path(__file__).resolve().parent.parent / "requirements.txt"
-    for line in requirements.read_text().splitlines():
-        spec = line.split("#", 1)[0].strip()
+    for spec in _pins("requirements.txt"):
         if spec.startswith(f"{name}=="):
             return spec
     raise EngineUnavailable(f"requirements.txt pins no {name}")
@@ -207,10 +212,13 @@ def _has_image(engine: Engine, name: str) -> bool:
 
 def ensure_base_image(engine: Engine) -> str:
     """Build (once) and return the name of a base image with python, CPU torch, numpy and
-    matplotlib (what the official PyTorch image plus Dockerfile.train give a user)."""
+    matplotlib (what the official PyTorch image plus Dockerfile.train give a user), and the tuning
+    pins (requirements-tune.txt), which Dockerfile.tune then finds satisfied without a download:
+    the test engine's builds have no network."""
     wheel = _wheel()
+    tune = " ".join(f'"{pin}"' for pin in _pins("requirements-tune.txt"))
     recipe = BASE_DOCKERFILE.format(rootfs=ROOTFS_IMAGE, wheel=wheel.name,
-                                    matplotlib=_requirement("matplotlib"))
+                                    matplotlib=_requirement("matplotlib"), tune=tune)
     tag = "ct-test-base:" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
     if _has_image(engine, tag):
         return tag

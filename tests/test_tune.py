@@ -1,59 +1,97 @@
-"""train.py --tune: bounded by trials and time, every named optimizer used, test set untouched."""
+"""train.py --tune: an Optuna study kept in the workspace, bounded rounds, the test set touched once
+by the winner, rounds that grow one study, killed trials retried once, bad storage refused."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
+from ct.trainer import study as studies
 from ct.trainer.tune import trial_dir
 from tests.conftest import REPO
+from tests.synthetic_cifar import make_cifar
 from tests.test_train import stop_after
 from tests.train_cli import run
 
-TUNE = ["--tune", "--epochs", "2", "--batch-size", "64"]
+# Trials of at most 3 epochs on 900 images: a sampled trial takes a few seconds.
+TUNE = ["--tune", "--epochs", "2", "--batch-size", "64", "--max-epochs", "3"]
 
 
 def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
 
 
+def tune_dirs(ws: Path) -> list[Path]:
+    return sorted(ws.glob("runs/tune-*"))
+
+
 def tune_dir(ws: Path) -> Path:
-    (found,) = ws.glob("runs/tune-*")
+    (found,) = tune_dirs(ws)
     return found
 
 
-def test_tune_tries_every_named_optimizer_and_keeps_the_best(
+def journal(ws: Path) -> optuna.storages.BaseStorage:
+    return optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(ws / "studies" / "optuna.journal")))
+
+
+def the_study(ws: Path) -> optuna.Study:
+    """The workspace's one study, read straight from its journal file."""
+    storage = journal(ws)
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_a_round_tries_the_base_config_first_and_tests_only_the_best(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE, "--trials", "3",
-                          "--optimizers", "sgd,adam,adamw"], capsys)
+    status, out, _ = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE,
+                          "--trials", "3"], capsys)
     assert status == 0, out
-    trials = rows(tune_dir(tmp_path))
-    assert len(trials) == 3 and all(t["status"] == "done" for t in trials)
-    assert {t["optimizer_class"] for t in trials} == {"SGD", "Adam", "AdamW"}
-    best = json.loads((tune_dir(tmp_path) / "best.json").read_text())
-    assert best["val_accuracy"] == max(t["val_accuracy"] for t in trials)
+    run_dir = tune_dir(tmp_path)
+    trials = rows(run_dir)
+    assert [t["trial"] for t in trials] == [0, 1, 2]
+    assert trials[0]["params"] == {"optimizer": "sgd", "lr": 0.4, "weight_decay": 0.0005,
+                                   "epochs": 2, "batch_size": 64, "width": 16,
+                                   "convs_per_block": 2, "dropout": 0.0,
+                                   "label_smoothing": 0.2}, "trial 0 is the pushed config"
+    assert trials[0]["status"] == "done", "the base config is never pruned"
+    best = json.loads((run_dir / "best.json").read_text())
+    done = [t for t in trials if t["status"] == "done"]
+    assert best["val_accuracy"] == max(t["val_accuracy"] for t in done)
     assert best["params"] == trials[best["trial"]]["params"]
+    study = the_study(tmp_path)
+    assert best["study"] == study.study_name and best["trials_in_study"] == 3
+    assert best["trials_finished"] + best["trials_pruned"] == 3
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["mode"] == "tune" and metrics["best_params"] == best["params"]
+    assert metrics["study"] == study.study_name
+    assert (metrics["trials_finished"], metrics["trials_pruned"]) == (
+        best["trials_finished"], best["trials_pruned"])
     assert float((tmp_path / "accuracy.txt").read_text()) == best["test_accuracy"]
-    assert metrics["accuracy"] == best["test_accuracy"] and metrics["trials"] == 3
-    best_dir = trial_dir(tune_dir(tmp_path), best["trial"]).name
-    assert (tune_dir(tmp_path) / "model.pt").read_bytes() == (
-        tune_dir(tmp_path) / best_dir / "model.pt").read_bytes()
-    # The log counts trials from 1 and names each trial's folder, so the two never disagree.
-    assert f"trial {best['trial'] + 1}/3 ({best_dir})" in out
-    assert f"best trial {best['trial'] + 1} ({best_dir})" in out
+    assert (run_dir / "model.pt").read_bytes() == (
+        trial_dir(run_dir, best["trial"]) / "model.pt").read_bytes()
+    log = (run_dir / "train.log").read_text()
+    assert log.count("test accuracy") == 0 and out.count(", test ") == 1, "tested once"
+    assert f"best trial-{best['trial']:03d}" in out
+    # The study holds what trials.jsonl shows: same numbers, values and states.
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert {t.number: t.value for t in study.trials if t.state == TrialState.COMPLETE} == {
+        t["trial"]: t["val_accuracy"] for t in done}
 
 
 def test_selection_uses_a_validation_split_not_the_test_set(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE, "--trials", "1"],
                capsys)[0] == 0
-    trial = tune_dir(tmp_path) / "trial-00"
+    trial = tune_dir(tmp_path) / "trial-000"
     config = json.loads((trial / "config.json").read_text())
     assert config["val_split"] == 100, "one tenth of the 1,000 training images validates"
     last_epoch = json.loads((trial / "epochs.jsonl").read_text().splitlines()[-1])
@@ -63,9 +101,37 @@ def test_selection_uses_a_validation_split_not_the_test_set(
     assert log.count("test accuracy") == 0, "trials are never scored on the test set"
 
 
-def test_time_budget_bounds_the_search(tmp_path: Path, tiny_cifar_root: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
-    common = ["--data-dir", tiny_cifar_root, "--tune", "--epochs", "3", "--batch-size", "64"]
+def test_two_rounds_grow_one_study_and_a_changed_problem_starts_another(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE, "--trials", "2"]
+    assert run(args, capsys)[0] == 0
+    status, out, _ = run(args, capsys)  # the next push below the threshold
+    assert status == 0, out
+    assert "2 earlier trial(s); 2 slot(s) added" in out
+    first, second = tune_dirs(tmp_path)
+    assert [r["trial"] for r in rows(first)] == [0, 1]
+    assert [r["trial"] for r in rows(second)] == [2, 3], "the second round continues the study"
+    study = the_study(tmp_path)
+    assert len(study.trials) == 4
+    assert {t.user_attrs["round"] for t in study.trials} == {first.name, second.name}
+    assert json.loads((second / "best.json").read_text())["trials_in_study"] == 4
+    # Another search space (no Adam) or other data: another study in the same journal.
+    assert run([*args, "--optimizers", "sgd,adamw"], capsys)[0] == 0
+    other_data = make_cifar(tmp_path / "other", per_batch=200, test=200, seed=7)
+    assert run(["--out", tmp_path, "--data-dir", other_data, *TUNE, "--trials", "1"],
+               capsys)[0] == 0
+    storage = journal(tmp_path)
+    assert len(optuna.get_all_study_names(storage)) == 3
+    assert len(the_study_named(storage, study.study_name).trials) == 4, "the first is untouched"
+
+
+def the_study_named(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_time_budget_bounds_the_round(tmp_path: Path, tiny_cifar_root: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--data-dir", tiny_cifar_root, *TUNE, "--epochs", "3"]
     # The budget is three first trials long, measured here, so a busy machine cannot make the
     # first trial miss it while fifty trials still cannot fit.
     assert run(["--out", tmp_path / "probe", *common, "--trials", "1"], capsys)[0] == 0
@@ -77,17 +143,21 @@ def test_time_budget_bounds_the_search(tmp_path: Path, tiny_cifar_root: Path,
     assert 1 <= len(trials) < 50
     assert "time budget" in out
     assert sum(t["seconds"] for t in trials[:-1]) <= budget, "no trial starts after the budget"
+    study = the_study(tmp_path / "ws")
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING)), \
+        "the round's unused slots are closed, so no later round pops them"
 
 
-def test_a_restarted_tune_continues_instead_of_starting_over(
+def test_a_restarted_round_continues_instead_of_starting_over(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE, "--trials", "2"]
     assert run(args, capsys)[0] == 0
     first = rows(tune_dir(tmp_path))
     (tune_dir(tmp_path) / "metrics.json").unlink()  # as if killed just before the end
     status, out, _ = run(args, capsys)
-    assert status == 0 and "trial 1/2" not in out and "trial 2/2" not in out
+    assert status == 0 and "trial-00" not in out.replace("best trial-00", ""), out
     assert rows(tune_dir(tmp_path)) == first
+    assert len(the_study(tmp_path).trials) == 2, "no slot added twice"
 
 
 def test_a_budget_too_small_for_any_trial_is_a_clear_error(
@@ -99,28 +169,174 @@ def test_a_budget_too_small_for_any_trial_is_a_clear_error(
     assert (tmp_path / "accuracy.txt").read_text() == "70.00\n"
 
 
-def test_sigterm_stops_a_tune_that_then_continues_to_the_same_end(
+def test_sigterm_mid_trial_then_the_retry_resumes_its_checkpoint_and_counts_once(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # One trial, the base config: batches of 32 make it long enough (3 epochs of 29 steps) to be
-    # stopped inside it; sampled trials would only add time.
+    # One slot, the base config: batches of 32 make it long enough (3 epochs of 29 steps) to be
+    # stopped inside it.
     args = ["--data-dir", tiny_cifar_root, "--tune", "--epochs", "3", "--batch-size", "32",
             "--trials", "1"]
     assert run(["--out", tmp_path / "ref", *args], capsys)[0] == 0
     ws = tmp_path / "ws"
     cmd = [sys.executable, str(REPO / "train.py"), "--out", str(ws), *map(str, args)]
-    stop = stop_after(cmd, ["trial 1/1", "epoch 1/3"], signal.SIGTERM)
+    stop = stop_after(cmd, ["trial-000", "epoch 1/3"], signal.SIGTERM)
     assert stop.status == 143, stop.stderr
     (line,) = stop.stderr.splitlines()
-    assert line.startswith("train.py: stopped by SIGTERM ") and "of trial-00" in line, line
+    assert line.startswith("train.py: stopped by SIGTERM ") and "of trial-000" in line, line
     status, out, _ = run(["--out", ws, *args], capsys)
-    assert status == 0 and "resuming trial-00" in out, out
-
-    def outcome(ws: Path) -> list[dict]:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows(tune_dir(ws))]
-
-    assert outcome(ws) == outcome(tmp_path / "ref"), "a resumed trial ends as if never stopped"
+    assert status == 0, out
+    assert "trial-000 lost its worker" in out and "resuming trial-001 from its checkpoint" in out
+    (done,) = [r for r in rows(tune_dir(ws)) if r["status"] == "done"]
+    (reference,) = rows(tune_dir(tmp_path / "ref"))
+    assert done["val_accuracy"] == reference["val_accuracy"], "resumed as if never stopped"
+    states = [t.state for t in the_study(ws).trials]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE], "retried once, counted once"
     metrics = json.loads((ws / "metrics.json").read_text())
-    reference = json.loads((tmp_path / "ref" / "metrics.json").read_text())
-    assert metrics["accuracy"] == reference["accuracy"]
-    assert (metrics["resumes"], reference["resumes"]) == (1, 0)
+    assert metrics["accuracy"] == json.loads((tmp_path / "ref" / "metrics.json").read_text())[
+        "accuracy"]
+    assert metrics["resumes"] == 1 and metrics["trials_finished"] == 1
     assert metrics["wall_time_s"] >= stop.ran_s, "the stopped process's time counts"
+
+
+def test_reports_reach_every_tenth_so_short_and_long_trials_compare(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    reported = 0
+    for epoch, accuracy in enumerate([30.0, 50.0, 70.0], start=1):
+        reported = studies.report(trial, reported, epoch, 3, accuracy)
+    values = study.trials[0].intermediate_values
+    assert sorted(values) == list(range(1, 11))
+    assert (values[3], values[6], values[10]) == (30.0, 50.0, 70.0)
+
+
+# --- several workers on one round -------------------------------------------------------------
+
+
+def worker_cmd(ws: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "--out", str(ws), "--data-dir", str(data),
+            *TUNE, "--trials", "4", "--stale-after", "4", *extra]
+
+
+def check_round(ws: Path, slots: int) -> dict:
+    """Every slot ran exactly once (a retry replaces a lost trial), the winner tested once."""
+    run_dir = tune_dir(ws)
+    study = the_study(ws)
+    trials = study.trials
+    retried = [t for t in trials if t.user_attrs.get("ended", "").endswith("retried")]
+    ended = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(ended) == slots, [(t.number, t.state, t.user_attrs) for t in trials]
+    assert len(trials) == slots + len(retried)
+    assert sorted(t.user_attrs["resume_from"] for t in trials if "resume_from" in t.user_attrs
+                  ) == sorted(t.number for t in retried), "each lost trial retried once"
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+    best = json.loads((run_dir / "best.json").read_text())
+    assert (run_dir / "train.log").read_text().count("best trial-") == 1, "tested once"
+    assert best["trials_finished"] + best["trials_pruned"] == slots
+    return {"study": study, "best": best, "retried": retried}
+
+
+def test_two_local_workers_share_a_round_without_doubling_a_trial(
+        tmp_path: Path, tiny_cifar_root: Path) -> None:
+    ws = tmp_path / "ws"
+    helper = subprocess.Popen(worker_cmd(ws, tiny_cifar_root, "--worker", "1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    owner = subprocess.run(worker_cmd(ws, tiny_cifar_root), capture_output=True, text=True,
+                           timeout=300)
+    helper_out, _ = helper.communicate(timeout=60)
+    assert owner.returncode == 0 and helper.returncode == 0, owner.stderr + helper_out
+    result = check_round(ws, slots=4)
+    workers = {t.user_attrs["worker"] for t in result["study"].trials}
+    assert workers == {"w0", "w1"}, "both workers ran trials"
+    assert "worker 1 done" in helper_out
+
+
+def test_a_worker_killed_mid_trial_is_retried_once_and_the_round_finishes(
+        tmp_path: Path, tiny_cifar_root: Path) -> None:
+    ws = tmp_path / "ws"
+    owner = subprocess.Popen(worker_cmd(ws, tiny_cifar_root, "--epochs", "3"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The helper joins, starts a trial, and dies without a word (SIGKILL: no handler runs).
+    helper = stop_after(worker_cmd(ws, tiny_cifar_root, "--epochs", "3", "--worker", "1"),
+                        ["(w1, slot", "epoch 1/"], signal.SIGKILL)
+    assert helper.status == -signal.SIGKILL
+    out, _ = owner.communicate(timeout=300)
+    assert owner.returncode == 0, out
+    result = check_round(ws, slots=4)
+    assert len(result["retried"]) == 1 and "lost its worker" in out
+
+
+# --- bad storage ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url, says", [
+    ("postgresql+psycopg2://ct:secret@127.0.0.1:1/ct", "OperationalError"),
+    ("nonsense://what", "NoSuchModuleError"),
+])
+def test_an_unusable_database_is_one_line_and_nothing_is_published(
+        tmp_path: Path, tiny_cifar_root: Path, url: str, says: str) -> None:
+    (tmp_path / "accuracy.txt").write_text("70.00\n")
+    env = {**os.environ, "CT_TUNE_STORAGE": url}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--out", str(tmp_path),
+                           "--data-dir", str(tiny_cifar_root), *TUNE, "--trials", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("train.py: error: tuning storage ") and says in line, line
+    assert "secret" not in line, "the password stays out of the log"
+    assert (tmp_path / "accuracy.txt").read_text() == "70.00\n"
+
+
+def test_a_corrupt_journal_is_one_line_and_kept_for_inspection(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    journal = tmp_path / "studies" / "optuna.journal"
+    journal.parent.mkdir()
+    journal.write_text('{"op_code": 0, "worker_id": "x"\n{not json}\n{"op_code": 0}\n')
+    before = journal.read_bytes()
+    status, _, err = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE], capsys)
+    assert status == 2
+    (line,) = err.splitlines()
+    assert "studies/optuna.journal is unusable" in line and "move" in line, line
+    assert journal.read_bytes() == before and not (tmp_path / "metrics.json").exists()
+
+
+
+# --- a study in PostgreSQL, shared like workers on several machines share it ------------------
+
+
+def fresh_database(server_url: str, name: str) -> str:
+    """An empty database of its own on the test server; its URL."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def test_two_workers_on_a_postgresql_study_run_each_slot_once(
+        tmp_path: Path, tiny_cifar_root: Path, postgres_url: str) -> None:
+    url = fresh_database(postgres_url, "ct_two_workers")
+    env = {**os.environ, "CT_TUNE_STORAGE": url}
+    ws = tmp_path / "ws"
+    helper = subprocess.Popen(worker_cmd(ws, tiny_cifar_root, "--worker", "1"), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    owner = subprocess.run(worker_cmd(ws, tiny_cifar_root), env=env, capture_output=True,
+                           text=True, timeout=300)
+    helper_out, _ = helper.communicate(timeout=60)
+    assert owner.returncode == 0 and helper.returncode == 0, owner.stderr + helper_out
+    assert not (ws / "studies").exists(), "the database holds the study, not the workspace"
+    (name,) = optuna.get_all_study_names(url)
+    study = optuna.load_study(study_name=name, storage=url)
+    ended = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(study.trials) == len(ended) == 4, [(t.number, t.state) for t in study.trials]
+    assert {t.user_attrs["worker"] for t in study.trials} == {"w0", "w1"}
+    best = json.loads((tune_dir(ws) / "best.json").read_text())
+    assert best["study"] == name and best["trials_finished"] + best["trials_pruned"] == 4
+    assert owner.stdout.count("best trial-") == 1 and "best trial-" not in helper_out
+    assert "not-a-real-secret" not in owner.stdout + owner.stderr + helper_out
+    # The next round continues the same study in the database.
+    again = subprocess.run(worker_cmd(ws, tiny_cifar_root, "--trials", "1"), env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert len(optuna.load_study(study_name=name, storage=url).trials) == 5

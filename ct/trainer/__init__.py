@@ -5,7 +5,8 @@ train.py, and imports torch.
 - `engine`: the device set-up (`Compute`), batched augmentation, one epoch, evaluation.
 - `run`: one run in the workspace: the training state, checkpoints, the epoch loop, the run
   clock, publishing the results; `train.py`'s training mode.
-- `tune`: the bounded hyperparameter search; `train.py --tune`.
+- `tune`: one bounded tuning round and its workers; `train.py --tune` (imports optuna).
+- `study`: the Optuna study: search space, sampler, pruner, storage, a round's trial slots.
 - `plots`: the pictures of a run (curves.png, a tuning run's trials.png), when matplotlib imports.
 - `lineage`: what a run was made from (its metrics.json's `lineage`), and how a reproduction
   (`train.py --reproduce`) compares with the run it repeats.

@@ -317,12 +317,15 @@ class Progress:
 
 def train_config(run_dir: Path, cfg: dict[str, Any], split: Split, compute: Compute, log: LogLine,
                  dry_run: bool = False, deadline: float | None = None,
-                 clock: RunClock | None = None) -> dict[str, Any]:
+                 clock: RunClock | None = None,
+                 after_epoch: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train `cfg` in `run_dir`, continuing from its checkpoint if there is one.
 
     Returns the run's summary (also written to run_dir/model.pt) unless the deadline cut the run
     short, in which case "stopped" is set and the run stays resumable. `clock`, the whole run's
-    (a tuning run's for a trial), is saved with every checkpoint.
+    (a tuning run's for a trial), is saved with every checkpoint. `after_epoch(epoch, glance
+    accuracy)` runs once each epoch's records are complete (the tuner reports to its pruner
+    there, and may raise to end the run).
     """
     state = TrainingState.build(cfg, len(split.train_x), compute)
     progress = _resume(run_dir, cfg, state, compute, log)
@@ -343,6 +346,8 @@ def train_config(run_dir: Path, cfg: dict[str, Any], split: Split, compute: Comp
                "images_per_s": round(result.images / max(result.seconds, 1e-9), 1),
                "elapsed_s": round(progress.train_seconds, 2)}
         _record_epoch(run_dir, cfg, state, progress, row, compute, log, clock)
+        if after_epoch is not None:
+            after_epoch(epoch + 1, row["eval_accuracy"])
     return _test(run_dir, cfg, split, state, progress, compute, log, dry_run)
 
 

@@ -1,26 +1,33 @@
-"""Bounded hyperparameter search: `train.py --tune` (`tune_mode`).
+"""One tuning round: `train.py --tune` (`tune_mode`), optionally helped by workers
+(`train.py --tune --worker K`, same flags) that share its trials.
 
 Trials are chosen on a validation split held out of the training set, never on the test set; the
-test set is touched once, by the winner. The search is bounded twice: at most `trials` trials, and a
-wall-clock budget checked at every epoch (a trial cut short by it is recorded, not used). Each trial
-is an ordinary resumable run in `<tune-run>/trial-NN/`, so a killed tuning container continues where
-it stopped. Trial 0 is the base config itself, so tuning never ends worse on validation than it.
+test set is touched once, by the round's winner, after every worker has ended. The round is bounded
+twice: --trials slots, and a wall-clock budget checked at every epoch (a trial cut short by it ends
+as FAIL, not used). The study (`ct.trainer.study`) outlives the round: TPE proposes each trial from
+every finished trial of every earlier round, and the pruner stops a trial whose validation curve
+falls behind the others at the same tenth of its schedule. Each trial is an ordinary resumable run
+in `<round>/trial-NNN/` (NNN: its number in the study), so a killed worker's trial resumes from its
+checkpoint in whichever worker retries it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
+from optuna.trial import FrozenTrial, TrialState
 
 from ct import atomic
 from ct import workspace as names
 from ct.trainer import plots, stopping
+from ct.trainer import study as studies
 from ct.trainer.data import Cifar
 from ct.trainer.engine import Compute, evaluate
 from ct.trainer.errors import UsageError
@@ -29,6 +36,7 @@ from ct.trainer.run import (
     LogLine,
     RunClock,
     RunOptions,
+    Split,
     Workspace,
     choose_run_dir,
     load_data,
@@ -40,21 +48,26 @@ from ct.trainer.run import (
 )
 from network import build_model
 
-# What the search varies, with the values it picks from; the rest of the config stays at base.
-SEARCH_SPACE: dict[str, list[Any]] = {
-    "lr_scale": [0.5, 1.0, 1.5],  # times the optimizer's base learning rate below
-    "epochs_scale": [1.0, 1.5],  # times the base config's epochs
-    "batch_size": [256, 512],
-    "width": [16, 24, 32],  # channels of the stem; wider is slower, usually better
-    "blocks": [3],  # four blocks would pool 32x32 down to 2x2: worse here
-    "convs_per_block": [1, 2],
-    "dropout": [0.0, 0.1, 0.2],
-}
-# Peak learning rates that suit each optimizer with the batch sizes above.
-BASE_LR = {"sgd": 0.4, "adam": 0.002, "adamw": 0.002}
-WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0, "adamw": 0.05}
 VAL_FRACTION = 10  # one tenth of the training images validate, at most MAX_VAL
 MAX_VAL = 5000
+POLL_S = 2.0  # how often an idle worker looks at the study again
+JOIN_WAIT_S = 600.0  # how long a helper worker waits for the round it should join
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log line per trial says it all
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """train.py's tuning flags."""
+
+    trials: int  # slots this round adds to the study
+    time_budget: float  # seconds for the round
+    optimizers: str  # comma list the search may pick from (the base config's is added)
+    max_epochs: int  # the longest trial the search may propose
+    sampler: str  # tpe or random
+    pruner: str  # ct.trainer.study.PRUNERS
+    worker: int  # 0: the round's owner; K > 0: a helper joining the open round
+    stale_after: float  # seconds without a heartbeat before a trial counts as lost
 
 
 @dataclass
@@ -63,134 +76,309 @@ class Outcome:
     best_config: dict[str, Any]
     val_accuracy: float
     test_accuracy: float
-    trials_run: int
+    counts: dict[str, int]
 
 
-def make_plan(base: dict[str, Any], trials: int, time_budget: float, optimizers: str
-              ) -> dict[str, Any]:
-    names = [o.strip() for o in optimizers.split(",") if o.strip()]
-    unknown = [o for o in names if o not in BASE_LR]
-    if not names or unknown:
-        raise UsageError(f"--optimizers takes a comma list of sgd, adam, adamw, not {optimizers!r}")
-    return {"base": base, "trials": trials, "time_budget": time_budget, "optimizers": names}
+def make_plan(base: dict[str, Any], tuning: TuneOptions) -> dict[str, Any]:
+    wanted = [o.strip() for o in tuning.optimizers.split(",") if o.strip()]
+    unknown = [o for o in wanted if o not in studies.OPTIMIZERS]
+    if not wanted or unknown:
+        raise UsageError(f"--optimizers takes a comma list of sgd, adam, adamw, "
+                         f"not {tuning.optimizers!r}")
+    studies.make_pruner(tuning.pruner)  # a bad name fails here, before any work
+    studies.make_sampler(tuning.sampler, 0)
+    chosen = [o for o in studies.OPTIMIZERS if o in wanted or o == base["optimizer"]]
+    if tuning.max_epochs < 1:
+        raise UsageError(f"--max-epochs must be at least 1, not {tuning.max_epochs}")
+    return {"base": base, "trials": tuning.trials, "time_budget": tuning.time_budget,
+            "optimizers": chosen, "max_epochs": tuning.max_epochs, "sampler": tuning.sampler,
+            "pruner": tuning.pruner}
 
 
-def trial_params(index: int, plan: dict[str, Any]) -> dict[str, Any]:
-    """Trial 0 is the base config; the others sample the search space, cycling the optimizers."""
-    base = plan["base"]
-    optimizer = plan["optimizers"][index % len(plan["optimizers"])]
-    if index == 0:
-        picks = {"lr_scale": 1.0, "epochs_scale": 1.0, "batch_size": base["batch_size"],
-                 "width": base["width"], "blocks": base["blocks"],
-                 "convs_per_block": base["convs_per_block"], "dropout": base["dropout"]}
-    else:
-        rng = random.Random(base["seed"] * 1000 + index)
-        picks = {key: rng.choice(values) for key, values in SEARCH_SPACE.items()}
-    lr = round(BASE_LR[optimizer] * picks.pop("lr_scale"), 6)
-    if optimizer == base["optimizer"] and index == 0:
-        lr = base["lr"]
-    epochs = max(1, round(base["epochs"] * picks.pop("epochs_scale")))
-    return {"optimizer": optimizer, "lr": lr, "weight_decay": WEIGHT_DECAY[optimizer],
-            "epochs": epochs, **picks}
+def trial_dir(run_dir: Path, number: int) -> Path:
+    """Where the study's trial `number` keeps its resumable run."""
+    return run_dir / f"trial-{number:03d}"
 
 
-def trial_dir(run_dir: Path, index: int) -> Path:
-    """Where trial `index` (0-based, as in trials.jsonl) keeps its resumable run."""
-    return run_dir / f"trial-{index:02d}"
+def validation_images(base: dict[str, Any], data: Cifar) -> int:
+    n_train = base["subset"] or len(data.train_x)
+    return min(MAX_VAL, max(1, n_train // VAL_FRACTION))
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def config_of(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config keys from its Optuna params (lr_<optimizer> -> lr, ...)."""
+    optimizer = params["optimizer"]
+    return {"optimizer": optimizer, "lr": params[f"lr_{optimizer}"],
+            "weight_decay": params[f"weight_decay_{optimizer}"], "epochs": params["epochs"],
+            **{key: params[key] for key in studies.SHARED}}
 
 
-def search(run_dir: Path, plan: dict[str, Any], data: Cifar, compute: Compute, log: LogLine,
-           dry_run: bool, clock: RunClock | None = None) -> Outcome:
-    """Run the remaining trials of `plan` in `run_dir`, then test the best one. Each trial saves
-    `clock` (the tuning run's) with its checkpoints."""
-    trials_path = run_dir / names.RUN_TRIALS
-    rows = _read_rows(trials_path)
-    spent = sum(r["seconds"] for r in rows)
-    deadline = time.monotonic() + plan["time_budget"] - spent
-    n_train = plan["base"]["subset"] or len(data.train_x)
-    val = min(MAX_VAL, max(1, n_train // VAL_FRACTION))
-    split = None
-    for index in range(len(rows), plan["trials"]):
-        if time.monotonic() > deadline:
-            log(f"time budget of {plan['time_budget']:.0f}s spent after {index} trial(s)")
-            break
-        stopping.at(f"before trial {index + 1}/{plan['trials']}", "every finished trial is kept")
-        params = trial_params(index, plan)
-        cfg = {**plan["base"], **params, "val_split": val}
-        if split is None:
-            split = make_split(data, cfg, compute.device)
-        folder = trial_dir(run_dir, index)
+@dataclass
+class Worker:
+    """What one process needs to run the round's trials."""
+
+    round: studies.Round
+    plan: dict[str, Any]
+    run_dir: Path
+    split: Split
+    compute: Compute
+    log: LogLine
+    name: str  # w0 for the round's owner, wK for helper K
+    deadline: float  # time.time() when the round's budget ends
+    stale_after: float
+    dry_run: bool
+    clock: RunClock | None = None  # the owner's: saved with every checkpoint
+
+    def run(self, wait_for_others: bool) -> int:
+        """Run slots until none is left or the budget ends; the owner (`wait_for_others`) also
+        waits for the other workers' trials and retries those whose worker is gone. Returns the
+        number of trials this process ran."""
+        ran = 0
+        while True:
+            for number in self.round.retry_lost(self.name, self.stale_after):
+                self.log(f"trial-{number:03d} lost its worker: retried as a new trial that "
+                         "resumes from its checkpoint")
+            running = self.round.trials(states=(TrialState.RUNNING,))
+            if time.time() > self.deadline:
+                if wait_for_others and running and time.time() < self.deadline + self.stale_after:
+                    time.sleep(POLL_S)
+                    continue
+                self.log(f"time budget of {self.plan['time_budget']:.0f}s spent")
+                return ran
+            stopping.at("between trials", "every finished trial is kept")
+            trial = self.round.pop(self.name)
+            if trial is not None:
+                self.run_trial(trial)
+                ran += 1
+            elif wait_for_others and running:
+                time.sleep(POLL_S)
+            else:
+                return ran
+
+    def run_trial(self, trial: optuna.Trial) -> None:
+        params = studies.suggest(trial, self.plan["optimizers"], self.plan["max_epochs"])
+        cfg = {**self.plan["base"], **params, "val_split": len(self.split.eval_x)}
+        folder = trial_dir(self.run_dir, trial.number)
         with stopping.deferred():  # no trial folder without its config
             folder.mkdir(exist_ok=True)
             atomic.write_json(folder / names.RUN_CONFIG, cfg)
-        log(f"trial {index + 1}/{plan['trials']} ({folder.name}): "
-            f"{json.dumps(params, sort_keys=True)}")
-        t0 = time.monotonic()
-        result = train_config(folder, cfg, split, compute, log, dry_run=dry_run,
-                              deadline=deadline, clock=clock)
-        row = {"trial": index, "params": params, "seconds": round(time.monotonic() - t0, 2),
-               "status": "stopped" if result.get("stopped") else "done",
-               "val_accuracy": result.get("validation_accuracy"),
-               "optimizer_class": result.get("optimizer_class")}
-        rows.append(row)
-        with stopping.deferred():  # a finished trial is recorded, so a restart does not redo it
-            atomic.write_text(trials_path, "".join(json.dumps(r) + "\n" for r in rows))
-            plots.draw_trials(run_dir, rows, lambda i: trial_dir(run_dir, i), log)
-    stopping.at("while testing the best trial", "every finished trial is kept")
-    return _finish(run_dir, plan, rows, data, compute, log, val)
+            self._take_over_checkpoint(trial, folder)
+        slots = self.plan["trials"]
+        self.log(f"trial-{trial.number:03d} ({self.name}, slot {self._slot(trial)}/{slots}): "
+                 f"{json.dumps(params, sort_keys=True)}")
+        reported = 0
+
+        def after_epoch(epoch: int, accuracy: float) -> None:
+            nonlocal reported
+            reported = studies.report(trial, reported, epoch, cfg["epochs"], accuracy)
+            studies.beat(trial)
+            if not trial.user_attrs.get(studies.BASE_ATTR) and trial.should_prune():
+                raise optuna.TrialPruned()
+
+        started = time.monotonic()
+        try:
+            with studies.heartbeat(trial, self.stale_after):
+                result = train_config(folder, cfg, self.split, self.compute, self.log,
+                                      dry_run=self.dry_run, clock=self.clock,
+                                      deadline=time.monotonic() + self.deadline - time.time(),
+                                      after_epoch=after_epoch)
+            if result.get("stopped"):
+                trial.set_user_attr(studies.ENDED_ATTR, "cut short by the round's time budget")
+                self._tell(trial, started, state=TrialState.FAIL)
+            else:
+                self._tell(trial, started, value=result["validation_accuracy"])
+        except optuna.TrialPruned:
+            self._tell(trial, started, state=TrialState.PRUNED)
+            self.log(f"trial-{trial.number:03d} pruned: its validation curve fell behind")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker saw no heartbeat for --stale-after seconds and retried this trial
+            # from its checkpoint: that retry counts, this one stops.
+            self.log(f"trial-{trial.number:03d} was retried by another worker meanwhile: "
+                     "leaving it to that retry")
+
+    def _tell(self, trial: optuna.Trial, started: float, value: float | None = None,
+              state: TrialState | None = None) -> None:
+        with stopping.deferred():  # a finished trial is recorded, so no restart redoes it
+            trial.set_user_attr("seconds", round(time.monotonic() - started, 2))
+            self.round.study.tell(trial, value, state=state)
+            write_trials(self.run_dir, self.round, self.log)
+
+    def _slot(self, trial: optuna.Trial) -> int:
+        numbers = sorted(t.number for t in self.round.trials()
+                         if studies.RESUME_ATTR not in t.user_attrs)
+        return numbers.index(trial.number) + 1 if trial.number in numbers else len(numbers)
+
+    def _take_over_checkpoint(self, trial: optuna.Trial, folder: Path) -> None:
+        """A retried trial starts from the lost trial's checkpoint (same params, same config)."""
+        lost = trial.user_attrs.get(studies.RESUME_ATTR)
+        if lost is None or (folder / names.RUN_CHECKPOINT).exists():
+            return
+        source = trial_dir(self.run_dir, int(lost))
+        for name in (names.RUN_CHECKPOINT, names.RUN_EPOCHS):
+            if (source / name).is_file():
+                atomic.copy_file(source / name, folder / name)
 
 
-def _finish(run_dir: Path, plan: dict[str, Any], rows: list[dict[str, Any]], data: Cifar,
-            compute: Compute, log: LogLine, val: int) -> Outcome:
-    finished = [r for r in rows if r["status"] == "done"]
+def trial_rows(rnd: studies.Round) -> list[dict[str, Any]]:
+    """The round's trials as trials.jsonl has them: number, params, how it ended."""
+    status = {TrialState.COMPLETE: "done", TrialState.PRUNED: "pruned",
+              TrialState.FAIL: "failed", TrialState.RUNNING: "running"}
+    rows = []
+    for t in sorted(rnd.trials(), key=lambda t: t.number):
+        if t.state == TrialState.WAITING or not t.params:
+            continue
+        ended = t.user_attrs.get(studies.ENDED_ATTR, "")
+        rows.append({"trial": t.number, "params": config_of(t.params),
+                     "status": "stopped" if "time budget" in ended else status[t.state],
+                     "val_accuracy": t.value, "seconds": t.user_attrs.get("seconds"),
+                     "worker": t.user_attrs.get(studies.WORKER_ATTR), "ended": ended or None,
+                     "finished_at": (t.datetime_complete.isoformat(timespec="seconds")
+                                     if t.datetime_complete else None)})
+    return rows
+
+
+def write_trials(run_dir: Path, rnd: studies.Round, log: LogLine) -> None:
+    rows = trial_rows(rnd)
+    atomic.write_text(run_dir / names.RUN_TRIALS, "".join(json.dumps(r) + "\n" for r in rows))
+    plots.draw_trials(run_dir, rows, lambda number: trial_dir(run_dir, number), log)
+
+
+def _sampler_seed(base_seed: int, run_id: str, worker: str) -> int:
+    """Each round and worker draws differently, the same way every time."""
+    digest = hashlib.sha256(f"{base_seed}/{run_id}/{worker}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def _study(ws: Workspace, plan: dict[str, Any], data: Cifar, run_id: str, worker: str,
+           create: bool) -> optuna.Study:
+    storage = studies.open_storage(ws.root)
+    name = studies.study_name(plan["base"], plan["optimizers"], plan["max_epochs"],
+                              data.sha256 or "", validation_images(plan["base"], data))
+    sampler = studies.make_sampler(plan["sampler"], _sampler_seed(plan["base"]["seed"], run_id,
+                                                                   worker))
+    pruner = studies.make_pruner(plan["pruner"])
+    try:
+        if create:
+            return optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                       load_if_exists=True, sampler=sampler, pruner=pruner)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler,
+                                 pruner=pruner)
+    except KeyError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"tuning storage {studies.storage_description(ws.root)}: cannot open "
+                         f"study {name} ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar,
+            compute: Compute, log: LogLine) -> Outcome:
+    """Test the round's best trial once, on the test set; best.json and model.pt beside it."""
+    write_trials(run_dir, rnd, log)
+    finished = rnd.trials(states=(TrialState.COMPLETE,))
     if not finished:
         raise UsageError(f"no trial finished within --time-budget {plan['time_budget']:.0f}s; "
                          "raise the budget or lower --epochs")
-    best = max(finished, key=lambda r: r["val_accuracy"])
-    best_dir = trial_dir(run_dir, best["trial"])
+    best: FrozenTrial = max(finished, key=lambda t: t.value or 0.0)
+    best_dir = trial_dir(run_dir, best.number)
+    if not (best_dir / names.RUN_MODEL).is_file():
+        raise UsageError(f"the best trial's model {best_dir / names.RUN_MODEL} is not in this "
+                         "workspace: workers on other machines must share CT_WORKSPACE")
     saved = torch.load(best_dir / names.RUN_MODEL, map_location="cpu", weights_only=False)
     model = build_model(saved["config"]).to(compute.device, memory_format=torch.channels_last)
     model.load_state_dict(saved["model"])
     test_x, test_y = data.test_x.to(compute.device), data.test_y.to(compute.device)
     test_accuracy, _ = evaluate(model, test_x, test_y, compute, flip_tta=saved["config"]["tta"])
+    counts = {**rnd.counts(), "run": len(trial_rows(rnd))}
+    params = config_of(best.params)
     with stopping.deferred():  # the model and best.json describing it, together
         atomic.copy_file(best_dir / names.RUN_MODEL, run_dir / names.RUN_MODEL)
         atomic.write_json(run_dir / names.RUN_BEST, {
-            "trial": best["trial"], "params": best["params"], "val_accuracy": best["val_accuracy"],
-            "test_accuracy": round(test_accuracy, 2), "validation_images": val,
-            "trials_finished": len(finished), "trials_run": len(rows),
+            "trial": best.number, "params": params, "val_accuracy": best.value,
+            "test_accuracy": round(test_accuracy, 2),
+            "validation_images": saved["config"]["val_split"],
+            "study": rnd.study.study_name, "trials_in_study": len(rnd.study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))),
+            **{f"trials_{key}": value for key, value in counts.items()},
         })
     if (best_dir / names.RUN_CURVES).is_file():  # the round's picture in the report and the mail
         atomic.copy_file(best_dir / names.RUN_CURVES, run_dir / names.RUN_CURVES)
-    log(f"best trial {best['trial'] + 1} ({best_dir.name}): "
-        f"validation {best['val_accuracy']:.2f}%, test {test_accuracy:.2f}%")
-    return Outcome(best["params"], saved["config"], best["val_accuracy"], test_accuracy, len(rows))
+    log(f"best trial-{best.number:03d}: validation {best.value:.2f}%, test {test_accuracy:.2f}% "
+        f"({counts['finished']} finished, {counts['pruned']} pruned this round)")
+    return Outcome(params, saved["config"], float(best.value or 0.0), test_accuracy, counts)
 
 
 def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Compute,
-              started: float, trials: int, time_budget: float, optimizers: str
-              ) -> dict[str, Any]:
-    """`train.py --tune`: search around `base` (or continue an unfinished search), test the best
-    trial, publish the results."""
-    plan = make_plan(base, trials, time_budget, optimizers)
+              started: float, tuning: TuneOptions) -> dict[str, Any] | None:
+    """`train.py --tune`: run a round (or continue an unfinished one, or help the open one as
+    worker K), test the best trial, publish the results. A helper returns None."""
+    plan = make_plan(base, tuning)
+    if tuning.worker:
+        _help(opts, plan, ws, compute, tuning)
+        return None
     run_dir, plan, resumed = choose_run_dir(ws, "tune", plan, opts)
+    base = plan["base"]  # a continued round keeps its own
     clock = RunClock.begin(run_dir, started, resumed)
     with clock.saved_on_stop():
         log = Log(run_dir / names.RUN_LOG)
         log(f"tune {run_dir.name} plan {json.dumps(plan, sort_keys=True)}")
         data = load_data(opts, ws, log)
-        outcome = search(run_dir, plan, data, compute, log, opts.dry_run, clock)
+        study = _study(ws, plan, data, run_dir.name, "w0", create=True)
+        rnd = studies.Round(study, run_dir.name)
+        deadline = time.time() + max(0.0, plan["time_budget"] - clock.before)
+        study.set_user_attr(studies.ROUND_ATTR, {"run_id": run_dir.name, "deadline": deadline,
+                                                 "open": True})
+        if rnd.open_slots(studies.params_of(base), plan["trials"]):
+            log(f"study {study.study_name} in {studies.storage_description(ws.root)}: "
+                f"{len(study.trials) - plan['trials']} earlier trial(s); "
+                f"{plan['trials']} slot(s) added")
+        split = make_split(data, {**base, "val_split": validation_images(base, data)},
+                           compute.device)
+        worker = Worker(rnd, plan, run_dir, split, compute, log, "w0", deadline,
+                        tuning.stale_after, opts.dry_run, clock)
+        worker.run(wait_for_others=True)
+        rnd.close()
+        study.set_user_attr(studies.ROUND_ATTR, {"run_id": run_dir.name, "open": False})
+        stopping.at("while testing the best trial", "every finished trial is kept")
+        outcome = _finish(run_dir, plan, rnd, data, compute, log)
         extra = {"config": outcome.best_config, "best_params": outcome.best_params,
-                 "val_accuracy": outcome.val_accuracy, "trials": outcome.trials_run,
+                 "val_accuracy": outcome.val_accuracy, "trials": outcome.counts["run"],
+                 "trials_finished": outcome.counts["finished"],
+                 "trials_pruned": outcome.counts["pruned"], "study": study.study_name,
                  "trials_planned": plan["trials"], "time_budget_s": plan["time_budget"],
                  "dry_run": opts.dry_run,
                  names.LINEAGE: record_lineage(ws, run_dir, data, outcome.best_config, compute)}
         summary = run_summary(ws, run_dir, compute, clock, "tune", outcome.test_accuracy, extra)
         publish(ws, run_dir, summary, opts.dry_run)
     return summary
+
+
+def _help(opts: RunOptions, plan: dict[str, Any], ws: Workspace, compute: Compute,
+          tuning: TuneOptions) -> None:
+    """Worker K: wait for the round the owner opened in the same study, run its slots, end."""
+    name = f"w{tuning.worker}"
+    log = Log()
+    data = load_data(opts, ws, log)
+    waited_until = time.monotonic() + JOIN_WAIT_S
+    while True:
+        stopping.at("while waiting for the round to open", "nothing to keep yet")
+        try:
+            study = _study(ws, plan, data, "join", name, create=False)
+            opened = study.user_attrs.get(studies.ROUND_ATTR, {})
+        except KeyError:
+            opened = {}
+        if opened.get("open") and (ws.runs / opened["run_id"]).is_dir():
+            break
+        if time.monotonic() > waited_until:
+            raise UsageError(f"worker {tuning.worker}: no open tuning round for these flags after "
+                             f"{JOIN_WAIT_S:.0f}s; start train.py --tune (worker 0) with the "
+                             "same flags and workspace")
+        time.sleep(POLL_S)
+    run_dir = ws.runs / opened["run_id"]
+    study = _study(ws, plan, data, run_dir.name, name, create=False)
+    log = Log(run_dir / f"worker-{tuning.worker}.log")
+    split = make_split(data, {**plan["base"], "val_split": validation_images(plan["base"], data)},
+                       compute.device)
+    worker = Worker(studies.Round(study, run_dir.name), plan, run_dir, split, compute, log, name,
+                    float(opened["deadline"]), tuning.stale_after, opts.dry_run)
+    ran = worker.run(wait_for_others=False)
+    log(f"worker {tuning.worker} done: {ran} trial(s) of {run_dir.name}")
