@@ -4,7 +4,7 @@
 # best, and mail the best accuracy and params.
 # At most CT_MAX_TUNE_ROUNDS rounds per commit: the chain never loops.
 #
-#   scripts/job5-tune.sh [--no-mail]   (CT_TUNE_TRIALS, CT_TUNE_BUDGET seconds, CT_TUNE_ARGS; unset
+#   scripts/job5-tune.sh [--no-mail | --worker K]   (CT_TUNE_TRIALS, CT_TUNE_BUDGET seconds, CT_TUNE_ARGS; unset
 #                                       trials and budget: train.py's defaults)
 #
 # CT_TUNE_WORKERS=N runs N tuning processes (local) or containers (docker) on the round: the first
@@ -72,13 +72,41 @@ stop_helpers() {
   done
 }
 
+# tune_args IMAGE: train.py's tuning flags for this job (sets ARGS): the same for every worker,
+# since a helper finds the round by the study those flags name.
+tune_args() {
+  local extra
+  ARGS=()
+  # the tuning image's entry point adds --tune by itself; the local runtime runs train.py
+  [[ "$1" != local ]] || ARGS=(--tune)
+  [[ -z "$CT_TUNE_TRIALS" ]] || ARGS+=(--trials "$CT_TUNE_TRIALS")
+  [[ -z "$CT_TUNE_BUDGET" ]] || ARGS+=(--time-budget "$CT_TUNE_BUDGET")
+  read -ra extra <<<"$CT_TUNE_ARGS"
+  ARGS+=("${extra[@]}" "${DATA_FLAGS[@]}")
+}
+
+# help_round K: only helper K of the open round (a Jenkins fan-out build on another agent; see
+# README "Run it in Jenkins"); no verdict, promotion or mail: the round's owner (job5) does those.
+help_round() {
+  local image code=0
+  image="$(image_for tune)"
+  tune_args "$image"
+  start_process "tune-w$1" "$image" "${ARGS[@]}" --worker "$1"
+  follow "tune-w$1" || code=$?
+  ((code == 0)) || die "tuning worker $1 ended with exit code $code; the round's owner retries its trial"
+}
+
 main() {
-  local delivery=mail image args=() extra code=0
+  local delivery=mail image code=0 helper=false worker=
   case "${1:-}" in
     "") ;;
     --no-mail) delivery=outbox-only ;;
-    *) die "unknown argument '$1'; usage: job5-tune.sh [--no-mail]" 2 ;;
+    --worker) helper=true worker="${2:-}" ;;
+    *) die "unknown argument '$1'; usage: job5-tune.sh [--no-mail | --worker K]" 2 ;;
   esac
+  if [[ "$helper" == true ]] && { ! [[ "$worker" =~ ^[0-9]+$ ]] || ((worker < 1 || worker > 64)); }; then
+    die "--worker takes a number in 1..64, not '$worker'" 2
+  fi
   [[ -z "$CT_TUNE_TRIALS" ]] || require_uint CT_TUNE_TRIALS "$CT_TUNE_TRIALS"
   [[ -z "$CT_TUNE_BUDGET" ]] || require_uint CT_TUNE_BUDGET "$CT_TUNE_BUDGET"
   require_uint CT_TUNE_WORKERS "$CT_TUNE_WORKERS"
@@ -87,18 +115,18 @@ main() {
   require_uint CT_MAX_TUNE_ROUNDS "$CT_MAX_TUNE_ROUNDS"
   require_workspace_code
   resolve_runtime
+  if [[ "$helper" == true ]]; then
+    ensure_data
+    help_round "$worker"
+    return
+  fi
   tuning_rounds_left || exit 0
   ensure_data
 
   image="$(image_for tune)"
-  # the tuning image's entry point adds --tune by itself; the local runtime runs train.py
-  [[ "$image" != local ]] || args=(--tune)
-  [[ -z "$CT_TUNE_TRIALS" ]] || args+=(--trials "$CT_TUNE_TRIALS")
-  [[ -z "$CT_TUNE_BUDGET" ]] || args+=(--time-budget "$CT_TUNE_BUDGET")
-  read -ra extra <<<"$CT_TUNE_ARGS"
-  args+=("${extra[@]}" "${DATA_FLAGS[@]}")
-  start_process tune "$image" "${args[@]}"
-  start_helpers "$image" "${args[@]}"
+  tune_args "$image"
+  start_process tune "$image" "${ARGS[@]}"
+  start_helpers "$image" "${ARGS[@]}"
   WATCHDOG=
   if [[ -n "$CT_TUNE_BUDGET" ]]; then
     start_watchdog "$(props_get "$(state_file tune)" CONTAINER)" "$CT_TUNE_BUDGET"

@@ -75,7 +75,7 @@ def write_run(
         metrics |= {
             "best_params": {"lr": 0.1, "optimizer": "adamw", "weight_decay": 0.0005},
             "val_accuracy": accuracy - 0.5,
-            "trials": 4,
+            "trials": 4, "trials_finished": 3, "trials_pruned": 1, "study": "cifar10-0123456789ab",
         }
     (root / "metrics.json").write_text(json.dumps(metrics))
     return metrics
@@ -316,6 +316,8 @@ def test_better_tune_run_replaces_best(tmp_path: Path) -> None:
     assert best["accuracy"] == 84.5 and best["val_accuracy"] == 84.0
     assert best["params"] == {"lr": 0.1, "optimizer": "adamw", "weight_decay": 0.0005}
     assert (best["run_id"], best["mode"]) == ("t1", "tune")
+    assert (best["study"], best["trials"], best["trials_finished"], best["trials_pruned"]) == (
+        "cifar10-0123456789ab", 4, 3, 1), "the study and its counts travel with the model"
 
 
 @pytest.mark.parametrize("accuracy", [80.5, 81.27])

@@ -224,7 +224,8 @@ def test_tune_run_reports_best_params(
     text = msg.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
     assert "validation accuracy: 83.75%" in text
     assert "optimizer = adamw" in text and "weight_decay = 0.0005" in text
-    assert "trials: 4" in text
+    assert "trials: 4 (3 finished, 1 pruned)" in text
+    assert "study: cifar10-0123456789ab" in text
     assert "not checked" in text
 
 

@@ -294,6 +294,38 @@ def test_docker_chain_below_threshold_tunes(source_repo, docker_env, smtp_server
     assert "not tuning again" in run_script("job5-tune.sh", env).stderr
 
 
+@pytest.mark.docker
+@pytest.mark.slow
+def test_docker_job5_with_two_workers_shares_one_round(source_repo, docker_env, docker_engine,
+                                                       smtp_server):
+    """CT_TUNE_WORKERS=2: job5 starts the round's owner and one helper container on one study in
+    the workspace journal; every slot runs once, the winner is tested, promoted and mailed once."""
+    optuna = pytest.importorskip("optuna")
+    smtp, inbox = smtp_server
+    env = {**docker_env, **smtp, "CT_THRESHOLD": "100", "CT_TUNE_WORKERS": "2",
+           "CT_TUNE_TRIALS": "4"}
+    env["CT_TRAIN_ARGS"] = "--batch-size 64 --epochs 1 --lr 0.01 --seed 1"  # well below 100 %
+    run_script("pipeline.sh", env, str(source_repo), timeout=900)
+    ws = Path(env["CT_WORKSPACE"])
+    helper = read_props(ws / "status" / "tune-w1.properties")
+    assert helper["RUNTIME"] == "docker"
+    config = json.loads(docker_engine.docker("inspect", helper["CONTAINER"]))[0]
+    assert config["Config"]["Labels"]["ct.role"] == "tune-w1"
+    assert config["Args"][-2:] == ["--worker", "1"]
+    storage = optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(ws / "studies" / "optuna.journal")))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    ended = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(ended) == 4 and len(trials) == 4, [(t.number, t.state) for t in trials]
+    assert {t.user_attrs["worker"] for t in trials} == {"w0", "w1"}
+    metrics = json.loads((ws / "metrics.json").read_text())
+    assert metrics["study"] == name and metrics["trials_finished"] + metrics["trials_pruned"] == 4
+    assert json.loads((ws / "best.json").read_text())["study"] == name
+    assert len(inbox.messages) == 1 and name in inbox.messages[0].get_body(
+        ("plain",)).get_content()
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -68,17 +68,18 @@ def test_trials_png_after_a_small_tune(tmp_path: Path, tiny_cifar_root: Path,
     assert status == 0, out
     (tune_dir,) = tmp_path.glob("runs/tune-*")
     assert is_png(tune_dir / "trials.png")
-    for trial in ("trial-00", "trial-01"):
+    for trial in ("trial-000", "trial-001"):
         assert is_png(tune_dir / trial / "curves.png"), "each trial is a run with its curves"
     # the round's own curves are the best trial's (the report's row and the mail show them)
     best = json.loads((tune_dir / "best.json").read_text())["trial"]
     assert (tune_dir / "curves.png").read_bytes() == (
-        tune_dir / f"trial-{best:02d}" / "curves.png").read_bytes()
+        tune_dir / f"trial-{best:03d}" / "curves.png").read_bytes()
 
 
 def test_trials_png_fades_stopped_trials_and_highlights_the_best(tmp_path: Path) -> None:
     rows = []
-    for index, (status, val) in enumerate([("done", 60.0), ("done", 70.0), ("stopped", None)]):
+    for index, (status, val) in enumerate([("done", 60.0), ("done", 70.0), ("stopped", None),
+                                           ("pruned", 20.0)]):
         folder = tmp_path / f"trial-{index:02d}"
         folder.mkdir()
         epochs = 3 if status == "done" else 1
@@ -91,8 +92,9 @@ def test_trials_png_fades_stopped_trials_and_highlights_the_best(tmp_path: Path)
     assert is_png(tmp_path / "trials.png")
     fig = plots._figures["trials"]
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
-    assert "trial 2 sgd: validation 70.00% (best)" in labels
-    assert "trial 3 sgd: stopped (budget)" in labels
+    assert "trial-001 sgd: validation 70.00% (best)" in labels
+    assert "trial-002 sgd: stopped (budget)" in labels
+    assert "trial-003 sgd: pruned (fell behind)" in labels
     (best,) = [ln for ln in fig.axes[0].get_lines() if ln.get_label().endswith("(best)")]
     (stopped,) = [ln for ln in fig.axes[0].get_lines() if "stopped" in ln.get_label()]
     assert best.get_linewidth() > 2 and stopped.get_alpha() < 0.5

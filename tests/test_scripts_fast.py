@@ -256,8 +256,23 @@ def test_job4_refuses_a_run_folder_that_is_not_the_latest_run(script_env):
 def test_job5_refuses_an_unknown_argument(script_env):
     proc = run_script("job5-tune.sh", script_env, "--no-mails", check=False)
     assert proc.returncode == 2
-    assert "usage: job5-tune.sh [--no-mail]" in proc.stderr
+    assert "usage: job5-tune.sh [--no-mail | --worker K]" in proc.stderr
     assert not (Path(script_env["CT_WORKSPACE"]) / "status").exists(), "no tuning round counted"
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("CT_TUNE_WORKERS", "0", "CT_TUNE_WORKERS must be in 1..64"),
+    ("CT_TUNE_WORKERS", "two", "CT_TUNE_WORKERS must be a whole number"),
+])
+def test_job5_refuses_a_nonsense_worker_count(script_env, setting, value, says):
+    proc = run_script("job5-tune.sh", {**script_env, setting: value}, check=False)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert not (Path(script_env["CT_WORKSPACE"]) / "status").exists(), "no tuning round counted"
+
+
+def test_job5_helper_needs_a_worker_number(script_env):
+    proc = run_script("job5-tune.sh", script_env, "--worker", "0", check=False)
+    assert proc.returncode == 2 and "--worker takes a number in 1..64" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------- job6

@@ -385,6 +385,9 @@ def stored_name(best: Mapping[str, Any] | None) -> str | None:
     return PurePosixPath(best["model"]).name
 
 
+TUNING_FACTS = ("study", "trials", "trials_finished", "trials_pruned")
+
+
 def best_record(
     workspace: Path, metrics: Mapping[str, Any], model: str, sha256: str
 ) -> dict[str, Any]:
@@ -402,6 +405,10 @@ def best_record(
     }
     if metrics.get("val_accuracy") is not None:
         record_["val_accuracy"] = metrics["val_accuracy"]
+    # A tuning round's study and how its trials ended (train.py --tune's summary)
+    for key in TUNING_FACTS:
+        if metrics.get(key) is not None:
+            record_[key] = metrics[key]
     # Where the model came from (commit, image, data, seed, ...), as the trainer recorded it;
     # runs from before lineage have none, and their record has none either.
     if isinstance(metrics.get(LINEAGE), dict):

@@ -190,12 +190,22 @@ def summary_lines(facts: Facts) -> list[str]:
     return lines
 
 
+def trial_counts(metrics: Mapping[str, Any]) -> str | None:
+    """A tuning round's trials: "12 (9 finished, 3 pruned)"; older summaries: the plain count."""
+    trials = metrics.get("trials")
+    if trials is None or metrics.get("trials_finished") is None:
+        return trials
+    return (f"{trials} ({metrics['trials_finished']} finished, "
+            f"{metrics.get('trials_pruned', 0)} pruned)")
+
+
 def run_lines(metrics: Mapping[str, Any]) -> list[str]:
     facts = [
         ("run id", metrics.get("run_id")),
         ("mode", metrics.get("mode")),
         ("epochs", metrics.get("epochs")),
-        ("trials", metrics.get("trials")),
+        ("trials", trial_counts(metrics)),
+        ("study", metrics.get("study")),
         ("wall time (s)", metrics.get("wall_time_s")),
         ("images/s", metrics.get("images_per_s")),
         ("test loss", metrics.get("test_loss")),

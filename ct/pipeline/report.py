@@ -351,6 +351,9 @@ def tuning_section(ws: Workspace) -> str:
         else:
             planned = m.get("trials_planned")
             trials = esc(m.get("trials")) + (f" of {esc(planned)}" if planned else "")
+            if m.get("trials_finished") is not None:
+                trials += (f" ({esc(m['trials_finished'])} finished, "
+                           f"{esc(m.get('trials_pruned', 0))} pruned)")
             detail = (f"<td>{trials}</td><td>{params_text(m.get('best_params'))}</td>"
                       f"<td class=\"num\">{pct(m.get('accuracy'))} "
                       f"(val {pct(m.get('val_accuracy'))})</td>"

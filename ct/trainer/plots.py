@@ -5,8 +5,8 @@
   epoch, and the tested accuracy once the run is tested; redrawn after every checkpoint and once
   more after the test.
 - `trials.png` in a tuning run's folder: every trial's validation accuracy per epoch (its
-  epochs.jsonl) ending in a dot at its final validation accuracy (trials.jsonl); trials the time
-  budget stopped are faded, the best trial is highlighted; redrawn after every trial.
+  epochs.jsonl) ending in a dot at its final validation accuracy (trials.jsonl); trials that were
+  pruned, cut by the budget or lost are faded, the best is highlighted; redrawn after every trial.
 
 matplotlib is optional: without it (a base image that lacks it) one line is logged, once, and no
 picture is drawn. A picture never fails a run: any error drawing one is logged (once) and
@@ -125,10 +125,15 @@ def _draw_curves(path: Path, history: Sequence[dict[str, Any]],
     _save(fig, path)
 
 
+# How a trial that is not "done" ended, in the legend of trials.png (trials.jsonl's status).
+ENDINGS = {"stopped": "stopped (budget)", "pruned": "pruned (fell behind)",
+           "failed": "failed (worker lost; retried)", "running": "running"}
+
+
 def draw_trials(run_dir: Path, rows: Sequence[dict[str, Any]], folder_of: Callable[[int], Path],
                 log: LogLine) -> bool:
     """run_dir/trials.png from trials.jsonl's rows and each trial's epochs.jsonl, in the folder
-    `folder_of(trial index)`."""
+    `folder_of(trial number)`."""
     return _safely(names.RUN_TRIALS_PLOT, log, lambda: _draw_trials(run_dir, rows, folder_of))
 
 
@@ -152,14 +157,15 @@ def _draw_trials(run_dir: Path, rows: Sequence[dict[str, Any]],
         key = "eval_accuracy" if all("eval_accuracy" in h for h in history) else "train_accuracy"
         accuracy = [h[key] for h in history]
         optimizer = row.get("params", {}).get("optimizer", "?")
+        name = f"trial-{row['trial']:03d} {optimizer}"
         if row.get("status") != "done":
             style = {"alpha": 0.3, "linestyle": "--", "linewidth": 1, "zorder": 1}
-            label = f"trial {row['trial'] + 1} {optimizer}: stopped (budget)"
+            label = f"{name}: {ENDINGS.get(row.get('status', ''), row.get('status'))}"
         else:
             highlight = row["trial"] == best
             style = ({"color": "black", "linewidth": 2.5, "zorder": 3} if highlight
                      else {"alpha": 0.8, "linewidth": 1.2, "zorder": 2})
-            label = (f"trial {row['trial'] + 1} {optimizer}: validation "
+            label = (f"{name}: validation "
                      f"{row['val_accuracy']:.2f}%" + (" (best)" if highlight else ""))
         (line,) = ax.plot(epochs, accuracy, marker=".", label=label, **style)
         if row.get("status") == "done" and epochs:
