@@ -653,3 +653,31 @@ def test_deploy_script_refuses_to_upload_without_its_settings():
     proc = subprocess.run([str(REPO / "scripts" / "jenkins-deploy.sh")], capture_output=True,
                           text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 2 and "CT_REPO_URL is not set" in proc.stderr
+
+
+def test_the_readme_fan_out_for_tuning_renders_and_does_not_block_job5(tmp_path: Path) -> None:
+    """README "Tuning on several agents": its JJB snippet renders with the real renderer into a
+    concurrent job on ct-docker agents and a trigger step without <block>. parameterized-trigger
+    859.vb_e3907a_07a_16 BlockableBuildTriggerConfig.perform3 returns no futures when block is
+    null, and TriggerBuilder.perform then only logs "Triggering projects" and goes on: job5's own
+    round starts at once, beside its helpers."""
+    readme = (REPO / "README.md").read_text()
+    (snippet,) = [block for block in re.findall(r"```yaml\n(.*?)```", readme, re.S)
+                  if "name: job5-worker" in block]
+    jobs = tmp_path / "fan-out.yaml"
+    jobs.write_text(snippet + "\n- job:\n    name: job5\n    builders:\n      - ct-tune-helpers\n"
+                    "      - shell: 'scripts/job5-tune.sh --no-mail'\n")
+    xml = jc.render(jobs, tmp_path / "out", TOKEN)
+    worker = xml["job5-worker"]
+    assert worker.findtext("assignedNode") == "ct-docker"
+    assert worker.findtext("concurrentBuild") == "true"
+    command = worker.findtext(".//hudson.tasks.Shell/command")
+    assert 'scripts/job5-tune.sh --worker "$WORKER"' in command
+    binding = worker.find(".//org.jenkinsci.plugins.credentialsbinding.impl.StringBinding")
+    assert binding.findtext("variable") == "CT_TUNE_STORAGE"
+    trigger, shell = list(xml["job5"].find("builders"))
+    assert trigger.tag == PT + "TriggerBuilder" and shell.tag == "hudson.tasks.Shell"
+    configs = trigger.findall(f".//{PT}BlockableBuildTriggerConfig")
+    assert [c.findtext(f".//{PT}PredefinedBuildParameters/properties") for c in configs] == [
+        "WORKER=1", "WORKER=2"]
+    assert all(c.find("block") is None for c in configs), "job5 must not wait for its helpers"
