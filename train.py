@@ -3,12 +3,13 @@
     python train.py                       # the default run: 87% on CIFAR-10 (README "Benchmarks")
     python train.py --preset fast         # >= 80% in about 75 s on 2 CPU cores
     python train.py --epochs 2 --subset 5000 --out /tmp/w    # a quick run
-    python train.py --tune --trials 8 --time-budget 1800     # bounded search, best model kept
+    python train.py --tune --trials 30 --time-budget 3600    # a tuning round of the Optuna study
     python train.py --reproduce train-20250101-120000-0123456789   # rerun a recorded run
 
 Outputs in --out (default: the current folder, the pipeline's workspace), each written atomically:
 runs/<run-id>/ {config.json, epochs.jsonl, checkpoint.pt, curves.png, model.pt, metrics.json,
-train.log} (a tuning run: also trials.jsonl, trials.png), then accuracy.txt and metrics.json at
+train.log} (a tuning run: also trials.jsonl, trials.png, best.json and a trial-NNN/ run per trial;
+its study lives in studies/optuna.journal or the database $CT_TUNE_STORAGE names), then accuracy.txt and metrics.json at
 the top for the latest run; metrics.json records the run's lineage (dataset and model sha256,
 seed, commit, image, torch, device, threads). --reproduce RUN_ID trains RUN_ID's recorded config
 again in a new run folder (the top-level results stay as they are) and prints one line comparing
@@ -130,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="the longest trial the search may propose (default: %(default)s)")
     tune.add_argument("--sampler", default="tpe", choices=["tpe", "random"],
                       help="how trials are proposed (default: %(default)s)")
-    tune.add_argument("--pruner", default="median",
+    tune.add_argument("--pruner", default="halving",
                       help="what stops trials that fall behind: median, halving, hyperband or "
                            "none (default: %(default)s)")
     tune.add_argument("--worker", type=int, default=0, metavar="K",

@@ -107,10 +107,32 @@ def test_local_chain_below_threshold_tunes_once(source_repo, script_env, smtp_se
     assert len(inbox.messages) == 1
 
 
-def _assert_tuned(ws: Path, inbox) -> None:
+@pytest.mark.slow
+def test_local_job5_with_two_workers_shares_one_round(source_repo, script_env, smtp_server):
+    """CT_TUNE_WORKERS=2 on the local runtime: a helper process beside the round's owner."""
+    optuna = pytest.importorskip("optuna")
+    smtp, inbox = smtp_server
+    env = {**script_env, **smtp, "CT_THRESHOLD": "100", "CT_TUNE_WORKERS": "2",
+           "CT_TUNE_TRIALS": "4", "CT_RUNTIME": "local"}
+    env["CT_TRAIN_ARGS"] = "--batch-size 64 --epochs 1 --lr 0.01 --seed 1"  # well below 100 %
+    run_script("pipeline.sh", env, str(source_repo), timeout=900)
+    ws = Path(env["CT_WORKSPACE"])
+    helper = read_props(ws / "status" / "tune-w1.properties")
+    assert helper["RUNTIME"] == "local" and helper["CONTAINER"].startswith("pid-")
+    assert "worker 1 done" in (ws / "status" / "tune-w1.log").read_text()
+    storage = optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(ws / "studies" / "optuna.journal")))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert {t.user_attrs["worker"] for t in trials} == {"w0", "w1"}
+    _assert_tuned(ws, inbox, trials=4)
+
+
+def _assert_tuned(ws: Path, inbox, trials: int = 2) -> None:
     metrics = json.loads((ws / "metrics.json").read_text())
     assert metrics["mode"] == "tune"
-    assert metrics["trials"] <= 2
+    assert metrics["trials"] <= trials
     best = json.loads((ws / "best.json").read_text())
     assert (ws / "best-model.pt").exists()
     assert read_props(ws / "status" / "tune-rounds.properties")["ROUNDS"] == "1"

@@ -243,26 +243,28 @@ def write_trials(run_dir: Path, rnd: studies.Round, log: LogLine) -> None:
     plots.draw_trials(run_dir, rows, lambda number: trial_dir(run_dir, number), log)
 
 
-def _sampler_seed(base_seed: int, run_id: str, worker: str) -> int:
-    """Each round and worker draws differently, the same way every time."""
-    digest = hashlib.sha256(f"{base_seed}/{run_id}/{worker}".encode()).hexdigest()
-    return int(digest[:8], 16)
+def seed_sampler(rnd: studies.Round, plan: dict[str, Any], worker: str) -> None:
+    """The round's sampler, seeded by the base seed, the number of trials earlier rounds left in
+    the study and the worker: each round and worker draws differently, a restarted one the same
+    way again, and two fresh studies (a benchmark's arms) start from the same draws."""
+    earlier = sum(t.user_attrs.get(studies.ROUND_ATTR) != rnd.run_id
+                  for t in rnd.study.get_trials(deepcopy=False))
+    key = f"{plan['base']['seed']}/{earlier}/{worker}"
+    seed = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+    rnd.study.sampler = studies.make_sampler(plan["sampler"], seed)
 
 
-def _study(ws: Workspace, plan: dict[str, Any], data: Cifar, run_id: str, worker: str,
-           create: bool) -> optuna.Study:
+def _study(ws: Workspace, plan: dict[str, Any], data: Cifar, create: bool) -> optuna.Study:
+    """The plan's study (created when `create`); its sampler is set per round (seed_sampler)."""
     storage = studies.open_storage(ws.root)
     name = studies.study_name(plan["base"], plan["optimizers"], plan["max_epochs"],
                               data.sha256 or "", validation_images(plan["base"], data))
-    sampler = studies.make_sampler(plan["sampler"], _sampler_seed(plan["base"]["seed"], run_id,
-                                                                   worker))
     pruner = studies.make_pruner(plan["pruner"])
     try:
         if create:
             return optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                       load_if_exists=True, sampler=sampler, pruner=pruner)
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler,
-                                 pruner=pruner)
+                                       load_if_exists=True, pruner=pruner)
+        return optuna.load_study(study_name=name, storage=storage, pruner=pruner)
     except KeyError:
         raise
     except Exception as exc:
@@ -322,8 +324,9 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
         log = Log(run_dir / names.RUN_LOG)
         log(f"tune {run_dir.name} plan {json.dumps(plan, sort_keys=True)}")
         data = load_data(opts, ws, log)
-        study = _study(ws, plan, data, run_dir.name, "w0", create=True)
+        study = _study(ws, plan, data, create=True)
         rnd = studies.Round(study, run_dir.name)
+        seed_sampler(rnd, plan, "w0")
         deadline = time.time() + max(0.0, plan["time_budget"] - clock.before)
         study.set_user_attr(studies.ROUND_ATTR, {"run_id": run_dir.name, "deadline": deadline,
                                                  "open": True})
@@ -362,7 +365,7 @@ def _help(opts: RunOptions, plan: dict[str, Any], ws: Workspace, compute: Comput
     while True:
         stopping.at("while waiting for the round to open", "nothing to keep yet")
         try:
-            study = _study(ws, plan, data, "join", name, create=False)
+            study = _study(ws, plan, data, create=False)
             opened = study.user_attrs.get(studies.ROUND_ATTR, {})
         except KeyError:
             opened = {}
@@ -374,11 +377,12 @@ def _help(opts: RunOptions, plan: dict[str, Any], ws: Workspace, compute: Comput
                              "same flags and workspace")
         time.sleep(POLL_S)
     run_dir = ws.runs / opened["run_id"]
-    study = _study(ws, plan, data, run_dir.name, name, create=False)
+    rnd = studies.Round(study, run_dir.name)
+    seed_sampler(rnd, plan, name)
     log = Log(run_dir / f"worker-{tuning.worker}.log")
     split = make_split(data, {**plan["base"], "val_split": validation_images(plan["base"], data)},
                        compute.device)
-    worker = Worker(studies.Round(study, run_dir.name), plan, run_dir, split, compute, log, name,
+    worker = Worker(rnd, plan, run_dir, split, compute, log, name,
                     float(opened["deadline"]), tuning.stale_after, opts.dry_run)
     ran = worker.run(wait_for_others=False)
     log(f"worker {tuning.worker} done: {ran} trial(s) of {run_dir.name}")
