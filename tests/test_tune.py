@@ -234,6 +234,7 @@ def check_round(ws: Path, slots: int) -> dict:
     return {"study": study, "best": best, "retried": retried}
 
 
+@pytest.mark.slow
 def test_two_local_workers_share_a_round_without_doubling_a_trial(
         tmp_path: Path, tiny_cifar_root: Path) -> None:
     ws = tmp_path / "ws"
@@ -249,6 +250,7 @@ def test_two_local_workers_share_a_round_without_doubling_a_trial(
     assert "worker 1 done" in helper_out
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_is_retried_once_and_the_round_finishes(
         tmp_path: Path, tiny_cifar_root: Path) -> None:
     ws = tmp_path / "ws"
@@ -314,6 +316,7 @@ def fresh_database(server_url: str, name: str) -> str:
     return server_url.rsplit("/", 1)[0] + "/" + name
 
 
+@pytest.mark.slow
 def test_two_workers_on_a_postgresql_study_run_each_slot_once(
         tmp_path: Path, tiny_cifar_root: Path, postgres_url: str) -> None:
     url = fresh_database(postgres_url, "ct_two_workers")
