@@ -152,7 +152,7 @@ def test_report_shows_best_history_runs_tuning_and_restarts(tmp_path: Path) -> N
     assert "../runs/tune-20250103-000000-0001/trials.png" in dom.imgs
     assert all(src.startswith("../runs/") for src in dom.imgs)
     tuning = page.split('id="tuning"', 1)[1].split("</section>", 1)[0]
-    assert "optimizer=adamw" in tuning and "4 of 8" in tuning
+    assert "optimizer=adamw" in tuning and "4 of 8 (3 finished, 1 pruned)" in tuning
     restarts = page.split('id="restarts"', 1)[1].split("</section>", 1)[0]
     assert "gave-up" in restarts and "137" in restarts and "killed after 3 restart(s)" in restarts
     # the chart has a point per judged run (4 gate checks), each with a tooltip
