@@ -9,11 +9,11 @@
 Outputs in --out (default: the current folder, the pipeline's workspace), each written atomically:
 runs/<run-id>/ {config.json, epochs.jsonl, checkpoint.pt, curves.png, model.pt, metrics.json,
 train.log} (a tuning run: also trials.jsonl, trials.png, best.json and a trial-NNN/ run per trial;
-its study lives in studies/optuna.journal or the database $CT_TUNE_STORAGE names), then accuracy.txt and metrics.json at
-the top for the latest run; metrics.json records the run's lineage (dataset and model sha256,
-seed, commit, image, torch, device, threads). --reproduce RUN_ID trains RUN_ID's recorded config
-again in a new run folder (the top-level results stay as they are) and prints one line comparing
-the two accuracies. Running the same command again
+its study lives in studies/optuna.journal or the database $CT_TUNE_STORAGE names), then
+accuracy.txt and metrics.json at the top for the latest run; metrics.json records the run's
+lineage (dataset and model sha256, seed, commit, image, torch, device, threads). --reproduce
+RUN_ID trains RUN_ID's recorded config again in a new run folder (the top-level results stay as
+they are) and prints one line comparing the two accuracies. Running the same command again
 continues an unfinished run of the same config from its last checkpoint (what `docker start` of a
 killed container does); --fresh starts over, --resume continues the latest unfinished run whatever
 its config. Exit 0 on success, 2 with one line on stderr for bad input, 1 for anything unexpected;

@@ -153,6 +153,7 @@ def test_report_shows_best_history_runs_tuning_and_restarts(tmp_path: Path) -> N
     assert all(src.startswith("../runs/") for src in dom.imgs)
     tuning = page.split('id="tuning"', 1)[1].split("</section>", 1)[0]
     assert "optimizer=adamw" in tuning and "4 of 8 (3 finished, 1 pruned)" in tuning
+    assert "cifar10-0123456789ab" in tuning, "the round names its study"
     restarts = page.split('id="restarts"', 1)[1].split("</section>", 1)[0]
     assert "gave-up" in restarts and "137" in restarts and "killed after 3 restart(s)" in restarts
     # the chart has a point per judged run (4 gate checks), each with a tooltip

@@ -343,3 +343,21 @@ def test_two_workers_on_a_postgresql_study_run_each_slot_once(
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert len(optuna.load_study(study_name=name, storage=url).trials) == 5
+
+
+def test_a_trial_just_popped_by_another_worker_is_not_taken_for_lost(tmp_path: Path) -> None:
+    """Between popping a slot and its first heartbeat a trial has no heartbeat yet: its start
+    time stands in, so a worker looking at that moment leaves it alone."""
+    study = optuna.create_study(direction="maximize")
+    rnd = studies.Round(study, "tune-x")
+    rnd.enqueue({})
+    storage = study._storage
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    assert storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING)  # popped by w1
+    assert rnd.retry_lost("w0", stale_after=60.0) == []
+    storage.set_trial_user_attr(waiting._trial_id, "worker", "w1")
+    storage.set_trial_user_attr(waiting._trial_id, "heartbeat", 0.0)  # an ancient beat...
+    assert rnd.retry_lost("w0", stale_after=60.0) == [], "...but it started a moment ago"
+    assert rnd.retry_lost("w1", stale_after=60.0) == [waiting.number], "w1 restarted: its own"
+    retry = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs["resume_from"] for t in retry] == [waiting.number]

@@ -354,6 +354,8 @@ def tuning_section(ws: Workspace) -> str:
             if m.get("trials_finished") is not None:
                 trials += (f" ({esc(m['trials_finished'])} finished, "
                            f"{esc(m.get('trials_pruned', 0))} pruned)")
+            if m.get("study"):
+                trials += f"<br>study <code>{esc(m['study'])}</code>"
             detail = (f"<td>{trials}</td><td>{params_text(m.get('best_params'))}</td>"
                       f"<td class=\"num\">{pct(m.get('accuracy'))} "
                       f"(val {pct(m.get('val_accuracy'))})</td>"
