@@ -361,3 +361,24 @@ def test_a_trial_just_popped_by_another_worker_is_not_taken_for_lost(tmp_path: P
     assert rnd.retry_lost("w1", stale_after=60.0) == [waiting.number], "w1 restarted: its own"
     retry = study.get_trials(states=(TrialState.WAITING,))
     assert [t.user_attrs["resume_from"] for t in retry] == [waiting.number]
+
+
+def test_a_trial_that_cannot_finish_in_the_budget_stops_early(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sampled trial whose pace says it would end after the deadline stops at once (its time
+    goes to other trials) instead of running until the deadline cuts it."""
+    common = ["--data-dir", tiny_cifar_root, "--tune", "--epochs", "1", "--batch-size", "64"]
+    assert run(["--out", tmp_path / "probe", *common, "--trials", "1"], capsys)[0] == 0
+    one_epoch = rows(tune_dir(tmp_path / "probe"))[0]["seconds"]
+X
+    budget = max(6.0, 12 * one_epoch)
+    status, out, _ = run(["--out", tmp_path / "ws", *common, "--trials", "4", "--max-epochs",
+                          "60", "--time-budget", str(budget)], capsys)
+    assert status == 0, out
+    early = [r for r in rows(tune_dir(tmp_path / "ws")) if "would not finish" in (r["ended"] or "")]
+    assert early, out
+    for row in early:
+        assert row["status"] == "stopped"
+        done = len((tune_dir(tmp_path / "ws") / f"trial-{row['trial']:03d}" / "epochs.jsonl")
+                   .read_text().splitlines())
+        assert done < row["params"]["epochs"], "stopped well before its last epoch"

@@ -254,7 +254,7 @@ class Round:
         now = time.time()
         for frozen in self.trials(states=(TrialState.RUNNING,)):
             mine = frozen.user_attrs.get(WORKER_ATTR) == worker
-            stale = now - float(frozen.user_attrs.get(HEARTBEAT_ATTR, 0)) > stale_after
+            stale = now - last_sign_of_life(frozen) > stale_after
             if not (mine or stale) or not self._fail(frozen, "worker lost; retried"):
                 continue
             kept = {k: v for k, v in frozen.user_attrs.items() if k == BASE_ATTR}
@@ -283,6 +283,13 @@ class Round:
                 "pruned": sum(t.state == TrialState.PRUNED for t in trials),
                 "retried": sum(t.user_attrs.get(ENDED_ATTR, "").endswith("retried")
                                for t in trials)}
+
+
+def last_sign_of_life(frozen: FrozenTrial) -> float:
+    """time.time() of the trial's last heartbeat, or of its start when it has none yet (a worker
+    that has just popped it has not beaten yet, and is not lost)."""
+    started = frozen.datetime_start.timestamp() if frozen.datetime_start else 0.0
+    return max(float(frozen.user_attrs.get(HEARTBEAT_ATTR, 0.0)), started)
 
 
 def beat(trial: optuna.Trial) -> None:

@@ -56,6 +56,10 @@ JOIN_WAIT_S = 600.0  # how long a helper worker waits for the round it should jo
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log line per trial says it all
 
 
+class WontFinish(Exception):
+    """A trial that, at its pace so far, would end after the round's deadline."""
+
+
 @dataclass(frozen=True)
 class TuneOptions:
     """train.py's tuning flags."""
@@ -166,16 +170,24 @@ class Worker:
         slots = self.plan["trials"]
         self.log(f"trial-{trial.number:03d} ({self.name}, slot {self._slot(trial)}/{slots}): "
                  f"{json.dumps(params, sort_keys=True)}")
-        reported = 0
+        reported, started, first_epoch = 0, time.monotonic(), None
+        base = bool(trial.user_attrs.get(studies.BASE_ATTR))
 
         def after_epoch(epoch: int, accuracy: float) -> None:
-            nonlocal reported
+            nonlocal reported, first_epoch
             reported = studies.report(trial, reported, epoch, cfg["epochs"], accuracy)
             studies.beat(trial)
-            if not trial.user_attrs.get(studies.BASE_ATTR) and trial.should_prune():
+            if base:  # the round's reference runs to its end, or to the budget's
+                return
+            if trial.should_prune():
                 raise optuna.TrialPruned()
+            first_epoch = epoch - 1 if first_epoch is None else first_epoch
+            per_epoch = (time.monotonic() - started) / (epoch - first_epoch)
+            if time.time() + per_epoch * (cfg["epochs"] - epoch) > self.deadline:
+                raise WontFinish(f"stopped after epoch {epoch}/{cfg['epochs']}: at "
+                                 f"{per_epoch:.0f}s an epoch it would not finish within the "
+                                 "round's time budget")
 
-        started = time.monotonic()
         try:
             with studies.heartbeat(trial, self.stale_after):
                 result = train_config(folder, cfg, self.split, self.compute, self.log,
@@ -187,6 +199,11 @@ class Worker:
                 self._tell(trial, started, state=TrialState.FAIL)
             else:
                 self._tell(trial, started, value=result["validation_accuracy"])
+        except WontFinish as why:
+            # A trial the deadline would cut is no use; its remaining time goes to other trials.
+            trial.set_user_attr(studies.ENDED_ATTR, str(why))
+            self._tell(trial, started, state=TrialState.FAIL)
+            self.log(f"trial-{trial.number:03d} {why}")
         except optuna.TrialPruned:
             self._tell(trial, started, state=TrialState.PRUNED)
             self.log(f"trial-{trial.number:03d} pruned: its validation curve fell behind")
