@@ -370,7 +370,8 @@ def test_a_trial_that_cannot_finish_in_the_budget_stops_early(
     common = ["--data-dir", tiny_cifar_root, "--tune", "--epochs", "1", "--batch-size", "64"]
     assert run(["--out", tmp_path / "probe", *common, "--trials", "1"], capsys)[0] == 0
     one_epoch = rows(tune_dir(tmp_path / "probe"))[0]["seconds"]
-X
+    # Sampled trials take 4 to 60 epochs (the seeded draws here include long ones): a long one
+    # cannot finish in 12 epochs' time.
     budget = max(6.0, 12 * one_epoch)
     status, out, _ = run(["--out", tmp_path / "ws", *common, "--trials", "4", "--max-epochs",
                           "60", "--time-budget", str(budget)], capsys)
