@@ -7,8 +7,11 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from email import message_from_bytes
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,14 +51,22 @@ def docker_engine():
     """A running Docker engine and a base image (tests/docker_engine.py); skip or fail without."""
     from tests import docker_engine as de
 
+    yield from real_service(de.engine_session, de.EngineUnavailable, "Docker engine",
+                            "CT_REQUIRE_DOCKER")
+
+
+def real_service(start: Callable[[], AbstractContextManager[Any]],
+                 unavailable: type[Exception], what: str, require: str) -> Iterator[Any]:
+    """Yield what `start()` provides for the session; skip with the reason when it raises
+    `unavailable`, or fail when the environment variable `require` is 1 (CI)."""
     try:
-        with de.engine_session() as engine:
-            yield engine
+        with start() as service:
+            yield service
             return
-    except de.EngineUnavailable as err:
-        reason = f"no Docker engine: {err}"
-    if os.environ.get("CT_REQUIRE_DOCKER") == "1":
-        pytest.fail(f"CT_REQUIRE_DOCKER=1 but {reason}")
+    except unavailable as err:
+        reason = f"no {what}: {err}"
+    if os.environ.get(require) == "1":
+        pytest.fail(f"{require}=1 but {reason}")
     pytest.skip(reason)
 
 
@@ -190,12 +201,5 @@ def postgres_url():
     without one, unless CT_REQUIRE_POSTGRES=1 (CI), which makes that a failure."""
     from tests import postgres_server as pg
 
-    try:
-        with pg.postgres_server() as url:
-            yield url
-            return
-    except pg.PostgresUnavailable as err:
-        reason = f"no PostgreSQL server: {err}"
-    if os.environ.get("CT_REQUIRE_POSTGRES") == "1":
-        pytest.fail(f"CT_REQUIRE_POSTGRES=1 but {reason}")
-    pytest.skip(reason)
+    yield from real_service(pg.postgres_server, pg.PostgresUnavailable, "PostgreSQL server",
+                            "CT_REQUIRE_POSTGRES")
