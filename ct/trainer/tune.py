@@ -254,10 +254,12 @@ def trial_rows(rnd: studies.Round) -> list[dict[str, Any]]:
     return rows
 
 
-def write_trials(run_dir: Path, rnd: studies.Round, log: LogLine) -> None:
+def write_trials(run_dir: Path, rnd: studies.Round, log: LogLine) -> list[dict[str, Any]]:
+    """trials.jsonl and trials.png from the study; the rows written."""
     rows = trial_rows(rnd)
     atomic.write_text(run_dir / names.RUN_TRIALS, "".join(json.dumps(r) + "\n" for r in rows))
     plots.draw_trials(run_dir, rows, lambda number: trial_dir(run_dir, number), log)
+    return rows
 
 
 def seed_sampler(rnd: studies.Round, plan: dict[str, Any], worker: str) -> None:
@@ -292,7 +294,7 @@ def _study(ws: Workspace, plan: dict[str, Any], data: Cifar, create: bool) -> op
 def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar,
             compute: Compute, log: LogLine) -> Outcome:
     """Test the round's best trial once, on the test set; best.json and model.pt beside it."""
-    write_trials(run_dir, rnd, log)
+    rows = write_trials(run_dir, rnd, log)
     finished = rnd.trials(states=(TrialState.COMPLETE,))
     if not finished:
         raise UsageError(f"no trial finished within --time-budget {plan['time_budget']:.0f}s; "
@@ -307,7 +309,7 @@ def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar
     model.load_state_dict(saved["model"])
     test_x, test_y = data.test_x.to(compute.device), data.test_y.to(compute.device)
     test_accuracy, _ = evaluate(model, test_x, test_y, compute, flip_tta=saved["config"]["tta"])
-    counts = {**rnd.counts(), "run": len(trial_rows(rnd))}
+    counts = {**rnd.counts(), "run": len(rows)}
     params = config_of(best.params)
     with stopping.deferred():  # the model and best.json describing it, together
         atomic.copy_file(best_dir / names.RUN_MODEL, run_dir / names.RUN_MODEL)
