@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -216,6 +217,24 @@ def worker_cmd(ws: Path, data: Path, *extra: str) -> list[str]:
             *TUNE, "--trials", "4", "--stale-after", "4", *extra]
 
 
+def start_helper(ws: Path, data: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Worker 1, started and waiting for a round before the owner opens one: the owner's tiny
+    trials take a second or two, so a helper still importing torch could miss them all."""
+    log = ws.parent / "helper.log"
+    helper = subprocess.Popen(worker_cmd(ws, data, "--epochs", "3", "--worker", "1"),
+                              env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while "waiting for worker 0" not in log.read_text():
+        assert helper.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    return helper
+
+
+def helper_output(helper: subprocess.Popen, ws: Path) -> str:
+    helper.wait(timeout=60)
+    return (ws.parent / "helper.log").read_text()
+
+
 def check_round(ws: Path, slots: int) -> dict:
     """Every slot ran exactly once (a retry replaces a lost trial), the winner tested once."""
     run_dir = tune_dir(ws)
@@ -234,15 +253,32 @@ def check_round(ws: Path, slots: int) -> dict:
     return {"study": study, "best": best, "retried": retried}
 
 
+def test_a_helper_whose_round_ended_while_it_started_has_nothing_to_do(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A short round can end before a helper has imported torch: the helper then ends at once
+    (exit 0) instead of waiting ten minutes for a round that will not come."""
+    ws = tmp_path / "ws"
+    assert run(worker_cmd(ws, tiny_cifar_root, "--trials", "1")[2:], capsys)[0] == 0
+    study = the_study(ws)
+    closed = study.user_attrs[studies.ROUND_ATTR]
+    assert closed["open"] is False
+    # As if the round had closed just after the helper started (its clock is read at start).
+    study.set_user_attr(studies.ROUND_ATTR, {**closed, "closed_at": time.time() + 3600})
+    helper = subprocess.run(worker_cmd(ws, tiny_cifar_root, "--trials", "1", "--worker", "1"),
+                            capture_output=True, text=True, timeout=120)
+    assert helper.returncode == 0, helper.stderr
+    assert f"{closed['run_id']} ended before it could join" in helper.stdout
+    assert len(the_study(ws).trials) == 1, "the helper added nothing to the study"
+
+
 @pytest.mark.slow
 def test_two_local_workers_share_a_round_without_doubling_a_trial(
         tmp_path: Path, tiny_cifar_root: Path) -> None:
     ws = tmp_path / "ws"
-    helper = subprocess.Popen(worker_cmd(ws, tiny_cifar_root, "--worker", "1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    owner = subprocess.run(worker_cmd(ws, tiny_cifar_root), capture_output=True, text=True,
-                           timeout=300)
-    helper_out, _ = helper.communicate(timeout=60)
+    helper = start_helper(ws, tiny_cifar_root)
+    owner = subprocess.run(worker_cmd(ws, tiny_cifar_root, "--epochs", "3"), capture_output=True,
+                           text=True, timeout=300)
+    helper_out = helper_output(helper, ws)
     assert owner.returncode == 0 and helper.returncode == 0, owner.stderr + helper_out
     result = check_round(ws, slots=4)
     workers = {t.user_attrs["worker"] for t in result["study"].trials}
@@ -322,11 +358,10 @@ def test_two_workers_on_a_postgresql_study_run_each_slot_once(
     url = fresh_database(postgres_url, "ct_two_workers")
     env = {**os.environ, "CT_TUNE_STORAGE": url}
     ws = tmp_path / "ws"
-    helper = subprocess.Popen(worker_cmd(ws, tiny_cifar_root, "--worker", "1"), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    owner = subprocess.run(worker_cmd(ws, tiny_cifar_root), env=env, capture_output=True,
-                           text=True, timeout=300)
-    helper_out, _ = helper.communicate(timeout=60)
+    helper = start_helper(ws, tiny_cifar_root, env)
+    owner = subprocess.run(worker_cmd(ws, tiny_cifar_root, "--epochs", "3"), env=env,
+                           capture_output=True, text=True, timeout=300)
+    helper_out = helper_output(helper, ws)
     assert owner.returncode == 0 and helper.returncode == 0, owner.stderr + helper_out
     assert not (ws / "studies").exists(), "the database holds the study, not the workspace"
     (name,) = optuna.get_all_study_names(url)
@@ -339,7 +374,8 @@ def test_two_workers_on_a_postgresql_study_run_each_slot_once(
     assert owner.stdout.count("best trial-") == 1 and "best trial-" not in helper_out
     assert "not-a-real-secret" not in owner.stdout + owner.stderr + helper_out
     # The next round continues the same study in the database.
-    again = subprocess.run(worker_cmd(ws, tiny_cifar_root, "--trials", "1"), env=env,
+    again = subprocess.run(worker_cmd(ws, tiny_cifar_root, "--epochs", "3", "--trials", "1"),
+                           env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert len(optuna.load_study(study_name=name, storage=url).trials) == 5

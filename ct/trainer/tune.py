@@ -51,6 +51,7 @@ from network import build_model
 VAL_FRACTION = 10  # one tenth of the training images validate, at most MAX_VAL
 MAX_VAL = 5000
 POLL_S = 2.0  # how often an idle worker looks at the study again
+JOIN_POLL_S = 0.5  # how often a helper looks for its round: a short round must not pass it by
 JOIN_WAIT_S = 600.0  # how long a helper worker waits for the round it should join
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log line per trial says it all
@@ -359,7 +360,8 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
                         tuning.stale_after, opts.dry_run, clock)
         worker.run(wait_for_others=True)
         rnd.close()
-        study.set_user_attr(studies.ROUND_ATTR, {"run_id": run_dir.name, "open": False})
+        study.set_user_attr(studies.ROUND_ATTR, {"run_id": run_dir.name, "open": False,
+                                                 "closed_at": time.time()})
         stopping.at("while testing the best trial", "every finished trial is kept")
         outcome = _finish(run_dir, plan, rnd, data, compute, log)
         extra = {"config": outcome.best_config, "best_params": outcome.best_params,
@@ -378,9 +380,11 @@ def _help(opts: RunOptions, plan: dict[str, Any], ws: Workspace, compute: Comput
           tuning: TuneOptions) -> None:
     """Worker K: wait for the round the owner opened in the same study, run its slots, end."""
     name = f"w{tuning.worker}"
+    began = time.time()
     log = Log()
     data = load_data(opts, ws, log)
     waited_until = time.monotonic() + JOIN_WAIT_S
+    log(f"worker {tuning.worker}: waiting for worker 0 to open a round with these flags")
     while True:
         stopping.at("while waiting for the round to open", "nothing to keep yet")
         try:
@@ -390,11 +394,15 @@ def _help(opts: RunOptions, plan: dict[str, Any], ws: Workspace, compute: Comput
             opened = {}
         if opened.get("open") and (ws.runs / opened["run_id"]).is_dir():
             break
+        if opened.get("closed_at", 0.0) >= began:
+            # The owner (and other helpers) ran every slot while this one started up.
+            log(f"worker {tuning.worker} done: {opened['run_id']} ended before it could join")
+            return
         if time.monotonic() > waited_until:
             raise UsageError(f"worker {tuning.worker}: no open tuning round for these flags after "
                              f"{JOIN_WAIT_S:.0f}s; start train.py --tune (worker 0) with the "
                              "same flags and workspace")
-        time.sleep(POLL_S)
+        time.sleep(JOIN_POLL_S)
     run_dir = ws.runs / opened["run_id"]
     rnd = studies.Round(study, run_dir.name)
     seed_sampler(rnd, plan, name)
