@@ -137,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tune.add_argument("--worker", type=int, default=0, metavar="K",
                       help="K >= 1: help the open round of the same flags and workspace "
                            "(CT_TUNE_WORKERS starts these); 0: run the round (default)")
+    tune.add_argument("--recipe-trial", action=argparse.BooleanOptionalAction, default=True,
+                      help="try TRAIN_DEFAULTS (its searched keys) as the round's second trial, "
+                           "unless the config already is that (default: %(default)s)")
     tune.add_argument("--stale-after", type=float, default=300.0, metavar="SECONDS",
                       help="a trial without a heartbeat this long lost its worker and is "
                            "retried (default: %(default)s)")
@@ -247,7 +250,8 @@ def tune(args: argparse.Namespace, cfg: dict[str, Any], ws: Workspace, compute: 
     tuning = TuneOptions(trials=args.trials, time_budget=args.time_budget,
                          optimizers=args.optimizers, max_epochs=args.max_epochs,
                          sampler=args.sampler, pruner=args.pruner,
-                         worker=args.worker, stale_after=args.stale_after)
+                         worker=args.worker, stale_after=args.stale_after,
+                         recipe=TRAIN_DEFAULTS if args.recipe_trial else None)
     return tune_mode(run_options(args), cfg, ws, compute, started, tuning)
 
 

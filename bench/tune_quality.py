@@ -8,8 +8,10 @@ Each arm runs `train.py --tune` as job5 does (a fresh process, a fresh workspace
 study) from the same start: a weak push (--optimizer sgd --lr 0.002 --width 8 --epochs 4, below
 80%), and prints one JSON line: trials finished / pruned / cut by the budget, the best validation
 accuracy and the winner's test accuracy (tested once, by train.py). Arms:
-  random  Optuna's RandomSampler without pruning: the old random search.
-  tpe     TPE (seeded, multivariate) with --pruner (default: train.py's).
+  random  Optuna's RandomSampler without pruning and without the recipe trial: the old random
+          search.
+  tpe     TPE (seeded, multivariate) with --pruner (default: train.py's), and train.py's default
+          recipe as the second trial (--no-recipe-trial: without it).
 --at SECONDS also reports the round as it stood after that many seconds of trials (trials run one
 after another, so the round's state then is the finished trials whose cumulative time fits): the
 winner among those is tested here on the test set. A TPE round cut there is the same round as one
@@ -59,10 +61,13 @@ def run_arm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         cmd += ["--time-budget", str(args.time_budget)]
     if args.subset:
         cmd += ["--subset", str(args.subset)]
+    if args.seed:
+        cmd += ["--seed", str(args.seed)]
     if args.arm == "random":
-        cmd += ["--sampler", "random", "--pruner", "none"]
+        cmd += ["--sampler", "random", "--pruner", "none", "--no-recipe-trial"]
     else:
         cmd += ["--sampler", "tpe"] + (["--pruner", args.pruner] if args.pruner else [])
+        cmd += [] if args.recipe_trial else ["--no-recipe-trial"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     wall = time.perf_counter() - t0
@@ -71,14 +76,20 @@ def run_arm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     best = json.loads((run_dir / "best.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     plan = json.loads((run_dir / "config.json").read_text())
-    result = {"arm": args.arm, "sampler": plan["sampler"], "pruner": plan["pruner"],
+    result = {"arm": args.arm, "seed": args.seed, "sampler": plan["sampler"], "pruner": plan["pruner"],
               "trials": plan["trials"], "budget_s": metrics["time_budget_s"],
               "wall_s": round(wall, 1),
               **counts(rows), "best_val": best["val_accuracy"],
-              "test": best["test_accuracy"], "best_params": best["params"]}
+              "test": best["test_accuracy"], "best_trial": best["trial"],
+              "best_source": rows_by_number(rows)[best["trial"]]["source"],
+              "best_params": best["params"]}
     if args.at:
         result[f"at_{args.at:.0f}s"] = state_at(rows, run_dir, args)
     return result
+
+
+def rows_by_number(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {row["trial"]: row for row in rows}
 
 
 def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -108,7 +119,7 @@ def state_at(rows: list[dict[str, Any]], run_dir: Path, args: argparse.Namespace
     data = load_cifar(args.data_dir)
     test, _ = evaluate(model, data.test_x, data.test_y, compute, flip_tta=saved["config"]["tta"])
     return {**counts(seen), "best_val": best["val_accuracy"], "test": round(test, 2),
-            "best_trial": best["trial"]}
+            "best_trial": best["trial"], "best_source": best["source"]}
 
 
 def main() -> None:
@@ -118,7 +129,11 @@ def main() -> None:
     p.add_argument("--pruner", help="tpe arm: median, halving, hyperband (default: train.py's)")
     p.add_argument("--time-budget", type=float, help="seconds (default: train.py's, job5's)")
     p.add_argument("--trials", type=int, help="slots (default: train.py's, job5's)")
+    p.add_argument("--recipe-trial", action=argparse.BooleanOptionalAction, default=True,
+                   help="tpe arm: try train.py's default recipe second (default: %(default)s)")
     p.add_argument("--subset", type=int, default=0, help="first N training images")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the push's seed: weights, data order and the sampler's draws")
     p.add_argument("--at", type=float, default=0.0, help="also report the round after SECONDS")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--keep", type=Path, help="keep the workspace here instead of a temp dir")

@@ -15,6 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+import train
 from ct.trainer import study as studies
 from ct.trainer.tune import trial_dir
 from tests.conftest import REPO
@@ -86,6 +87,26 @@ def test_a_round_tries_the_base_config_first_and_tests_only_the_best(
     assert [t.number for t in study.trials] == [0, 1, 2]
     assert {t.number: t.value for t in study.trials if t.state == TrialState.COMPLETE} == {
         t["trial"]: t["val_accuracy"] for t in done}
+
+
+@pytest.mark.parametrize("push, second", [
+    (["--optimizer", "adam", "--lr", "0.003"], "recipe"),  # a push that is not the recipe
+    (["--optimizer", "adam", "--lr", "0.003", "--no-recipe-trial"], "sampled"),
+    (["--epochs", "3", "--batch-size", "512"], "sampled"),  # the push is the recipe already
+])
+def test_the_default_recipe_is_the_second_trial_unless_the_push_is_it(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str],
+        push: list[str], second: str) -> None:
+    status, out, _ = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE,
+                          "--trials", "3", *push], capsys)
+    assert status == 0, out
+    trials = rows(tune_dir(tmp_path))
+    assert [t["source"] for t in trials] == ["base", second, "sampled"]
+    if second == "recipe":
+        searched = {k: train.TRAIN_DEFAULTS[k] for k in trials[1]["params"]}
+        assert trials[1]["params"] == {**searched, "epochs": 3}, "capped by --max-epochs 3"
+        assert trials[1]["status"] == "done", "a known good point is never pruned"
+    assert studies.source_of(the_study(tmp_path).trials[1]) == second, "the study knows too"
 
 
 def test_selection_uses_a_validation_split_not_the_test_set(

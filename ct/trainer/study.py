@@ -73,6 +73,13 @@ PRUNERS = ("median", "halving", "hyperband", "none")
 PRUNE_STEPS = 10  # trials report at tenths of their schedule, so short and long ones compare
 N_STARTUP = 4  # random trials before TPE models the results (across all rounds of the study)
 BASE_ATTR = "base"  # trial user attr: the round's base config, never pruned
+RECIPE_ATTR = "recipe"  # trial user attr: train.py's default recipe, never pruned
+SOURCE_ATTRS = (BASE_ATTR, RECIPE_ATTR)  # an enqueued config's origin, kept by its retry
+
+
+def source_of(trial: optuna.Trial | FrozenTrial) -> str:
+    """Where a trial's config came from: "base", "recipe" or "sampled"."""
+    return next((attr for attr in SOURCE_ATTRS if trial.user_attrs.get(attr)), "sampled")
 
 
 def search_space(optimizers: list[str], max_epochs: int) -> dict[str, BaseDistribution]:
@@ -218,12 +225,18 @@ class Round:
             warnings.simplefilter("ignore")
             self.study.enqueue_trial(params, user_attrs={ROUND_ATTR: self.run_id, **attrs})
 
-    def open_slots(self, base_params: dict[str, Any], count: int) -> bool:
+    def open_slots(self, base_params: dict[str, Any], count: int,
+                   recipe_params: dict[str, Any] | None = None) -> bool:
         """Enqueue the round's slots once: the base config first, so the round never ends below
-        it on validation. False when an earlier start of this round had done it."""
+        it on validation, then the default recipe (a known good point, which a short round on
+        few cores cannot count on sampling), then slots for the sampler. False when an earlier
+        start of this round had done it."""
         if self.trials():
             return False
         self.enqueue(base_params, **{BASE_ATTR: True})
+        if recipe_params is not None and count > 1:
+            self.enqueue(recipe_params, **{RECIPE_ATTR: True})
+            count -= 1
         for _ in range(count - 1):
             self.enqueue({})
         return True
@@ -257,7 +270,7 @@ class Round:
             stale = now - last_sign_of_life(frozen) > stale_after
             if not (mine or stale) or not self._fail(frozen, "worker lost; retried"):
                 continue
-            kept = {k: v for k, v in frozen.user_attrs.items() if k == BASE_ATTR}
+            kept = {k: v for k, v in frozen.user_attrs.items() if k in SOURCE_ATTRS}
             self.enqueue(frozen.params, **{RESUME_ATTR: frozen.number}, **kept)
             retried.append(frozen.number)
         return retried

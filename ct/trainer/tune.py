@@ -73,6 +73,7 @@ class TuneOptions:
     pruner: str  # ct.trainer.study.PRUNERS
     worker: int  # 0: the round's owner; K > 0: a helper joining the open round
     stale_after: float  # seconds without a heartbeat before a trial counts as lost
+    recipe: dict[str, Any] | None = None  # the default config, tried second; None: not tried
 
 
 @dataclass
@@ -97,7 +98,18 @@ def make_plan(base: dict[str, Any], tuning: TuneOptions) -> dict[str, Any]:
         raise UsageError(f"--max-epochs must be at least 1, not {tuning.max_epochs}")
     return {"base": base, "trials": tuning.trials, "time_budget": tuning.time_budget,
             "optimizers": chosen, "max_epochs": tuning.max_epochs, "sampler": tuning.sampler,
-            "pruner": tuning.pruner}
+            "pruner": tuning.pruner, "recipe": recipe_params(base, tuning, chosen)}
+
+
+def recipe_params(base: dict[str, Any], tuning: TuneOptions, optimizers: list[str]
+                  ) -> dict[str, Any] | None:
+    """The default recipe's searched values (its epochs capped by --max-epochs), unless it is
+    not wanted, its optimizer is excluded, or the pushed config already is the recipe."""
+    if tuning.recipe is None or tuning.recipe["optimizer"] not in optimizers:
+        return None
+    recipe = {**tuning.recipe, "epochs": min(tuning.recipe["epochs"], tuning.max_epochs)}
+    params = studies.params_of(recipe)
+    return None if params == studies.params_of(base) else params
 
 
 def trial_dir(run_dir: Path, number: int) -> Path:
@@ -168,19 +180,18 @@ class Worker:
             folder.mkdir(exist_ok=True)
             atomic.write_json(folder / names.RUN_CONFIG, cfg)
             self._take_over_checkpoint(trial, folder)
-        slots = self.plan["trials"]
-        self.log(f"trial-{trial.number:03d} ({self.name}, slot {self._slot(trial)}/{slots}): "
-                 f"{json.dumps(params, sort_keys=True)}")
+        slots, source = self.plan["trials"], studies.source_of(trial)
+        self.log(f"trial-{trial.number:03d} ({self.name}, slot {self._slot(trial)}/{slots}, "
+                 f"{source}): {json.dumps(params, sort_keys=True)}")
         reported, started, first_epoch = 0, time.monotonic(), None
-        base = bool(trial.user_attrs.get(studies.BASE_ATTR))
 
         def after_epoch(epoch: int, accuracy: float) -> None:
             nonlocal reported, first_epoch
             reported = studies.report(trial, reported, epoch, cfg["epochs"], accuracy)
             studies.beat(trial)
-            if base:  # the round's reference runs to its end, or to the budget's
+            if source == "base":  # the round's reference runs to its end, or to the budget's
                 return
-            if trial.should_prune():
+            if source == "sampled" and trial.should_prune():  # the recipe is a known good point
                 raise optuna.TrialPruned()
             first_epoch = epoch - 1 if first_epoch is None else first_epoch
             per_epoch = (time.monotonic() - started) / (epoch - first_epoch)
@@ -246,7 +257,8 @@ def trial_rows(rnd: studies.Round) -> list[dict[str, Any]]:
         if t.state == TrialState.WAITING or not t.params:
             continue
         ended = t.user_attrs.get(studies.ENDED_ATTR, "")
-        rows.append({"trial": t.number, "params": config_of(t.params),
+        rows.append({"trial": t.number, "source": studies.source_of(t),
+                     "params": config_of(t.params),
                      "status": "stopped" if "time budget" in ended else status[t.state],
                      "val_accuracy": t.value, "seconds": t.user_attrs.get("seconds"),
                      "worker": t.user_attrs.get(studies.WORKER_ATTR), "ended": ended or None,
@@ -350,7 +362,7 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
         deadline = time.time() + max(0.0, plan["time_budget"] - clock.before)
         study.set_user_attr(studies.ROUND_ATTR, {"run_id": run_dir.name, "deadline": deadline,
                                                  "open": True})
-        if rnd.open_slots(studies.params_of(base), plan["trials"]):
+        if rnd.open_slots(studies.params_of(base), plan["trials"], plan["recipe"]):
             log(f"study {study.study_name} in {studies.storage_description(ws.root)}: "
                 f"{len(study.trials) - plan['trials']} earlier trial(s); "
                 f"{plan['trials']} slot(s) added")
