@@ -76,8 +76,9 @@ def run_arm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     best = json.loads((run_dir / "best.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     plan = json.loads((run_dir / "config.json").read_text())
-    result = {"arm": args.arm, "seed": args.seed, "sampler": plan["sampler"], "pruner": plan["pruner"],
-              "trials": plan["trials"], "budget_s": metrics["time_budget_s"],
+    result = {"arm": args.arm, "seed": args.seed, "sampler": plan["sampler"],
+              "pruner": plan["pruner"], "trials": plan["trials"],
+              "budget_s": metrics["time_budget_s"],
               "wall_s": round(wall, 1),
               **counts(rows), "best_val": best["val_accuracy"],
               "test": best["test_accuracy"], "best_trial": best["trial"],
