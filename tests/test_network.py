@@ -50,3 +50,92 @@ def test_original_architecture() -> None:
 def test_out_of_range_knobs_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         build_model({**NET_DEFAULTS, **bad})
+
+
+# --- the whitening stem (issue 12) -------------------------------------------------------------
+
+
+def _correlated_images(n: int = 200) -> torch.Tensor:
+    """Float images whose 2x2 patches are strongly correlated, across pixels and channels: a
+    whitening that works has something to undo."""
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = x + x.roll(1, dims=-1) + x.roll(1, dims=-2)
+    x[:, 1] += x[:, 0]
+    x[:, 2] += 0.5 * x[:, 1]
+    return x
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4])
+def test_whiten_stem_shapes(blocks: int) -> None:
+    from network import WHITEN_CHANNELS
+
+    model = build_model({"stem": "whiten", "width": 8, "blocks": blocks})
+    out = model(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert out.shape == (4, 10)
+    stem = model.features[0]
+    assert isinstance(stem, torch.nn.Conv2d)
+    assert (stem.out_channels, stem.kernel_size, stem.padding) == (WHITEN_CHANNELS, (2, 2), (0, 0))
+    assert stem.bias is not None and stem.bias.requires_grad
+    assert not stem.weight.requires_grad, "the whitening filters are frozen from the start"
+    assert not isinstance(model.features[1], torch.nn.BatchNorm2d)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[1].in_channels == WHITEN_CHANNELS and convs[-1].out_channels == 8 * 2 ** blocks
+
+
+def test_default_stem_is_unchanged() -> None:
+    """stem "conv" (the default) builds the same modules, in the same order, as before the key."""
+    model = build_model({"width": 8})
+    assert "stem" in NET_DEFAULTS and NET_DEFAULTS["stem"] == "conv"
+    assert isinstance(model.features[0], torch.nn.Conv2d)
+    assert model.features[0].kernel_size == (3, 3) and model.features[0].bias is None
+    assert isinstance(model.features[1], torch.nn.BatchNorm2d)
+
+
+def test_whitening_weights_are_deterministic_and_whiten() -> None:
+    from network import whitening_weights
+
+    images = _correlated_images()
+    first = whitening_weights(images)
+    assert first.shape == (24, 3, 2, 2) and first.dtype == torch.float32
+    assert torch.equal(first, whitening_weights(images.clone()))
+    assert torch.equal(first[12:], -first[:12]), "each filter and its negative"
+    # Without eps the first 12 filters map the patches to unit, uncorrelated directions.
+    exact = whitening_weights(images, eps=0.0)[:12].double()
+    out = torch.nn.functional.conv2d(images.double(), exact)  # N x 12 x 31 x 31
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = flat.T @ flat / len(flat)
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3)
+
+
+def test_whitening_filters_come_strongest_direction_first() -> None:
+    from network import whitening_weights
+
+    weights = whitening_weights(_correlated_images())
+    norms = weights[:12].flatten(1).norm(dim=1)
+    assert torch.all(norms[1:] >= norms[:-1] * 0.999), "strongest direction first: smallest gain"
+
+
+@pytest.mark.parametrize(
+    "bad", [{"stem": "patchify"}, {"stem": "whiten", "arch": "original"}]
+)
+def test_bad_stems_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError, match="stem"):
+        build_model({**NET_DEFAULTS, **bad})
+
+
+# --- explicit block widths (issue 12) ---------------------------------------------------------
+
+
+def test_block_widths_set_each_block_and_default_to_doubling() -> None:
+    convs = [m for m in build_model({"width": 8, "block_widths": "24,96,96"}).modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 24, 24, 96, 96, 96, 96]
+    doubling = [m.out_channels for m in build_model({"width": 8}).modules()
+                if isinstance(m, torch.nn.Conv2d)]
+    assert doubling == [8, 16, 16, 32, 32, 64, 64]
+
+
+@pytest.mark.parametrize("widths", ["24,96", "24,x,96", "24,96,0", "24,96,96,96"])
+def test_block_widths_that_do_not_fit_the_blocks_are_refused(widths: str) -> None:
+    with pytest.raises(ValueError, match="block_widths"):
+        build_model({**NET_DEFAULTS, "block_widths": widths})

@@ -445,3 +445,109 @@ def test_reproduce_refuses_what_it_cannot_reproduce(
         (line,) = err.strip().splitlines()
         assert line.startswith("train.py: error:") and message in line, line
     assert len(list((ws / "runs").iterdir())) == 1, "nothing was trained"
+
+
+# --- issue 12's levers: resume, and configs recorded before their keys --------------------------
+
+ISSUE12 = ["--stem", "whiten", "--whiten-bias-epochs", "2", "--lookahead", "yes",
+           "--lookahead-start", "0.2", "--tta-translate", "yes", "--flip", "alternate"]
+
+
+@pytest.fixture(scope="module")
+def reference_issue12(tmp_path_factory: pytest.TempPathFactory, tiny_cifar_root: Path) -> Path:
+    """An uninterrupted run with the whitening stem, lookahead and translated TTA."""
+    ws = tmp_path_factory.mktemp("reference-issue12")
+    subprocess.run(_train_cmd(ws, tiny_cifar_root, *ISSUE12), check=True, capture_output=True)
+    return ws
+
+
+def test_killed_run_with_issue12_levers_resumes_to_the_same_result(
+        tmp_path: Path, tiny_cifar_root: Path, reference_issue12: Path) -> None:
+    """Killed after epoch 2 of 4: the lookahead average (started in epoch 1: 32 steps an epoch,
+    start at step 26) comes back from the checkpoint, and the whitening bias, trained for 2
+    epochs, is frozen in the resumed process as it was in the uninterrupted one."""
+    cmd = _train_cmd(tmp_path / "cut", tiny_cifar_root, *ISSUE12)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "epoch 2/4" in line:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    ckpt = torch.load(only_run_dir(tmp_path / "cut") / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and isinstance(ckpt["lookahead"], dict), "the average is kept"
+    for name, tensor in ckpt["model"].items():
+        if tensor.is_floating_point():
+            assert torch.equal(tensor, ckpt["lookahead"][name]), f"{name}: net == average"
+    again = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "resuming" in again.stdout and "after epoch 2" in again.stdout
+    assert_same_result(reference_issue12, tmp_path / "cut")
+
+
+def test_issue12_levers_change_the_result(reference: Path, reference_issue12: Path) -> None:
+    """The keys do something (and the default run is not the lever run)."""
+    plain = torch.load(only_run_dir(reference) / "model.pt", weights_only=False)
+    levers = torch.load(only_run_dir(reference_issue12) / "model.pt", weights_only=False)
+    assert plain["model"]["features.0.weight"].shape == (16, 3, 3, 3)
+    assert levers["model"]["features.0.weight"].shape == (24, 3, 2, 2)
+    assert levers["config"]["lookahead"] and not plain["config"]["lookahead"]
+
+
+def test_added_keys_default_to_their_legacy_values() -> None:
+    """ct.trainer.compat fills old configs with these values: they must be what the code did
+    before the keys existed, which the defaults are while the new recipe lives in a preset."""
+    import train
+    from ct.trainer.compat import ADDED_KEYS
+
+    assert {key: train.TRAIN_DEFAULTS[key] for key in ADDED_KEYS} == ADDED_KEYS
+    assert set(ADDED_KEYS) <= set(train.TRAIN_HELP)
+
+
+def test_hashed_names_ignore_added_keys_at_legacy_values() -> None:
+    import train
+    from ct.trainer import study
+    from ct.trainer.compat import ADDED_KEYS
+    from ct.trainer.run import config_hash
+
+    old = {k: v for k, v in train.TRAIN_DEFAULTS.items() if k not in ADDED_KEYS}
+    assert config_hash(train.TRAIN_DEFAULTS) == config_hash(old)
+    name = study.study_name(train.TRAIN_DEFAULTS, ["sgd"], 24, "d" * 64, 100)
+    assert name == study.study_name(old, ["sgd"], 24, "d" * 64, 100)
+    assert name != study.study_name({**train.TRAIN_DEFAULTS, "lookahead": True}, ["sgd"], 24,
+                                    "d" * 64, 100)
+
+
+def _strip_added_keys(run_dir: Path) -> None:
+    """Make a run look recorded before issue 12: no new keys in its config or checkpoint."""
+    from ct.trainer.compat import ADDED_KEYS
+
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(
+        {k: v for k, v in config.items() if k not in ADDED_KEYS}))
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ADDED_KEYS}
+    ckpt.pop("lookahead")
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+
+
+def test_an_unfinished_run_recorded_before_the_new_keys_is_continued(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ws = _unfinished_run(tmp_path, tiny_cifar_root, capsys)
+    _strip_added_keys(only_run_dir(ws))
+    status, out, err = run(["--out", ws, "--data-dir", tiny_cifar_root, *QUICK], capsys)
+    assert status == 0, err
+    assert "resuming" in out and "after epoch 3" in out
+    assert len(list(ws.glob("runs/train-*"))) == 1, "no new run folder"
+
+
+def test_reproduce_fills_in_the_keys_an_older_config_lacks(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ws = tmp_path / "ws"
+    data = ["--data-dir", tiny_cifar_root]
+    assert run(["--out", ws, *data, *SMALL], capsys)[0] == 0
+    original = only_run_dir(ws)
+    _strip_added_keys(original)
+    status, out, err = run(["--out", ws, *data, "--reproduce", original.name], capsys)
+    assert status == 0, err
+    (line,) = [x for x in out.splitlines() if x.startswith("reproduced ")]
+    assert "(difference 0.00 points; exact:" in line, line

@@ -1,4 +1,5 @@
-"""The training engine: device set-up (`Compute`), batched augmentation, one epoch, evaluation.
+"""The training engine: device set-up (`Compute`), batched augmentation, one epoch, weight
+averaging (`Lookahead`), evaluation.
 
 The whole dataset stays on the device as uint8; each batch is cropped, flipped and normalised there
 with tensor ops (no DataLoader, no per-image Python). Every random draw comes from one
@@ -25,6 +26,13 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 CROP_PAD = 4
 EVAL_BATCH = 2000
+# Lookahead (airbench94's LookaheadState): every LOOKAHEAD_EVERY steps the average is pulled toward
+# the net by 1 - rho, rho = LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * (step / total)**LOOKAHEAD_POWER.
+LOOKAHEAD_EVERY = 5
+LOOKAHEAD_DECAY = 0.95
+LOOKAHEAD_POWER = 3
+FLIP_SEED_OFFSET = 1  # the alternating flip's own generator: seed + this
+TTA_SHIFT = 1  # pixels of the two shifted test views (reflect padding), as airbench's tta_level 2
 
 
 @dataclass
@@ -87,13 +95,16 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return out.contiguous(memory_format=torch.channels_last)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator, flips: torch.Tensor | None = None
+            ) -> torch.Tensor:
     """Random crop (zero padding 4) and horizontal flip of a uint8 batch: two gathers, rows then
-    columns (a mirrored image is just its columns read backwards)."""
+    columns (a mirrored image is just its columns read backwards). `flips` (bool per image)
+    decides the mirroring instead of a draw."""
     n, channels, size = x.shape[0], x.shape[1], x.shape[-1]
     padded = F.pad(x, (CROP_PAD,) * 4)
     shifts = torch.randint(0, 2 * CROP_PAD + 1, (2, n), generator=gen).to(x.device)
-    flips = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    if flips is None:
+        flips = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     ramp = torch.arange(size, device=x.device)
     rows = shifts[0, :, None] + ramp
     cols = shifts[1, :, None] + ramp
@@ -103,8 +114,23 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return cropped.gather(3, cols[:, None, None, :].expand(n, channels, size, size))
 
 
+def alternating_flips(seed: int, n_train: int, device: torch.device) -> torch.Tensor:
+    """airbench's alternating flip: each training image gets one random orientation (drawn from
+    its own generator, so the batch order and crops draw as without it) and is shown mirrored
+    on every other epoch (`flips_for_epoch`): two epochs see every image both ways, where random
+    flips leave a quarter of them unmirrored or mirrored twice."""
+    gen = torch.Generator().manual_seed(seed + FLIP_SEED_OFFSET)
+    return (torch.rand(n_train, generator=gen) < 0.5).to(device)
+
+
+def flips_for_epoch(base: torch.Tensor, epoch: int) -> torch.Tensor:
+    return base ^ bool(epoch % 2)
+
+
 def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    params = model.parameters()
+    # Frozen weights (the whitening stem's) never train, so they take no optimizer state; every
+    # parameter of the other models trains, which keeps their state_dict layout as it was.
+    params = [p for p in model.parameters() if p.requires_grad]
     name = cfg["optimizer"]
     if name == "sgd":
         momentum = float(cfg["momentum"])
@@ -136,6 +162,48 @@ def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class Lookahead:
+    """airbench94's LookaheadState: from step `start` on, every LOOKAHEAD_EVERY steps an average
+    of the weights moves toward the net's and the net jumps back to the average. rho grows with
+    the cube of the progress: early on the net runs almost free, late on it is averaged hard. At
+    each epoch's end the net becomes the average, so checkpoints, glances and the final model are
+    the average. Every float entry of the state dict takes part, BN running statistics included.
+
+    The average is training state: a checkpoint keeps it (`average`), or a resumed run would start
+    a fresh average where the uninterrupted one updates the old.
+    """
+
+    def __init__(self, total_steps: int, start_frac: float) -> None:
+        self.total_steps = max(1, total_steps)
+        self.start = math.ceil(total_steps * start_frac)
+        self.average: dict[str, torch.Tensor] | None = None  # None until the first update
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """`step`: optimizer steps taken so far (the schedule's count, which checkpoints keep)."""
+        if step < self.start or step % LOOKAHEAD_EVERY != 0:
+            return
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return
+        progress = step / self.total_steps
+        rho = LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * progress ** LOOKAHEAD_POWER
+        self._pull(model, 1.0 - rho)
+
+    def end_epoch(self, model: nn.Module) -> None:
+        """The net becomes the average (airbench's update with decay 1)."""
+        if self.average is not None:
+            self._pull(model, 0.0)
+
+    @torch.no_grad()
+    def _pull(self, model: nn.Module, weight: float) -> None:
+        assert self.average is not None
+        for name, tensor in model.state_dict().items():  # shares storage with the model
+            if tensor.dtype.is_floating_point:
+                average = self.average[name]
+                average.lerp_(tensor, weight)
+                tensor.copy_(average)
+
+
 @dataclass
 class EpochResult:
     loss: float
@@ -147,8 +215,11 @@ class EpochResult:
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler, x: torch.Tensor, y: torch.Tensor,
                 cfg: dict[str, Any], gen: torch.Generator, compute: Compute,
-                max_batches: int | None = None) -> EpochResult:
-    """One pass over (x, y) in a fresh random order; `max_batches` cuts it short (dry runs)."""
+                max_batches: int | None = None, lookahead: Lookahead | None = None,
+                flips: torch.Tensor | None = None) -> EpochResult:
+    """One pass over (x, y) in a fresh random order; `max_batches` cuts it short (dry runs).
+    With `lookahead`, the net is its average at the end; `flips` (one bool per image of x)
+    mirrors images instead of random flips."""
     model.train()
     start = time.perf_counter()
     order = torch.randperm(len(x), generator=gen).to(x.device)
@@ -161,7 +232,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         if max_batches is not None and i >= max_batches:
             break
         idx = order[first:first + batch_size]
-        inputs = augment(x[idx], gen) if use_aug else x[idx]
+        inputs = augment(x[idx], gen, None if flips is None else flips[idx]) if use_aug else x[idx]
         with compute.autocast():
             logits = model(normalise(inputs))
             loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=cfg["label_smoothing"])
@@ -169,9 +240,13 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         loss.backward()
         optimizer.step()
         schedule.step()
+        if lookahead is not None:
+            lookahead.after_step(model, schedule.last_epoch)
         total_loss += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == y[idx]).sum()
         seen += len(idx)
+    if lookahead is not None:
+        lookahead.end_epoch(model)
     if compute.device.type == "cuda":
         torch.cuda.synchronize()
     return EpochResult(float(total_loss) / max(1, seen), 100.0 * float(correct) / max(1, seen),
@@ -180,8 +255,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Compute,
-             flip_tta: bool = True, max_batches: int | None = None) -> tuple[float, float]:
-    """(accuracy %, mean loss); `flip_tta` averages the logits of each image and its mirror."""
+             flip_tta: bool = True, max_batches: int | None = None,
+             translate: bool = False) -> tuple[float, float]:
+    """(accuracy %, mean loss); `flip_tta` averages the logits of each image and its mirror;
+    `translate` adds two shifted views (`_translated_logits`)."""
     model.eval()
     correct = torch.zeros((), device=x.device)
     loss_sum = torch.zeros((), device=x.device)
@@ -192,10 +269,31 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Comput
         inputs = normalise(x[first:first + EVAL_BATCH])
         labels = y[first:first + EVAL_BATCH]
         with compute.autocast():
-            logits = model(inputs).float()
-            if flip_tta:
-                logits = (logits + model(inputs.flip(-1)).float()) / 2
+            logits = _view_logits(model, inputs, flip_tta)
+            if translate:
+                logits = _translated_logits(model, inputs, logits, flip_tta)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
     return 100.0 * float(correct) / max(1, seen), float(loss_sum) / max(1, seen)
+
+
+def _view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool) -> torch.Tensor:
+    """The logits of one view, averaged with its mirror's when `flip_tta`."""
+    logits = model(inputs).float()
+    if flip_tta:
+        logits = (logits + model(inputs.flip(-1)).float()) / 2
+    return logits
+
+
+def _translated_logits(model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor,
+                       flip_tta: bool) -> torch.Tensor:
+    """airbench's infer_mirror_translate: half the weight on the image (`logits`, its view), a
+    quarter each on the image shifted by TTA_SHIFT pixels up-left and down-right, cut from its
+    reflect-padded copy (reflection invents no black border the training crops never had)."""
+    size = inputs.shape[-1]
+    padded = F.pad(inputs, (TTA_SHIFT,) * 4, mode="reflect")
+    shifted = [padded[:, :, o:o + size, o:o + size].contiguous(memory_format=torch.channels_last)
+               for o in (0, 2 * TTA_SHIFT)]
+    views = [_view_logits(model, view, flip_tta) for view in shifted]
+    return 0.5 * logits + 0.25 * (views[0] + views[1])

@@ -25,21 +25,28 @@ from torch import nn
 from ct import atomic
 from ct import workspace as names
 from ct.trainer import plots, stopping
+from ct.trainer.compat import with_added_keys, without_legacy_values
 from ct.trainer.data import Cifar, dataset_sha256, download, load_cifar
 from ct.trainer.engine import (
     Compute,
+    EpochResult,
+    Lookahead,
+    alternating_flips,
     evaluate,
+    flips_for_epoch,
     make_optimizer,
     make_schedule,
+    normalise,
     steps_per_epoch,
     train_epoch,
 )
 from ct.trainer.errors import UsageError
 from ct.trainer.lineage import reproduction_line, run_lineage
-from network import build_model
+from network import FastCNN, build_model
 
 DRY_RUN_BATCHES = 3
 GLANCE_IMAGES = 2000  # evaluation images looked at after every epoch, for the curves (_glance)
+WHITEN_IMAGES = 5000  # training images the whitening stem is fitted to (airbench's number)
 CODE_DIR = Path(__file__).resolve().parents[2]  # the checkout train.py runs from
 LogLine = Callable[[str], None]  # a Log, or anything else that takes one line
 
@@ -56,7 +63,9 @@ class RunOptions:
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    # Added keys at their legacy values leave the hash (a run folder's name) as it was before.
+    return hashlib.sha256(json.dumps(without_legacy_values(cfg), sort_keys=True).encode()
+                          ).hexdigest()[:10]
 
 
 # --- the workspace ----------------------------------------------------------------------------
@@ -101,13 +110,17 @@ class Workspace:
         return names.current_commit(self.root, CODE_DIR)
 
 
-def choose_run_dir(ws: Workspace, kind: str, state: dict[str, Any], opts: RunOptions
+def choose_run_dir(ws: Workspace, kind: str, state: dict[str, Any], opts: RunOptions,
+                   upgrade: Callable[[dict[str, Any]], dict[str, Any]]
                    ) -> tuple[Path, dict[str, Any], bool]:
     """Where this invocation runs, its state (a continued run keeps its stored state), and
-    whether it continues an earlier run."""
+    whether it continues an earlier run. `upgrade` fills in the keys a stored state written by an
+    older train.py lacks (ct.trainer.compat), so that such a run is still found and continued."""
     if not opts.fresh:
         for run_dir in ws.unfinished_runs(kind):
             stored = read_json(run_dir / names.RUN_CONFIG)
+            if isinstance(stored, dict):  # anything else matches no state
+                stored = upgrade(stored)
             if opts.resume or stored == state:
                 return run_dir, stored, True
     if opts.resume:
@@ -223,23 +236,46 @@ def _read_clock(path: Path) -> dict[str, Any]:
 @dataclass
 class TrainingState:
     """What training changes: the model, the optimizer, the learning-rate schedule and the
-    generator of every random draw (batch order, augmentation). A checkpoint keeps all of them
-    and the global RNGs, so that a resumed run repeats the same steps."""
+    generator of every random draw (batch order, augmentation), and the weight average of
+    `lookahead` (None without). A checkpoint keeps all of them and the global RNGs, so that a
+    resumed run repeats the same steps."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     generator: torch.Generator
+    lookahead: Lookahead | None = None
+    flip_base: torch.Tensor | None = None  # alternating flip's orientations; None: random flips
 
     @classmethod
-    def build(cls, cfg: dict[str, Any], n_train: int, compute: Compute) -> TrainingState:
-        """The state before the first step; the same `cfg` always builds the same state."""
+    def build(cls, cfg: dict[str, Any], n_train: int, compute: Compute,
+              train_x: torch.Tensor | None = None) -> TrainingState:
+        """The state before the first step; the same `cfg` (and `train_x`) always builds the
+        same state. `train_x`, the uint8 training images, is needed by stem "whiten" only."""
         torch.manual_seed(cfg["seed"])
         model = build_model(cfg).to(compute.device, memory_format=torch.channels_last)
+        if cfg["stem"] == "whiten":  # before the optimizer, which leaves its weight out
+            _init_whitening(model, train_x)
         optimizer = make_optimizer(model, cfg)
         total_steps = cfg["epochs"] * steps_per_epoch(n_train, cfg["batch_size"])
         schedule = make_schedule(optimizer, total_steps, cfg["warmup_frac"], cfg["lr_schedule"])
-        return cls(model, optimizer, schedule, torch.Generator().manual_seed(cfg["seed"]))
+        lookahead = Lookahead(total_steps, cfg["lookahead_start"]) if cfg["lookahead"] else None
+        flip_base = (alternating_flips(cfg["seed"], n_train, compute.device)
+                     if cfg["flip"] == "alternate" else None)  # from the seed: no checkpoint
+        return cls(model, optimizer, schedule, torch.Generator().manual_seed(cfg["seed"]),
+                   lookahead, flip_base)
+
+    def run_epoch(self, epoch: int, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any],
+                  compute: Compute, max_batches: int | None = None) -> EpochResult:
+        """Epoch `epoch` (0-based) over (x, y). What is frozen follows from `epoch` alone, so a
+        resumed run freezes the same parameters as an uninterrupted one."""
+        if cfg["stem"] == "whiten":
+            assert isinstance(self.model, FastCNN)
+            self.model.train_whitening_bias(epoch < cfg["whiten_bias_epochs"])
+        return train_epoch(self.model, self.optimizer, self.schedule, x, y, cfg, self.generator,
+                           compute, max_batches, lookahead=self.lookahead,
+                           flips=None if self.flip_base is None
+                           else flips_for_epoch(self.flip_base, epoch))
 
     def saved(self, compute: Compute) -> dict[str, Any]:
         """The state and the RNGs, for a checkpoint."""
@@ -248,6 +284,7 @@ class TrainingState:
             "schedule": self.schedule.state_dict(), "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if compute.device.type == "cuda" else None,
+            "lookahead": self.lookahead.average if self.lookahead is not None else None,
         }
 
     def restore(self, ckpt: dict[str, Any], compute: Compute) -> None:
@@ -258,6 +295,17 @@ class TrainingState:
         torch.set_rng_state(ckpt["torch_rng"])
         if compute.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        if self.lookahead is not None:  # a checkpoint from before the key: no average yet
+            average = ckpt.get("lookahead")
+            self.lookahead.average = None if average is None else {
+                name: tensor.to(compute.device) for name, tensor in average.items()}
+
+
+def _init_whitening(model: nn.Module, train_x: torch.Tensor | None) -> None:
+    if train_x is None:
+        raise ValueError("stem whiten fits its filters to the training images: pass train_x")
+    assert isinstance(model, FastCNN)
+    model.init_whitening(normalise(train_x[:WHITEN_IMAGES]))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -271,7 +319,9 @@ def load_checkpoint(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # torch raises many types for a damaged file
         raise UsageError(f"checkpoint {path} is corrupt ({exc.__class__.__name__}); delete it "
                          "to restart that run, or pass --fresh") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("config") != cfg:
+    recorded = ckpt.get("config") if isinstance(ckpt, dict) else None
+    # A checkpoint written before some keys existed meant their legacy values (ct.trainer.compat).
+    if not isinstance(recorded, dict) or with_added_keys(recorded) != cfg:
         raise UsageError(f"checkpoint {path} belongs to another config; "
                          "delete it or pass --fresh")
     return ckpt
@@ -327,7 +377,7 @@ def train_config(run_dir: Path, cfg: dict[str, Any], split: Split, compute: Comp
     accuracy)` runs once each epoch's records are complete (the tuner reports to its pruner
     there, and may raise to end the run).
     """
-    state = TrainingState.build(cfg, len(split.train_x), compute)
+    state = TrainingState.build(cfg, len(split.train_x), compute, split.train_x)
     progress = _resume(run_dir, cfg, state, compute, log)
     last_epoch = min(progress.epoch + 1, cfg["epochs"]) if dry_run else cfg["epochs"]
     for epoch in range(progress.epoch, last_epoch):
@@ -335,9 +385,8 @@ def train_config(run_dir: Path, cfg: dict[str, Any], split: Split, compute: Comp
             log(f"time budget spent; {run_dir.name} stops after epoch {epoch} (resumable)")
             return {"stopped": True, "epochs_done": epoch}
         stopping.at(f"during epoch {epoch + 1}/{cfg['epochs']} of {run_dir.name}", _kept(epoch))
-        result = train_epoch(state.model, state.optimizer, state.schedule, split.train_x,
-                             split.train_y, cfg, state.generator, compute,
-                             DRY_RUN_BATCHES if dry_run else None)
+        result = state.run_epoch(epoch, split.train_x, split.train_y, cfg, compute,
+                                 DRY_RUN_BATCHES if dry_run else None)
         progress.epoch, progress.train_seconds = epoch + 1, progress.train_seconds + result.seconds
         row = {"epoch": epoch + 1, "loss": round(result.loss, 4),
                "train_accuracy": round(result.accuracy, 2),
@@ -353,8 +402,9 @@ def train_config(run_dir: Path, cfg: dict[str, Any], split: Split, compute: Comp
 
 def _glance(state: TrainingState, split: Split, compute: Compute) -> float:
     """The evaluation accuracy on the first GLANCE_IMAGES evaluation images, without the mirror
-    average: the curve in curves.png (the test set in a training run, the validation split in a
-    tuning trial). One batch, about 2% of an epoch; it changes no weight, statistic or RNG."""
+    average or the shifted views (whatever tta and tta_translate say): the curve in curves.png
+    (the test set in a training run, the validation split in a tuning trial). One batch, about
+    2% of an epoch; it changes no weight, statistic or RNG."""
     accuracy, _ = evaluate(state.model, split.eval_x[:GLANCE_IMAGES],
                            split.eval_y[:GLANCE_IMAGES], compute, flip_tta=False)
     return accuracy
@@ -402,7 +452,8 @@ def _test(run_dir: Path, cfg: dict[str, Any], split: Split, state: TrainingState
     stopping.at(f"during the evaluation of {run_dir.name}", _kept(len(progress.history)))
     eval_start = time.perf_counter()
     accuracy, loss = evaluate(state.model, split.eval_x, split.eval_y, compute,
-                              flip_tta=cfg["tta"], max_batches=1 if dry_run else None)
+                              flip_tta=cfg["tta"], max_batches=1 if dry_run else None,
+                              translate=cfg["tta_translate"])
     eval_seconds = time.perf_counter() - eval_start
     images = int(len(split.train_x) * cfg["epochs"]) if not dry_run else 0
     train_seconds, name = progress.train_seconds, split.eval_name
@@ -462,7 +513,7 @@ def train_mode(opts: RunOptions, cfg: dict[str, Any], ws: Workspace, compute: Co
         run_dir, resumed = ws.new_run_dir("dry", config_hash(cfg)), False
         atomic.write_json(run_dir / names.RUN_CONFIG, cfg)
     else:
-        run_dir, cfg, resumed = choose_run_dir(ws, "train", cfg, opts)
+        run_dir, cfg, resumed = choose_run_dir(ws, "train", cfg, opts, with_added_keys)
     clock = RunClock.begin(run_dir, started, resumed)
     with clock.saved_on_stop():
         log = Log(run_dir / names.RUN_LOG)

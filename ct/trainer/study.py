@@ -38,6 +38,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from ct import workspace as names
+from ct.trainer.compat import without_legacy_values
 from ct.trainer.errors import UsageError
 
 STORAGE_ENV = "CT_TUNE_STORAGE"  # a database URL shared by several machines; empty: the journal
@@ -129,8 +130,11 @@ def params_of(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def study_name(base: dict[str, Any], optimizers: list[str], max_epochs: int,
                dataset_sha256: str, validation_images: int) -> str:
-    """Named by what the objective depends on; the seed and the searched keys are not in it."""
-    fixed = {k: v for k, v in base.items() if k not in TUNED_KEYS and k != "seed"}
+    """Named by what the objective depends on; the seed and the searched keys are not in it, nor
+    keys added later at the value that reproduces older runs (ct.trainer.compat): a study begun
+    before they existed goes on under its name."""
+    fixed = {k: v for k, v in without_legacy_values(base).items()
+             if k not in TUNED_KEYS and k != "seed"}
     space = {name: repr(d) for name, d in search_space(optimizers, max_epochs).items()}
     key = json.dumps({"space": space, "fixed": fixed, "data": dataset_sha256,
                       "validation": validation_images, "steps": PRUNE_STEPS}, sort_keys=True)

@@ -28,6 +28,7 @@ from ct import atomic
 from ct import workspace as names
 from ct.trainer import plots, stopping
 from ct.trainer import study as studies
+from ct.trainer.compat import with_added_keys
 from ct.trainer.data import Cifar
 from ct.trainer.engine import Compute, evaluate
 from ct.trainer.errors import UsageError
@@ -110,6 +111,14 @@ def recipe_params(base: dict[str, Any], tuning: TuneOptions, optimizers: list[st
     recipe = {**tuning.recipe, "epochs": min(tuning.recipe["epochs"], tuning.max_epochs)}
     params = studies.params_of(recipe)
     return None if params == studies.params_of(base) else params
+
+
+def _upgrade_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """A stored plan with the keys its base config lacks (ct.trainer.compat): a round begun
+    before they existed is still continued."""
+    if not isinstance(plan.get("base"), dict):  # not a plan: it matches none, as before
+        return plan
+    return {**plan, "base": with_added_keys(plan["base"])}
 
 
 def trial_dir(run_dir: Path, number: int) -> Path:
@@ -321,7 +330,8 @@ def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar
     model = build_model(saved["config"]).to(compute.device, memory_format=torch.channels_last)
     model.load_state_dict(saved["model"])
     test_x, test_y = data.test_x.to(compute.device), data.test_y.to(compute.device)
-    test_accuracy, _ = evaluate(model, test_x, test_y, compute, flip_tta=saved["config"]["tta"])
+    test_accuracy, _ = evaluate(model, test_x, test_y, compute, flip_tta=saved["config"]["tta"],
+                                translate=saved["config"].get("tta_translate", False))
     counts = {**rnd.counts(), "run": len(rows)}
     params = config_of(best.params)
     with stopping.deferred():  # the model and best.json describing it, together
@@ -349,7 +359,7 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
     if tuning.worker:
         _help(opts, plan, ws, compute, tuning)
         return None
-    run_dir, plan, resumed = choose_run_dir(ws, "tune", plan, opts)
+    run_dir, plan, resumed = choose_run_dir(ws, "tune", plan, opts, _upgrade_plan)
     base = plan["base"]  # a continued round keeps its own
     clock = RunClock.begin(run_dir, started, resumed)
     with clock.saved_on_stop():

@@ -1,0 +1,194 @@
+"""Issue 12's engine pieces on their own: translated TTA views, Lookahead, the whitening stem's
+training state. Small tensors, no dataset."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import train
+from ct.trainer.engine import (
+    LOOKAHEAD_DECAY,
+    LOOKAHEAD_EVERY,
+    Compute,
+    Lookahead,
+    evaluate,
+    make_optimizer,
+    normalise,
+)
+from ct.trainer.run import TrainingState
+from network import build_model
+
+CPU = Compute(torch.device("cpu"), None)
+
+
+class Recorder(nn.Module):
+    """A model that remembers every batch it was shown; its logits are the mean of each image
+    per channel, padded to 10 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return F.pad(x.mean(dim=(2, 3)), (0, 7))
+
+
+def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    return x, torch.randint(0, 10, (n,), generator=gen)
+
+
+@pytest.mark.parametrize(("flip", "forwards"), [(True, 6), (False, 3)])
+def test_translated_tta_views(flip: bool, forwards: int) -> None:
+    x, y = _batch()
+    model = Recorder()
+    accuracy, loss = evaluate(model, x, y, CPU, flip_tta=flip, translate=True)
+    assert 0.0 <= accuracy <= 100.0 and math.isfinite(loss)
+    assert len(model.seen) == forwards
+    assert all(v.shape == (6, 3, 32, 32) for v in model.seen)
+    image = model.seen[0]
+    up_left, down_right = model.seen[forwards // 3], model.seen[2 * forwards // 3]
+    # Reflect-pad 1, crops [0:32] and [2:34]: the image moved by one pixel each way.
+    assert torch.equal(up_left[:, :, 1:, 1:], image[:, :, :-1, :-1])
+    assert torch.equal(down_right[:, :, :-1, :-1], image[:, :, 1:, 1:])
+    assert torch.equal(up_left[:, :, 0, 1:], image[:, :, 1, :-1]), "reflected, not zero, border"
+
+
+def test_plain_tta_is_unchanged_by_the_translate_option() -> None:
+    x, y = _batch()
+    model = Recorder()
+    assert evaluate(model, x, y, CPU) == evaluate(model, x, y, CPU, translate=False)
+    assert len(model.seen) == 4, "image and mirror, twice"
+
+
+def test_translated_tta_weights_are_airbench_s() -> None:
+    """0.5 x the image's mirror average + 0.25 x each shifted one's (infer_mirror_translate)."""
+    x, y = _batch(1)
+    model = build_model({"width": 4}).eval()
+    inputs = normalise(x)
+    with torch.no_grad():
+        def mirror(v: torch.Tensor) -> torch.Tensor:
+            return (model(v) + model(v.flip(-1))) / 2
+
+        padded = F.pad(inputs, (1,) * 4, mode="reflect")
+        expected = (0.5 * mirror(inputs) + 0.25 * mirror(padded[:, :, :32, :32])
+                     + 0.25 * mirror(padded[:, :, 2:, 2:]))
+    _, loss = evaluate(model, x, y, CPU, translate=True)
+    assert loss == pytest.approx(float(F.cross_entropy(expected, y)), rel=1e-5)
+
+
+# --- Lookahead ---------------------------------------------------------------------------------
+
+
+def test_lookahead_waits_for_its_start_then_averages_every_5_steps() -> None:
+    model = build_model({"width": 4})
+    look = Lookahead(total_steps=40, start_frac=0.25)  # starts at step 10
+    for step in range(1, 10):
+        look.after_step(model, step)
+    assert look.average is None
+    look.after_step(model, 10)
+    assert look.average is not None
+    before = {k: v.clone() for k, v in look.average.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    look.after_step(model, 12)  # not a multiple of LOOKAHEAD_EVERY: nothing happens
+    assert all(torch.equal(look.average[k], before[k]) for k in before)
+    look.after_step(model, 15)
+    rho = LOOKAHEAD_DECAY ** LOOKAHEAD_EVERY * (15 / 40) ** 3
+    weight = model.head.weight
+    assert torch.allclose(look.average["head.weight"], before["head.weight"] + (1 - rho))
+    assert torch.equal(weight, look.average["head.weight"]), "the net jumps to the average"
+    tracked = [k for k in before if k.endswith("num_batches_tracked")]
+    assert tracked and all(torch.equal(look.average[k], before[k]) for k in tracked)
+
+
+def test_lookahead_end_of_epoch_makes_the_net_the_average() -> None:
+    model = build_model({"width": 4})
+    look = Lookahead(total_steps=10, start_frac=0.0)
+    look.end_epoch(model)  # no average yet: nothing to do
+    look.after_step(model, 5)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    look.end_epoch(model)
+    assert look.average is not None
+    assert torch.equal(model.head.weight, look.average["head.weight"])
+
+
+# --- the whitening stem in the training state ----------------------------------------------------
+
+
+def _whiten_cfg(**extra: object) -> dict:
+    return {**train.TRAIN_DEFAULTS, "stem": "whiten", "width": 4, "epochs": 2,
+            "batch_size": 16, **extra}
+
+
+def test_whitening_init_is_deterministic_and_frozen_weights_are_not_optimised() -> None:
+    x, _ = _batch(40)
+    first = TrainingState.build(_whiten_cfg(), len(x), CPU, x)
+    second = TrainingState.build(_whiten_cfg(), len(x), CPU, x.clone())
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    stem = first.model.features[0]
+    optimised = [p for group in first.optimizer.param_groups for p in group["params"]]
+    assert all(p is not stem.weight for p in optimised)
+    assert any(p is stem.bias for p in optimised)
+    assert len(optimised) == sum(1 for p in first.model.parameters()) - 1
+
+
+def test_whiten_stem_needs_the_training_images() -> None:
+    with pytest.raises(ValueError, match="train_x"):
+        TrainingState.build(_whiten_cfg(), 40, CPU)
+
+
+def test_whitening_bias_freezes_by_epoch_index() -> None:
+    x, y = _batch(32)
+    state = TrainingState.build(_whiten_cfg(whiten_bias_epochs=1), len(x), CPU, x)
+    bias = state.model.features[0].bias
+    before = bias.detach().clone()
+    state.run_epoch(0, x, y, _whiten_cfg(whiten_bias_epochs=1), CPU)
+    after_first = bias.detach().clone()
+    assert not torch.equal(before, after_first), "epoch 0 trains the bias"
+    state.run_epoch(1, x, y, _whiten_cfg(whiten_bias_epochs=1), CPU)
+    assert torch.equal(bias, after_first), "from epoch 1 on the bias is frozen"
+
+
+def test_default_optimizer_holds_every_parameter() -> None:
+    model = build_model({"width": 4})
+    optimizer = make_optimizer(model, train.TRAIN_DEFAULTS)
+    (group,) = optimizer.param_groups
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+
+
+# --- alternating flip ---------------------------------------------------------------------------
+
+
+def test_alternating_flips_mirror_every_image_every_other_epoch() -> None:
+    from ct.trainer.engine import alternating_flips, flips_for_epoch
+
+    base = alternating_flips(seed=3, n_train=1000, device=torch.device("cpu"))
+    assert torch.equal(base, alternating_flips(3, 1000, torch.device("cpu"))), "from the seed"
+    assert 400 < int(base.sum()) < 600, "a random orientation per image"
+    assert torch.equal(flips_for_epoch(base, 0), base)
+    assert torch.equal(flips_for_epoch(base, 1), ~base)
+    assert torch.equal(flips_for_epoch(base, 2), base)
+
+
+def test_given_flips_mirror_exactly_those_images_and_leave_the_crops_as_drawn() -> None:
+    from ct.trainer.engine import augment
+
+    x, _ = _batch()
+    flips = torch.tensor([True, False, True, False, False, True])
+    drawn = augment(x, torch.Generator().manual_seed(0))
+    given = augment(x, torch.Generator().manual_seed(0), flips)
+    unflipped = augment(x, torch.Generator().manual_seed(0), torch.zeros(6, dtype=torch.bool))
+    assert torch.equal(given[flips], unflipped[flips].flip(-1))
+    assert torch.equal(given[~flips], unflipped[~flips])
+    assert drawn.shape == given.shape
