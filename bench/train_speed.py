@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from ct.trainer.data import load_cifar  # noqa: E402
-from ct.trainer.engine import evaluate, make_compute, steps_per_epoch, train_epoch  # noqa: E402
+from ct.trainer.engine import evaluate, make_compute, steps_per_epoch  # noqa: E402
 from ct.trainer.run import TrainingState  # noqa: E402
 
 DATA_NOTE = "CIFAR-10 (JPEG q75 copy)"
@@ -65,7 +65,7 @@ def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float 
     data = load_cifar(data_dir)
     x, y, tx, ty = (t.to(compute.device)
                     for t in (data.train_x, data.train_y, data.test_x, data.test_y))
-    state = TrainingState.build(cfg, len(x), compute)  # as train.py's runs start
+    state = TrainingState.build(cfg, len(x), compute, x)  # as train.py's runs start
     per_epoch = steps_per_epoch(len(x), cfg["batch_size"])
     curve: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -78,10 +78,10 @@ def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float 
             max_batches = int(max(0.0, left - curve[-1]["eval_s"]) / per_batch)
             if max_batches == 0:
                 break
-        result = train_epoch(state.model, state.optimizer, state.schedule, x, y, cfg,
-                             state.generator, compute, max_batches)
+        result = state.run_epoch(epoch, x, y, cfg, compute, max_batches)
         t_eval = time.perf_counter()
-        accuracy, _ = evaluate(state.model, tx, ty, compute, flip_tta=cfg["tta"])
+        accuracy, _ = evaluate(state.model, tx, ty, compute, flip_tta=cfg["tta"],
+                               translate=cfg["tta_translate"])
         elapsed = time.perf_counter() - start
         curve.append({"epoch": epoch + 1, "images": result.images, "accuracy": round(accuracy, 2),
                       "elapsed_s": round(elapsed, 1), "train_s": result.seconds,

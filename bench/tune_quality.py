@@ -118,7 +118,8 @@ def state_at(rows: list[dict[str, Any]], run_dir: Path, args: argparse.Namespace
     model = build_model(saved["config"]).to(compute.device, memory_format=torch.channels_last)
     model.load_state_dict(saved["model"])
     data = load_cifar(args.data_dir)
-    test, _ = evaluate(model, data.test_x, data.test_y, compute, flip_tta=saved["config"]["tta"])
+    test, _ = evaluate(model, data.test_x, data.test_y, compute, flip_tta=saved["config"]["tta"],
+                       translate=saved["config"].get("tta_translate", False))
     return {**counts(seen), "best_val": best["val_accuracy"], "test": round(test, 2),
             "best_trial": best["trial"], "best_source": best["source"]}
 
