@@ -61,8 +61,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "lr_schedule": "onecycle",
     "augment": True,
     "tta": True,
-    # Issue 12 (airbench's recipe), off by default: the values reproduce runs recorded before
-    # these keys existed (ct.trainer.compat.ADDED_KEYS); the preset that uses them is unmeasured.
+    # airbench94's levers, off: these values reproduce runs recorded before the keys existed
+    # (ct.trainer.compat.ADDED_KEYS). Measured one by one in README "Benchmarks" (levers): in this
+    # recipe none won enough to be turned on yet.
     "flip": "random",
     "tta_translate": False,
     "whiten_bias_epochs": 3,  # airbench's value
@@ -107,12 +108,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "fast": {"epochs": 4, "warmup_frac": 0.1, "width": 16, "blocks": 3, "convs_per_block": 2},
     "gpu": {"epochs": 16, "width": 64, "blocks": 3, "convs_per_block": 2},
-    # Issue 12's candidate for "fast" (airbench94's levers), unmeasured: the ablations of the
-    # issue's plan decide whether it (at 3 or 4 epochs) replaces "fast". The whitening stem gives
-    # 24 channels, so "width" 16 then sets the blocks only (32/64/128).
-    # "fast-airbench": {"epochs": 3, "warmup_frac": 0.1, "width": 16, "blocks": 3,
-    #                   "convs_per_block": 2, "stem": "whiten", "lookahead": True,
-    #                   "tta_translate": True},
     "original": {"arch": "original", "optimizer": "sgd", "lr": 0.001, "momentum": 0.0,
                  "weight_decay": 0.0, "batch_size": 20, "label_smoothing": 0.0,
                  "lr_schedule": "constant", "augment": False, "tta": False, "epochs": 30},
