@@ -32,6 +32,7 @@ NET_DEFAULTS: dict[str, Any] = {
     "activation": "gelu",  # "gelu" or "relu" (relu is about 7% faster on CPU)
     "stem": "conv",  # "conv" (3x3 conv, BN) or "whiten" (airbench's frozen 2x2 whitening conv)
     "block_widths": "",  # e.g. "24,96,96": each block's channels; empty: width * 2**(i+1)
+    "bn_scales": True,  # train each batch norm's scale; False: fixed at 1, as airbench
 }
 # What each knob means, for train.py's --help.
 NET_HELP: dict[str, str] = {
@@ -46,6 +47,8 @@ NET_HELP: dict[str, str] = {
             "patches, 24 channels, no BN, as airbench; width then sets the blocks only)",
     "block_widths": "comma list of each block's channels, one per block (e.g. 24,96,96); "
                     "empty: width * 2**(i+1)",
+    "bn_scales": "train each batch norm's scale (no: fixed at 1, only the shift trains, as "
+                 "airbench)",
 }
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -95,11 +98,14 @@ def block_widths(cfg: dict[str, Any]) -> list[int]:
     return [int(cfg["width"]) * 2 ** (i + 1) for i in range(int(cfg["blocks"]))]
 
 
-def conv_bn(c_in: int, c_out: int, activation: str, pool: bool = False) -> list[nn.Module]:
+def conv_bn(c_in: int, c_out: int, activation: str, pool: bool = False,
+            bn_scales: bool = True) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
     if pool:  # pooling before BN quarters the work of BN and the activation
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.BatchNorm2d(c_out), ACTIVATIONS[activation]()]
+    norm = nn.BatchNorm2d(c_out)
+    norm.weight.requires_grad_(bn_scales)  # frozen: stays 1, and no optimizer holds it
+    layers += [norm, ACTIVATIONS[activation]()]
     return layers
 
 
@@ -145,17 +151,18 @@ def whitening_weights(images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Te
 
 class FastCNN(nn.Module):
     def __init__(self, width: int, widths: list[int], convs_per_block: int, dropout: float,
-                 head_scale: float, activation: str, stem: str = "conv") -> None:
+                 head_scale: float, activation: str, stem: str = "conv",
+                 bn_scales: bool = True) -> None:
         super().__init__()
         self.stem = stem
         if stem == "whiten":
             layers, c_in = whitening_stem(activation), WHITEN_CHANNELS
         else:
-            layers, c_in = conv_bn(3, width, activation), width
+            layers, c_in = conv_bn(3, width, activation, bn_scales=bn_scales), width
         for c_out in widths:
-            layers += conv_bn(c_in, c_out, activation, pool=True)
+            layers += conv_bn(c_in, c_out, activation, pool=True, bn_scales=bn_scales)
             for _ in range(convs_per_block - 1):
-                layers += conv_bn(c_out, c_out, activation)
+                layers += conv_bn(c_out, c_out, activation, bn_scales=bn_scales)
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
@@ -212,4 +219,4 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
         return OriginalCNN()
     return FastCNN(int(cfg["width"]), block_widths(cfg), int(cfg["convs_per_block"]),
                    float(cfg["dropout"]), float(cfg["head_scale"]), str(cfg["activation"]),
-                   str(cfg["stem"]))
+                   str(cfg["stem"]), bool(cfg["bn_scales"]))

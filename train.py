@@ -66,6 +66,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     # recipe none won enough to be turned on yet.
     "flip": "random",
     "tta_translate": False,
+    "bias_lr_scale": 1.0,  # airbench: 64, with --bn-scales no
     "whiten_bias_epochs": 3,  # airbench's value
     "lookahead": False,
     "lookahead_start": 0.3,  # airbench starts averaging after 3 of its 9.9 epochs
@@ -89,6 +90,8 @@ TRAIN_HELP: dict[str, str] = {
     "tta": "evaluate on each image and its mirror",
     "flip": "random (a fresh draw per image and epoch) or alternate (one random orientation per "
             "image, mirrored every other epoch, as airbench)",
+    "bias_lr_scale": "factor on the learning rate of the batch norms' shifts (their weight "
+                     "decay divided by it), as airbench's 64",
     "tta_translate": "also evaluate on two copies shifted by 1 pixel (reflect padding), weighted "
                      "1/4 each against 1/2 for the image (airbench's tta_level 2)",
     "whiten_bias_epochs": "with --stem whiten: epochs the whitening bias trains before it freezes",
@@ -218,6 +221,7 @@ def check_config(cfg: dict[str, Any]) -> None:
          "--momentum and --weight-decay must not be negative"),
         (cfg["flip"] in ("random", "alternate"),
          f"--flip must be random or alternate, not {cfg['flip']!r}"),
+        (cfg["bias_lr_scale"] > 0, f"--bias-lr-scale must be positive, not {cfg['bias_lr_scale']}"),
         (cfg["whiten_bias_epochs"] >= 0,
          f"--whiten-bias-epochs must be 0 or positive, not {cfg['whiten_bias_epochs']}"),
         (0 <= cfg["lookahead_start"] < 1, "--lookahead-start must be in [0, 1)"),

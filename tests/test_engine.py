@@ -192,3 +192,30 @@ def test_given_flips_mirror_exactly_those_images_and_leave_the_crops_as_drawn() 
     assert torch.equal(given[flips], unflipped[flips].flip(-1))
     assert torch.equal(given[~flips], unflipped[~flips])
     assert drawn.shape == given.shape
+
+
+# --- batch norm: fixed scales, a learning rate of their own for the shifts ----------------------
+
+
+def test_fixed_bn_scales_stay_one_and_take_no_optimizer_state() -> None:
+    cfg = {**train.TRAIN_DEFAULTS, "width": 4, "bn_scales": False}
+    model = build_model(cfg)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    optimizer = make_optimizer(model, cfg)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert norms and all(id(n.weight) not in held and id(n.bias) in held for n in norms)
+    x, y = _batch(8)
+    F.cross_entropy(model(normalise(x)), y).backward()
+    optimizer.step()
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in norms)
+
+
+def test_bias_lr_scale_gives_bn_shifts_their_own_group() -> None:
+    cfg = {**train.TRAIN_DEFAULTS, "width": 4, "bias_lr_scale": 64.0}
+    model = build_model(cfg)
+    plain, shifts = make_optimizer(model, cfg).param_groups
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {id(p) for p in shifts["params"]} == {id(n.bias) for n in norms}
+    assert shifts["lr"] == cfg["lr"] * 64 and shifts["weight_decay"] == cfg["weight_decay"] / 64
+    assert plain["lr"] == cfg["lr"] and len(plain["params"]) + len(norms) == len(
+        list(model.parameters()))

@@ -450,7 +450,8 @@ def test_reproduce_refuses_what_it_cannot_reproduce(
 # --- issue 12's levers: resume, and configs recorded before their keys --------------------------
 
 ISSUE12 = ["--stem", "whiten", "--whiten-bias-epochs", "2", "--lookahead", "yes",
-           "--lookahead-start", "0.2", "--tta-translate", "yes", "--flip", "alternate"]
+           "--lookahead-start", "0.2", "--tta-translate", "yes", "--flip", "alternate",
+           "--bn-scales", "no", "--bias-lr-scale", "8"]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ ADDED_KEYS: dict[str, Any] = {
     "lookahead_start": 0.3,  # issue 12: read only with lookahead
     "flip": "random",  # issue 12: a fresh random flip per image and epoch
     "block_widths": "",  # issue 12: blocks double from width
+    "bn_scales": True,  # issue 12: batch norm scales train
+    "bias_lr_scale": 1.0,  # issue 12: one learning rate for every parameter
 }
 
 

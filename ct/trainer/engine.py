@@ -128,9 +128,7 @@ def flips_for_epoch(base: torch.Tensor, epoch: int) -> torch.Tensor:
 
 
 def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    # Frozen weights (the whitening stem's) never train, so they take no optimizer state; every
-    # parameter of the other models trains, which keeps their state_dict layout as it was.
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = parameter_groups(model, cfg)
     name = cfg["optimizer"]
     if name == "sgd":
         momentum = float(cfg["momentum"])
@@ -141,6 +139,22 @@ def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimiz
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     raise ValueError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
+
+
+def parameter_groups(model: nn.Module, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the optimizer trains. Frozen weights (the whitening stem's, fixed BN scales) take no
+    optimizer state. With bias_lr_scale != 1 the batch norms' shifts form a second group, their
+    learning rate scaled up and weight decay down by it, so that their decay per step stays
+    (airbench); otherwise one group, whose state_dict layout is what it always was."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    scale = float(cfg["bias_lr_scale"])
+    if scale == 1.0:
+        return [{"params": trainable}]
+    shifts = {id(m.bias) for m in model.modules()
+              if isinstance(m, nn.BatchNorm2d) and m.bias is not None}
+    return [{"params": [p for p in trainable if id(p) not in shifts]},
+            {"params": [p for p in trainable if id(p) in shifts], "lr": cfg["lr"] * scale,
+             "weight_decay": cfg["weight_decay"] / scale}]
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
