@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from ct.trainer.data import load_cifar  # noqa: E402
-from ct.trainer.engine import evaluate, make_compute, steps_per_epoch  # noqa: E402
+from ct.trainer.engine import evaluate_as_configured, make_compute, steps_per_epoch  # noqa: E402
 from ct.trainer.run import TrainingState  # noqa: E402
 
 DATA_NOTE = "CIFAR-10 (JPEG q75 copy)"
@@ -80,8 +80,7 @@ def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float 
                 break
         result = state.run_epoch(epoch, x, y, cfg, compute, max_batches)
         t_eval = time.perf_counter()
-        accuracy, _ = evaluate(state.model, tx, ty, compute, flip_tta=cfg["tta"],
-                               translate=cfg["tta_translate"])
+        accuracy, _ = evaluate_as_configured(state.model, tx, ty, compute, cfg)
         elapsed = time.perf_counter() - start
         curve.append({"epoch": epoch + 1, "images": result.images, "accuracy": round(accuracy, 2),
                       "elapsed_s": round(elapsed, 1), "train_s": result.seconds,

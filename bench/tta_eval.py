@@ -18,11 +18,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
+from ct import workspace as names  # noqa: E402
 from ct.trainer.data import load_cifar  # noqa: E402
 from ct.trainer.engine import evaluate, make_compute  # noqa: E402
-from network import build_model  # noqa: E402
+from ct.trainer.run import load_model  # noqa: E402
 
 LEVELS = {0: (False, False), 1: (True, False), 2: (True, True)}  # level: (flip, translate)
 
@@ -38,16 +37,13 @@ def main() -> int:
     data = load_cifar(args.data_dir)
     x, y = data.test_x.to(compute.device), data.test_y.to(compute.device)
     for run_dir in args.run_dirs:
-        saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
-        cfg = saved["config"]
-        model = build_model(cfg).to(compute.device, memory_format=torch.channels_last)
-        model.load_state_dict(saved["model"])
+        model, cfg = load_model(run_dir / names.RUN_MODEL, compute)
         figures = []
         for level, (flip, translate) in LEVELS.items():
             t0 = time.perf_counter()
             accuracy, _ = evaluate(model, x, y, compute, flip_tta=flip, translate=translate)
             figures.append(f"level {level} {accuracy:.2f}% ({time.perf_counter() - t0:.1f}s)")
-        own = f"tta {cfg['tta']}, tta_translate {cfg.get('tta_translate', False)}"
+        own = f"tta {cfg['tta']}, tta_translate {cfg['tta_translate']}"
         print(f"{run_dir.name} ({own}): " + ", ".join(figures), flush=True)
     return 0
 

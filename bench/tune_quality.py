@@ -38,9 +38,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from ct import workspace as names  # noqa: E402
 from ct.trainer.data import load_cifar  # noqa: E402
-from ct.trainer.engine import evaluate, make_compute  # noqa: E402
-from network import build_model  # noqa: E402
+from ct.trainer.engine import evaluate_as_configured, make_compute  # noqa: E402
+from ct.trainer.run import load_model  # noqa: E402
+from ct.trainer.tune import trial_dir  # noqa: E402
 
 WEAK_PUSH = ["--optimizer", "sgd", "--lr", "0.002", "--width", "8", "--epochs", "4"]
 
@@ -112,14 +114,10 @@ def state_at(rows: list[dict[str, Any]], run_dir: Path, args: argparse.Namespace
     if not done:
         return {**counts(seen), "best_val": None, "test": None}
     best = max(done, key=lambda r: r["val_accuracy"])
-    saved = torch.load(run_dir / f"trial-{best['trial']:03d}" / "model.pt", map_location="cpu",
-                       weights_only=False)
     compute = make_compute("cpu")
-    model = build_model(saved["config"]).to(compute.device, memory_format=torch.channels_last)
-    model.load_state_dict(saved["model"])
+    model, cfg = load_model(trial_dir(run_dir, best["trial"]) / names.RUN_MODEL, compute)
     data = load_cifar(args.data_dir)
-    test, _ = evaluate(model, data.test_x, data.test_y, compute, flip_tta=saved["config"]["tta"],
-                       translate=saved["config"].get("tta_translate", False))
+    test, _ = evaluate_as_configured(model, data.test_x, data.test_y, compute, cfg)
     return {**counts(seen), "best_val": best["val_accuracy"], "test": round(test, 2),
             "best_trial": best["trial"], "best_source": best["source"]}
 

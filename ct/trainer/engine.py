@@ -292,6 +292,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Comput
     return 100.0 * float(correct) / max(1, seen), float(loss_sum) / max(1, seen)
 
 
+def evaluate_as_configured(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           compute: Compute, cfg: dict[str, Any],
+                           max_batches: int | None = None) -> tuple[float, float]:
+    """`evaluate` with the test-time augmentation the config asks for (tta, tta_translate)."""
+    return evaluate(model, x, y, compute, flip_tta=cfg["tta"], max_batches=max_batches,
+                    translate=cfg["tta_translate"])
+
+
 def _view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool) -> torch.Tensor:
     """The logits of one view, averaged with its mirror's when `flip_tta`."""
     logits = model(inputs).float()

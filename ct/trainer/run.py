@@ -33,6 +33,7 @@ from ct.trainer.engine import (
     Lookahead,
     alternating_flips,
     evaluate,
+    evaluate_as_configured,
     flips_for_epoch,
     make_optimizer,
     make_schedule,
@@ -308,6 +309,16 @@ def _init_whitening(model: nn.Module, train_x: torch.Tensor | None) -> None:
     model.init_whitening(normalise(train_x[:WHITEN_IMAGES]))
 
 
+def load_model(path: Path, compute: Compute) -> tuple[nn.Module, dict[str, Any]]:
+    """A saved model.pt on the device, ready to evaluate, and its config (keys added since it
+    was saved filled in: ct.trainer.compat)."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = with_added_keys(saved["config"])
+    model = build_model(cfg).to(compute.device, memory_format=torch.channels_last)
+    model.load_state_dict(saved["model"])
+    return model, cfg
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic.write_via(path, lambda tmp: torch.save(state, tmp))
 
@@ -451,9 +462,8 @@ def _test(run_dir: Path, cfg: dict[str, Any], split: Split, state: TrainingState
     """Evaluate the trained model on the split's evaluation set; write run_dir/model.pt."""
     stopping.at(f"during the evaluation of {run_dir.name}", _kept(len(progress.history)))
     eval_start = time.perf_counter()
-    accuracy, loss = evaluate(state.model, split.eval_x, split.eval_y, compute,
-                              flip_tta=cfg["tta"], max_batches=1 if dry_run else None,
-                              translate=cfg["tta_translate"])
+    accuracy, loss = evaluate_as_configured(state.model, split.eval_x, split.eval_y, compute,
+                                            cfg, max_batches=1 if dry_run else None)
     eval_seconds = time.perf_counter() - eval_start
     images = int(len(split.train_x) * cfg["epochs"]) if not dry_run else 0
     train_seconds, name = progress.train_seconds, split.eval_name

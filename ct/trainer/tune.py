@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ct import atomic
@@ -30,7 +29,7 @@ from ct.trainer import plots, stopping
 from ct.trainer import study as studies
 from ct.trainer.compat import with_added_keys
 from ct.trainer.data import Cifar
-from ct.trainer.engine import Compute, evaluate
+from ct.trainer.engine import Compute, evaluate_as_configured
 from ct.trainer.errors import UsageError
 from ct.trainer.run import (
     Log,
@@ -41,13 +40,13 @@ from ct.trainer.run import (
     Workspace,
     choose_run_dir,
     load_data,
+    load_model,
     make_split,
     publish,
     record_lineage,
     run_summary,
     train_config,
 )
-from network import build_model
 
 VAL_FRACTION = 10  # one tenth of the training images validate, at most MAX_VAL
 MAX_VAL = 5000
@@ -326,12 +325,9 @@ def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar
     if not (best_dir / names.RUN_MODEL).is_file():
         raise UsageError(f"the best trial's model {best_dir / names.RUN_MODEL} is not in this "
                          "workspace: workers on other machines must share CT_WORKSPACE")
-    saved = torch.load(best_dir / names.RUN_MODEL, map_location="cpu", weights_only=False)
-    model = build_model(saved["config"]).to(compute.device, memory_format=torch.channels_last)
-    model.load_state_dict(saved["model"])
+    model, cfg = load_model(best_dir / names.RUN_MODEL, compute)
     test_x, test_y = data.test_x.to(compute.device), data.test_y.to(compute.device)
-    test_accuracy, _ = evaluate(model, test_x, test_y, compute, flip_tta=saved["config"]["tta"],
-                                translate=saved["config"].get("tta_translate", False))
+    test_accuracy, _ = evaluate_as_configured(model, test_x, test_y, compute, cfg)
     counts = {**rnd.counts(), "run": len(rows)}
     params = config_of(best.params)
     with stopping.deferred():  # the model and best.json describing it, together
@@ -339,7 +335,7 @@ def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar
         atomic.write_json(run_dir / names.RUN_BEST, {
             "trial": best.number, "params": params, "val_accuracy": best.value,
             "test_accuracy": round(test_accuracy, 2),
-            "validation_images": saved["config"]["val_split"],
+            "validation_images": cfg["val_split"],
             "study": rnd.study.study_name, "trials_in_study": len(rnd.study.get_trials(
                 deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))),
             **{f"trials_{key}": value for key, value in counts.items()},
@@ -348,7 +344,7 @@ def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar
         atomic.copy_file(best_dir / names.RUN_CURVES, run_dir / names.RUN_CURVES)
     log(f"best trial-{best.number:03d}: validation {best.value:.2f}%, test {test_accuracy:.2f}% "
         f"({counts['finished']} finished, {counts['pruned']} pruned this round)")
-    return Outcome(params, saved["config"], float(best.value or 0.0), test_accuracy, counts)
+    return Outcome(params, cfg, float(best.value or 0.0), test_accuracy, counts)
 
 
 def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Compute,
