@@ -33,6 +33,7 @@ NET_DEFAULTS: dict[str, Any] = {
     "stem": "conv",  # "conv" (3x3 conv, BN) or "whiten" (airbench's frozen 2x2 whitening conv)
     "block_widths": "",  # e.g. "24,96,96": each block's channels; empty: width * 2**(i+1)
     "bn_scales": True,  # train each batch norm's scale; False: fixed at 1, as airbench
+    "dirac_init": False,  # 3x3 convs start as identity on their first channels, as airbench
 }
 # What each knob means, for train.py's --help.
 NET_HELP: dict[str, str] = {
@@ -49,6 +50,9 @@ NET_HELP: dict[str, str] = {
                     "empty: width * 2**(i+1)",
     "bn_scales": "train each batch norm's scale (no: fixed at 1, only the shift trains, as "
                  "airbench)",
+    "dirac_init": "start each 3x3 conv as the identity on its first input channels, the rest "
+                  "random (airbench's dirac init: a short run starts from a net that passes its "
+                  "input through)",
 }
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -149,10 +153,20 @@ def whitening_weights(images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Te
     return weights.float()
 
 
+@torch.no_grad()
+def _dirac_init(features: nn.Module) -> None:
+    """airbench's Conv.reset_parameters: after the default (random) init, each 3x3 conv's first
+    c_in filters become the identity, so the block starts as a pass-through plus random
+    channels. The random init has already drawn its numbers, so the seed's other draws stay."""
+    for conv in features.modules():
+        if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+            nn.init.dirac_(conv.weight[:conv.in_channels])
+
+
 class FastCNN(nn.Module):
     def __init__(self, width: int, widths: list[int], convs_per_block: int, dropout: float,
                  head_scale: float, activation: str, stem: str = "conv",
-                 bn_scales: bool = True) -> None:
+                 bn_scales: bool = True, dirac_init: bool = False) -> None:
         super().__init__()
         self.stem = stem
         if stem == "whiten":
@@ -165,6 +179,8 @@ class FastCNN(nn.Module):
                 layers += conv_bn(c_out, c_out, activation, bn_scales=bn_scales)
             c_in = c_out
         self.features = nn.Sequential(*layers)
+        if dirac_init:
+            _dirac_init(self.features)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(c_in, 10, bias=False)
         self.head_scale = head_scale
@@ -219,4 +235,4 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
         return OriginalCNN()
     return FastCNN(int(cfg["width"]), block_widths(cfg), int(cfg["convs_per_block"]),
                    float(cfg["dropout"]), float(cfg["head_scale"]), str(cfg["activation"]),
-                   str(cfg["stem"]), bool(cfg["bn_scales"]))
+                   str(cfg["stem"]), bool(cfg["bn_scales"]), bool(cfg["dirac_init"]))

@@ -194,6 +194,77 @@ def test_given_flips_mirror_exactly_those_images_and_leave_the_crops_as_drawn() 
     assert drawn.shape == given.shape
 
 
+def test_crop_pad_zero_only_flips() -> None:
+    from ct.trainer.engine import augment
+
+    x, _ = _batch()
+    flips = torch.tensor([True, False, True, False, False, True])
+    out = augment(x, torch.Generator().manual_seed(0), flips, crop_pad=0)
+    assert torch.equal(out[flips], x[flips].flip(-1))
+    assert torch.equal(out[~flips], x[~flips])
+    drawn = augment(x, torch.Generator().manual_seed(0), crop_pad=0)
+    assert all(torch.equal(d, i) or torch.equal(d, i.flip(-1))
+               for d, i in zip(drawn, x, strict=True))
+
+
+@pytest.mark.parametrize("pad", [1, 4])
+def test_crops_shift_by_at_most_the_padding(pad: int) -> None:
+    """Every augmented image is the original shifted by at most `pad` pixels (zeros around)."""
+    from ct.trainer.engine import augment
+
+    x, _ = _batch()
+    out = augment(x, torch.Generator().manual_seed(3), torch.zeros(6, dtype=torch.bool), pad)
+    padded = F.pad(x, (pad,) * 4)
+    for image, original in zip(out, padded, strict=True):
+        found = [(r, c) for r in range(2 * pad + 1) for c in range(2 * pad + 1)
+                 if torch.equal(original[:, r:r + 32, c:c + 32], image)]
+        assert found, "each crop is a window of the padded image"
+
+
+# --- a smaller image size in early epochs ------------------------------------------------------
+
+
+def test_train_sizes_name_each_epochs_size_and_the_last_repeats() -> None:
+    from ct.trainer.engine import size_for_epoch, train_sizes
+
+    assert [size_for_epoch("24,32", epoch) for epoch in range(4)] == [24, 32, 32, 32]
+    assert [size_for_epoch("16, 24", epoch) for epoch in range(3)] == [16, 24, 24]
+    assert size_for_epoch("", 5) is None
+    assert train_sizes("") == []
+    for bad in ("40", "24,,32", "a", "4", "24;32"):
+        with pytest.raises(ValueError, match="train_sizes"):
+            train_sizes(bad)
+
+
+class TrainableRecorder(Recorder):
+    """A Recorder with one weight, so that a training step has something to train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain
+
+
+@pytest.mark.parametrize("size", [16, 24])
+def test_an_epoch_at_a_smaller_size_shows_the_net_downscaled_images(size: int) -> None:
+    from ct.trainer.engine import downscale, train_epoch
+
+    x, y = _batch()
+    model = TrainableRecorder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    cfg = {**train.TRAIN_DEFAULTS, "batch_size": 6, "augment": False}
+    train_epoch(model, optimizer, schedule, x, y, cfg, torch.Generator().manual_seed(0), CPU,
+                size=size)
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    assert model.seen[0].shape == (6, 3, size, size)
+    assert torch.equal(model.seen[0], normalise(downscale(x[order], size)))
+    assert not torch.equal(downscale(x, size), F.interpolate(x.float(), size=(size, size))), \
+        "antialiased, not nearest pixels"
+
+
 # --- batch norm: fixed scales, a learning rate of their own for the shifts ----------------------
 
 

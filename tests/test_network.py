@@ -139,3 +139,25 @@ def test_block_widths_set_each_block_and_default_to_doubling() -> None:
 def test_block_widths_that_do_not_fit_the_blocks_are_refused(widths: str) -> None:
     with pytest.raises(ValueError, match="block_widths"):
         build_model({**NET_DEFAULTS, "block_widths": widths})
+
+
+@pytest.mark.parametrize("stem", ["conv", "whiten"])
+def test_dirac_init_makes_each_3x3_conv_pass_its_input_through(stem: str) -> None:
+    """airbench's Conv.reset_parameters: filter i is the identity on channel i for i below
+    min(c_in, c_out); the other filters keep the random init, drawn exactly as without the key
+    (same seed, same numbers)."""
+    torch.manual_seed(0)
+    plain = build_model({"stem": stem, "width": 8})
+    torch.manual_seed(0)
+    dirac = build_model({"stem": stem, "width": 8, "dirac_init": True})
+    pairs = [(a, b) for a, b in zip(plain.modules(), dirac.modules(), strict=True)
+             if isinstance(b, torch.nn.Conv2d) and b.kernel_size == (3, 3)]
+    assert len(pairs) == (7 if stem == "conv" else 6)
+    for random_conv, conv in pairs:
+        k = min(conv.in_channels, conv.out_channels)  # a narrowing conv passes its first k
+        identity = torch.zeros(k, conv.in_channels, 3, 3)
+        identity[range(k), range(k), 1, 1] = 1
+        assert torch.equal(conv.weight[:k], identity)
+        assert torch.equal(conv.weight[k:], random_conv.weight[k:])
+    if stem == "whiten":  # the 2x2 whitening conv is set from the data, not by dirac
+        assert torch.equal(plain.features[0].weight, dirac.features[0].weight)

@@ -23,6 +23,9 @@ ADDED_KEYS: dict[str, Any] = {
     "block_widths": "",  # issue 12: blocks double from width
     "bn_scales": True,  # issue 12: batch norm scales train
     "bias_lr_scale": 1.0,  # issue 12: one learning rate for every parameter
+    "crop_pad": 4,  # issue 12: the random crop's zero padding
+    "train_sizes": "",  # issue 12: every epoch at 32x32
+    "dirac_init": False,  # issue 12: PyTorch's default init for every conv
 }
 
 

@@ -24,7 +24,6 @@ from ct.trainer.errors import UsageError
 # Per-channel statistics of the CIFAR-10 training set, for normalisation.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-CROP_PAD = 4
 EVAL_BATCH = 2000
 # Lookahead (airbench94's LookaheadState): every LOOKAHEAD_EVERY steps the average is pulled toward
 # the net by 1 - rho, rho = LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * (step / total)**LOOKAHEAD_POWER.
@@ -95,14 +94,18 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return out.contiguous(memory_format=torch.channels_last)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, flips: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """Random crop (zero padding 4) and horizontal flip of a uint8 batch: two gathers, rows then
-    columns (a mirrored image is just its columns read backwards). `flips` (bool per image)
-    decides the mirroring instead of a draw."""
+def augment(x: torch.Tensor, gen: torch.Generator, flips: torch.Tensor | None = None,
+            crop_pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding `crop_pad`) and horizontal flip of a uint8 batch: two gathers,
+    rows then columns (a mirrored image is just its columns read backwards). `flips` (bool per
+    image) decides the mirroring instead of a draw. With `crop_pad` 0 only the flip is left."""
     n, channels, size = x.shape[0], x.shape[1], x.shape[-1]
-    padded = F.pad(x, (CROP_PAD,) * 4)
-    shifts = torch.randint(0, 2 * CROP_PAD + 1, (2, n), generator=gen).to(x.device)
+    if crop_pad == 0:
+        if flips is None:
+            flips = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        return torch.where(flips[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (crop_pad,) * 4)
+    shifts = torch.randint(0, 2 * crop_pad + 1, (2, n), generator=gen).to(x.device)
     if flips is None:
         flips = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     ramp = torch.arange(size, device=x.device)
@@ -112,6 +115,28 @@ def augment(x: torch.Tensor, gen: torch.Generator, flips: torch.Tensor | None = 
     rows_index = rows[:, None, :, None].expand(n, channels, size, padded.shape[-1])
     cropped = padded.gather(2, rows_index)
     return cropped.gather(3, cols[:, None, None, :].expand(n, channels, size, size))
+
+
+def downscale(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A uint8 batch resized to size x size (bilinear, antialiased), as float: the net, which
+    ends in a global pool, takes any size, and a smaller image costs its share of pixels."""
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+def train_sizes(text: str) -> list[int]:
+    """ "24,32" -> [24, 32]; empty -> []. Raises ValueError naming what is wrong."""
+    parts = [part.strip() for part in text.split(",")] if text else []
+    if not all(part.isdigit() and 8 <= int(part) <= 32 for part in parts):
+        raise ValueError(f"train_sizes must be a comma list of image sizes in 8..32, not {text!r}")
+    return [int(part) for part in parts]
+
+
+def size_for_epoch(text: str, epoch: int) -> int | None:
+    """The training image size of epoch `epoch` (0-based): the list's entry, the last one
+    repeating; None (full size) when the list is empty."""
+    sizes = train_sizes(text)
+    return sizes[min(epoch, len(sizes) - 1)] if sizes else None
 
 
 def alternating_flips(seed: int, n_train: int, device: torch.device) -> torch.Tensor:
@@ -230,15 +255,16 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler, x: torch.Tensor, y: torch.Tensor,
                 cfg: dict[str, Any], gen: torch.Generator, compute: Compute,
                 max_batches: int | None = None, lookahead: Lookahead | None = None,
-                flips: torch.Tensor | None = None) -> EpochResult:
+                flips: torch.Tensor | None = None, size: int | None = None) -> EpochResult:
     """One pass over (x, y) in a fresh random order; `max_batches` cuts it short (dry runs).
     With `lookahead`, the net is its average at the end; `flips` (one bool per image of x)
-    mirrors images instead of random flips."""
+    mirrors images instead of random flips; `size` downscales the batches to size x size."""
     model.train()
     start = time.perf_counter()
     order = torch.randperm(len(x), generator=gen).to(x.device)
     batch_size = int(cfg["batch_size"])
     use_aug = bool(cfg["augment"])
+    crop_pad = int(cfg["crop_pad"])
     total_loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device)
     seen = 0
@@ -246,7 +272,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         if max_batches is not None and i >= max_batches:
             break
         idx = order[first:first + batch_size]
-        inputs = augment(x[idx], gen, None if flips is None else flips[idx]) if use_aug else x[idx]
+        inputs = x[idx]
+        if use_aug:
+            inputs = augment(inputs, gen, None if flips is None else flips[idx], crop_pad)
+        if size is not None and size != inputs.shape[-1]:
+            inputs = downscale(inputs, size)
         with compute.autocast():
             logits = model(normalise(inputs))
             loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=cfg["label_smoothing"])

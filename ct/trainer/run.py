@@ -38,6 +38,7 @@ from ct.trainer.engine import (
     make_optimizer,
     make_schedule,
     normalise,
+    size_for_epoch,
     steps_per_epoch,
     train_epoch,
 )
@@ -276,7 +277,8 @@ class TrainingState:
         return train_epoch(self.model, self.optimizer, self.schedule, x, y, cfg, self.generator,
                            compute, max_batches, lookahead=self.lookahead,
                            flips=None if self.flip_base is None
-                           else flips_for_epoch(self.flip_base, epoch))
+                           else flips_for_epoch(self.flip_base, epoch),
+                           size=size_for_epoch(cfg["train_sizes"], epoch))
 
     def saved(self, compute: Compute) -> dict[str, Any]:
         """The state and the RNGs, for a checkpoint."""
