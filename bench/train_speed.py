@@ -2,6 +2,7 @@
 
     python bench/train_speed.py                     # CPU: `train.py --preset fast`, then the
                                                     # original recipe in the same wall-clock budget
+    python bench/train_speed.py --seeds 3           # the preset with seeds 0, 1, 2: the spread
     python bench/train_speed.py --time-to 94 --preset gpu --device cuda    # time to 94% on a GPU
 
 Data: CIFAR-10 from --data-dir (default ../shared/data, the JPEG q75 re-encoded copy: accuracies
@@ -36,8 +37,10 @@ from ct.trainer.run import TrainingState  # noqa: E402
 DATA_NOTE = "CIFAR-10 (JPEG q75 copy)"
 
 
-def run_preset(preset: str, data_dir: Path, device: str) -> dict[str, Any]:
-    """`train.py --preset P` in a fresh process; its wall time and its own metrics.
+def run_preset(preset: str, data_dir: Path, device: str, seed: int = 0,
+               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`train.py --preset P --seed S [--key value ...]` in a fresh process; its wall time and its
+    own metrics.
 
     The workspace's decoded-data cache is filled first (untimed, but reported), as it is in a
     pipeline workspace after its first run."""
@@ -46,12 +49,14 @@ def run_preset(preset: str, data_dir: Path, device: str) -> dict[str, Any]:
         load_cifar(data_dir, cache_dir=Path(out) / "data")
         cold_load = time.perf_counter() - t0
         cmd = [sys.executable, str(REPO / "train.py"), "--preset", preset, "--out", out,
-               "--data-dir", str(data_dir), "--device", device]
+               "--data-dir", str(data_dir), "--device", device, "--seed", str(seed),
+               *as_flags(overrides or {})]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=sys.stderr)
         wall = time.perf_counter() - t0
         metrics = json.loads((Path(out) / "metrics.json").read_text())
-    return {"preset": preset, "wall_s": round(wall, 1), "accuracy": metrics["accuracy"],
+    return {"preset": preset, "seed": seed, "wall_s": round(wall, 1),
+            "accuracy": metrics["accuracy"],
             "cold_load_s": round(cold_load, 1),
             "train_s": metrics["train_seconds"], "images_per_s": metrics["images_per_s"],
             "device": metrics["device"]}
@@ -107,6 +112,23 @@ def overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def as_flags(values: dict[str, Any]) -> list[str]:
+    """{"crop_pad": 4, "tta": False} -> ["--crop-pad", "4", "--tta", "no"]: train.py's flags."""
+    flags: list[str] = []
+    for key, value in values.items():
+        text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
+        flags += [f"--{key.replace('_', '-')}", text]
+    return flags
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
+    accuracies = [run["accuracy"] for run in runs]
+    walls = [run["wall_s"] for run in runs]
+    return {"accuracy_mean": round(sum(accuracies) / len(runs), 2),
+            "accuracy_min": min(accuracies), "accuracy_max": max(accuracies),
+            "wall_mean_s": round(sum(walls) / len(runs), 1), "wall_max_s": max(walls)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +137,9 @@ def main() -> int:
     p.add_argument("--preset", default="fast", choices=sorted(train.PRESETS))
     p.add_argument("--time-to", type=float, help="only measure the time to this test accuracy")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value for --time-to, e.g. --set epochs=30")
+                   help="override one config value of the preset, e.g. --set epochs=30")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run the preset with seeds 0..N-1 and report the spread (default 1)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args()
     cores = torch.get_num_threads()
@@ -130,18 +154,29 @@ def main() -> int:
               f" in {result['elapsed_s']} s over {len(result['curve'])} epochs")
         figures: dict[str, Any] = {"time_to": result}
     else:
-        ours = run_preset(args.preset, args.data_dir, args.device)
-        print(f"train.py --preset {args.preset}: {ours['accuracy']:.2f}% test accuracy "
-              f"({DATA_NOTE}) in {ours['wall_s']} s wall-clock (process start to exit; "
-              f"training {ours['train_s']} s at {ours['images_per_s']:.0f} img/s; data from the "
-              f"workspace cache, a first load from the archive adds about "
-              f"{ours['cold_load_s']} s), {ours['device']}")
+        if args.seeds < 1:
+            p.error("--seeds must be at least 1")
+        flags = as_flags(overrides(args.set))
+        runs = [run_preset(args.preset, args.data_dir, args.device, seed, overrides(args.set))
+                for seed in range(args.seeds)]
+        for ours in runs:
+            print(f"train.py --preset {args.preset} {' '.join(flags)} --seed {ours['seed']}: "
+                  f"{ours['accuracy']:.2f}% test accuracy ({DATA_NOTE}) in {ours['wall_s']} s "
+                  f"wall-clock (process start to exit; training {ours['train_s']} s at "
+                  f"{ours['images_per_s']:.0f} img/s; data from the workspace cache, a first load "
+                  f"from the archive adds about {ours['cold_load_s']} s), {ours['device']}")
+        spread = summarise(runs)
+        if args.seeds > 1:
+            print(f"{args.seeds} seeds: accuracy mean {spread['accuracy_mean']:.2f}%, min "
+                  f"{spread['accuracy_min']:.2f}%, max {spread['accuracy_max']:.2f}%; wall-clock "
+                  f"mean {spread['wall_mean_s']} s, max {spread['wall_max_s']} s")
         original = {**train.TRAIN_DEFAULTS, **train.PRESETS["original"]}
-        base = train_for(original, args.data_dir, args.device, ours["wall_s"], None)
-        print(f"original recipe, same {ours['wall_s']} s budget: {base['accuracy']:.2f}% test "
+        budget = spread["wall_mean_s"]
+        base = train_for(original, args.data_dir, args.device, budget, None)
+        print(f"original recipe, same {budget} s budget: {base['accuracy']:.2f}% test "
               f"accuracy ({DATA_NOTE}) after {base['images_seen']} images "
               f"({base['images_seen'] / 50000:.2f} epochs), {base['device']}")
-        figures = {"ours": ours, "original": base}
+        figures = {"ours": runs[0], "runs": runs, "spread": spread, "original": base}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
