@@ -160,7 +160,9 @@ def main() -> int:
         runs = [run_preset(args.preset, args.data_dir, args.device, seed, overrides(args.set))
                 for seed in range(args.seeds)]
         for ours in runs:
-            print(f"train.py --preset {args.preset} {' '.join(flags)} --seed {ours['seed']}: "
+            command = " ".join(["train.py --preset", args.preset, *flags, "--seed",
+                                str(ours["seed"])])
+            print(f"{command}: "
                   f"{ours['accuracy']:.2f}% test accuracy ({DATA_NOTE}) in {ours['wall_s']} s "
                   f"wall-clock (process start to exit; training {ours['train_s']} s at "
                   f"{ours['images_per_s']:.0f} img/s; data from the workspace cache, a first load "
