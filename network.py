@@ -156,7 +156,7 @@ def whitening_weights(images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Te
 @torch.no_grad()
 def _dirac_init(features: nn.Module) -> None:
     """airbench's Conv.reset_parameters: after the default (random) init, each 3x3 conv's first
-    c_in filters become the identity, so the block starts as a pass-through plus random
+    min(c_in, c_out) filters become the identity, so the block starts as a pass-through plus random
     channels. The random init has already drawn its numbers, so the seed's other draws stay."""
     for conv in features.modules():
         if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):

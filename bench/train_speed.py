@@ -156,8 +156,9 @@ def main() -> int:
     else:
         if args.seeds < 1:
             p.error("--seeds must be at least 1")
-        flags = as_flags(overrides(args.set))
-        runs = [run_preset(args.preset, args.data_dir, args.device, seed, overrides(args.set))
+        changes = overrides(args.set)
+        flags = as_flags(changes)
+        runs = [run_preset(args.preset, args.data_dir, args.device, seed, changes)
                 for seed in range(args.seeds)]
         for ours in runs:
             command = " ".join(["train.py --preset", args.preset, *flags, "--seed",

@@ -100,14 +100,14 @@ def augment(x: torch.Tensor, gen: torch.Generator, flips: torch.Tensor | None = 
     rows then columns (a mirrored image is just its columns read backwards). `flips` (bool per
     image) decides the mirroring instead of a draw. With `crop_pad` 0 only the flip is left."""
     n, channels, size = x.shape[0], x.shape[1], x.shape[-1]
-    if crop_pad == 0:
-        if flips is None:
-            flips = (torch.rand(n, generator=gen) < 0.5).to(x.device)
-        return torch.where(flips[:, None, None, None], x.flip(3), x)
-    padded = F.pad(x, (crop_pad,) * 4)
-    shifts = torch.randint(0, 2 * crop_pad + 1, (2, n), generator=gen).to(x.device)
+    # The offsets are drawn before the flips, in the order runs have always drawn them.
+    shifts = torch.randint(0, 2 * crop_pad + 1, (2, n), generator=gen).to(x.device) \
+        if crop_pad else None
     if flips is None:
         flips = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    if shifts is None:
+        return torch.where(flips[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (crop_pad,) * 4)
     ramp = torch.arange(size, device=x.device)
     rows = shifts[0, :, None] + ramp
     cols = shifts[1, :, None] + ramp
