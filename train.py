@@ -121,7 +121,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"epochs": 3, "warmup_frac": 0.1, "width": 16, "blocks": 3, "convs_per_block": 2,
              "train_sizes": "24,32", "crop_pad": 0, "stem": "whiten", "dirac_init": True,
              "flip": "alternate", "lr": 0.8},
-    "gpu": {"epochs": 16, "width": 64, "blocks": 3, "convs_per_block": 2},
+    # The most accurate GPU recipe measured (README "Benchmarks", H200): airbench96's widths,
+    # 40 epochs, 91.63% mean over 3 seeds; every recipe tried on the JPEG copy ended at 91-92%.
+    "gpu": {"epochs": 40, "blocks": 3, "convs_per_block": 3, "block_widths": "128,384,512",
+            "stem": "whiten", "dirac_init": True, "flip": "alternate", "tta_translate": True},
     "original": {"arch": "original", "optimizer": "sgd", "lr": 0.001, "momentum": 0.0,
                  "weight_decay": 0.0, "batch_size": 20, "label_smoothing": 0.0,
                  "lr_schedule": "constant", "augment": False, "tta": False, "epochs": 30},

@@ -3,7 +3,7 @@
     python bench/train_speed.py                     # CPU: `train.py --preset fast`, then the
                                                     # original recipe in the same wall-clock budget
     python bench/train_speed.py --seeds 3           # the preset with seeds 0, 1, 2: the spread
-    python bench/train_speed.py --time-to 94 --preset gpu --device cuda    # time to 94% on a GPU
+    python bench/train_speed.py --preset gpu --device cuda --seeds 3    # the GPU preset
 
 Data: CIFAR-10 from --data-dir (default ../shared/data, the JPEG q75 re-encoded copy: accuracies
 on it run 2-3 points below the original dataset, so every figure printed says which data it used).

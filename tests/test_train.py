@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
 from ct.trainer import stopping
+from network import build_model
 from tests.conftest import REPO, SHARED_CIFAR
 from tests.train_cli import run
 
@@ -553,3 +555,14 @@ def test_reproduce_fills_in_the_keys_an_older_config_lacks(
     assert status == 0, err
     (line,) = [x for x in out.splitlines() if x.startswith("reproduced ")]
     assert "(difference 0.00 points; exact:" in line, line
+
+
+@pytest.mark.parametrize("preset", sorted(train.PRESETS))
+def test_every_preset_resolves_to_a_valid_config_and_a_working_net(preset: str) -> None:
+    cfg = train.resolve_config(train.parse_args(["--preset", preset]))
+    for key, value in train.PRESETS[preset].items():
+        assert cfg[key] == value, f"--preset {preset} lost {key}"
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
