@@ -123,8 +123,8 @@ PRESETS: dict[str, dict[str, Any]] = {
              "train_sizes": "24,32", "crop_pad": 0, "stem": "whiten", "dirac_init": True,
              "flip": "alternate", "lr": 0.8},
     # The candidate for the next default run: the most accurate recipe measured on 2 CPU cores,
-    # in less time than the default run (README "Benchmarks": 88.84/88.92% over 2 seeds in
-    # 370-394 s of training on the Xeon VM, where 18 epochs of the default network took 536 s).
+    # in less time than the default run (README "Benchmarks": 88.84-89.03% over 3 seeds in
+    # 366-394 s of training on the Xeon VM, where 18 epochs of the default network took 536 s).
     "accurate": {"epochs": 13, "block_widths": "32,128,128", "train_sizes": "24,24,24,24,32",
                  "crop_pad": 2, "stem": "whiten", "dirac_init": True, "flip": "alternate",
                  "lr": 0.8, "lookahead": True, "label_smoothing": 0.1, "tta_translate": True},
