@@ -130,7 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "lr": 0.8, "lookahead": True, "label_smoothing": 0.1, "tta_translate": True},
     # The most accurate GPU recipe measured (README "Benchmarks", H200): airbench96's widths,
     # 40 epochs, 91.63% mean over 3 seeds; every recipe tried on the JPEG copy ended at 91-92%.
-    "gpu": {"epochs": 40, "blocks": 3, "convs_per_block": 3, "block_widths": "128,384,512",
+    "gpu": {"epochs": 40, "convs_per_block": 3, "block_widths": "128,384,512",
             "stem": "whiten", "dirac_init": True, "flip": "alternate", "tta_translate": True},
     "original": {"arch": "original", "optimizer": "sgd", "lr": 0.001, "momentum": 0.0,
                  "weight_decay": 0.0, "batch_size": 20, "label_smoothing": 0.0,
