@@ -116,7 +116,7 @@ def script_env(tmp_path: Path, tiny_cifar_root: Path) -> dict[str, str]:
         PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}",
         CT_WORKSPACE=str(tmp_path / "ws"),
         CT_DATA_DIR=str(tiny_cifar_root),
-        CT_TRAIN_ARGS="--batch-size 64 --epochs 3 --lr 0.1 --seed 1",
+        CT_TRAIN_ARGS="--batch-size 32 --epochs 3 --seed 1",  # the default recipe, scaled down
         CT_TUNE_ARGS="--epochs 2 --batch-size 64 --max-epochs 2",
         CT_TUNE_TRIALS="2",
         CT_TUNE_BUDGET="120",

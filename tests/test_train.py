@@ -81,8 +81,10 @@ def test_dry_run_leaves_the_workspace_results_alone(tmp_path: Path, tiny_cifar_r
 
 
 def _train_cmd(ws: Path, data: Path, *extra: str) -> list[str]:
+    """The plain recipe (TRAIN_DEFAULTS alone), scaled down; issue 12's levers come as `extra`."""
     return [sys.executable, str(REPO / "train.py"), "--out", str(ws), "--data-dir", str(data),
-            "--epochs", "4", "--batch-size", "32", "--dropout", "0.1", *extra]
+            "--preset", "plain", "--epochs", "4", "--batch-size", "32", "--dropout", "0.1",
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -282,10 +284,11 @@ def test_cuda_asked_without_gpu_is_refused(tmp_path: Path, tiny_cifar_root: Path
     assert status == 2 and "no CUDA GPU" in err
 
 
-def _unfinished_run(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+def _unfinished_run(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str],
+                    *extra: str) -> Path:
     """A workspace with a good earlier result and an unfinished run of the QUICK config."""
     ws = tmp_path / "ws"
-    assert run(["--out", ws, "--data-dir", data, *QUICK], capsys)[0] == 0
+    assert run(["--out", ws, "--data-dir", data, *QUICK, *extra], capsys)[0] == 0
     run_dir = only_run_dir(ws)
     (run_dir / "metrics.json").unlink()  # as if killed before the end
     return ws
@@ -340,7 +343,7 @@ def test_every_training_flag_says_its_meaning_and_default(
     assert status == 0
     flat = " ".join(out.split())  # argparse wraps long help lines
     for key, meaning in train.TRAIN_HELP.items():
-        value = train.TRAIN_DEFAULTS[key]
+        value = train.default_config()[key]
         shown = ("yes" if value else "no") if isinstance(value, bool) else value
         assert f"{' '.join(meaning.split())} (default: {shown})" in flat, key
 
@@ -489,7 +492,7 @@ def test_killed_run_with_issue12_levers_resumes_to_the_same_result(
 
 
 def test_issue12_levers_change_the_result(reference: Path, reference_issue12: Path) -> None:
-    """The keys do something (and the default run is not the lever run)."""
+    """The keys do something (the reference run is the plain recipe, not the lever run)."""
     plain = torch.load(only_run_dir(reference) / "model.pt", weights_only=False)
     levers = torch.load(only_run_dir(reference_issue12) / "model.pt", weights_only=False)
     assert plain["model"]["features.0.weight"].shape == (16, 3, 3, 3)
@@ -521,6 +524,10 @@ def test_hashed_names_ignore_added_keys_at_legacy_values() -> None:
                                     "d" * 64, 100)
 
 
+# Runs recorded before issue 12 ran the plain recipe: the added keys at their legacy values.
+PLAIN = ["--preset", "plain"]
+
+
 def _strip_added_keys(run_dir: Path) -> None:
     """Make a run look recorded before issue 12: no new keys in its config or checkpoint."""
     from ct.trainer.compat import ADDED_KEYS
@@ -536,9 +543,9 @@ def _strip_added_keys(run_dir: Path) -> None:
 
 def test_an_unfinished_run_recorded_before_the_new_keys_is_continued(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ws = _unfinished_run(tmp_path, tiny_cifar_root, capsys)
+    ws = _unfinished_run(tmp_path, tiny_cifar_root, capsys, *PLAIN)
     _strip_added_keys(only_run_dir(ws))
-    status, out, err = run(["--out", ws, "--data-dir", tiny_cifar_root, *QUICK], capsys)
+    status, out, err = run(["--out", ws, "--data-dir", tiny_cifar_root, *QUICK, *PLAIN], capsys)
     assert status == 0, err
     assert "resuming" in out and "after epoch 3" in out
     assert len(list(ws.glob("runs/train-*"))) == 1, "no new run folder"
@@ -548,7 +555,7 @@ def test_reproduce_fills_in_the_keys_an_older_config_lacks(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ws = tmp_path / "ws"
     data = ["--data-dir", tiny_cifar_root]
-    assert run(["--out", ws, *data, *SMALL], capsys)[0] == 0
+    assert run(["--out", ws, *data, *SMALL, *PLAIN], capsys)[0] == 0
     original = only_run_dir(ws)
     _strip_added_keys(original)
     status, out, err = run(["--out", ws, *data, "--reproduce", original.name], capsys)

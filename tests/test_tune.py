@@ -60,10 +60,14 @@ def test_a_round_tries_the_base_config_first_and_tests_only_the_best(
     run_dir = tune_dir(tmp_path)
     trials = rows(run_dir)
     assert [t["trial"] for t in trials] == [0, 1, 2]
-    assert trials[0]["params"] == {"optimizer": "sgd", "lr": 0.4, "weight_decay": 0.0005,
-                                   "epochs": 2, "batch_size": 64, "width": 16,
-                                   "convs_per_block": 2, "dropout": 0.0,
-                                   "label_smoothing": 0.2}, "trial 0 is the pushed config"
+    default = train.default_config()
+    assert trials[0]["params"] == {"optimizer": "sgd", "lr": default["lr"],
+                                   "weight_decay": default["weight_decay"], "epochs": 2,
+                                   "batch_size": 64, "width": default["width"],
+                                   "convs_per_block": default["convs_per_block"],
+                                   "dropout": default["dropout"],
+                                   "label_smoothing": default["label_smoothing"]}, \
+        "trial 0 is the pushed config"
     assert trials[0]["status"] == "done", "the base config is never pruned"
     best = json.loads((run_dir / "best.json").read_text())
     done = [t for t in trials if t["status"] == "done"]
@@ -103,7 +107,7 @@ def test_the_default_recipe_is_the_second_trial_unless_the_push_is_it(
     trials = rows(tune_dir(tmp_path))
     assert [t["source"] for t in trials] == ["base", second, "sampled"]
     if second == "recipe":
-        searched = {k: train.TRAIN_DEFAULTS[k] for k in trials[1]["params"]}
+        searched = {k: train.default_config()[k] for k in trials[1]["params"]}
         assert trials[1]["params"] == {**searched, "epochs": 3}, "capped by --max-epochs 3"
         assert trials[1]["status"] == "done", "a known good point is never pruned"
     assert studies.source_of(the_study(tmp_path).trials[1]) == second, "the study knows too"
