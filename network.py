@@ -102,6 +102,14 @@ def block_widths(cfg: dict[str, Any]) -> list[int]:
     return [int(cfg["width"]) * 2 ** (i + 1) for i in range(int(cfg["blocks"]))]
 
 
+def ignored_keys(cfg: dict[str, Any]) -> frozenset[str]:
+    """Net keys this config's network does not read. `width` sizes the conv stem and the
+    doubling block widths only: the whitening stem with explicit block widths ignores it."""
+    if cfg.get("arch") == "fast" and cfg.get("stem") == "whiten" and cfg.get("block_widths"):
+        return frozenset({"width"})
+    return frozenset()
+
+
 def conv_bn(c_in: int, c_out: int, activation: str, pool: bool = False,
             bn_scales: bool = True) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]

@@ -63,11 +63,11 @@ def test_a_round_tries_the_base_config_first_and_tests_only_the_best(
     default = train.default_config()
     assert trials[0]["params"] == {"optimizer": "sgd", "lr": default["lr"],
                                    "weight_decay": default["weight_decay"], "epochs": 2,
-                                   "batch_size": 64, "width": default["width"],
+                                   "batch_size": 64,
                                    "convs_per_block": default["convs_per_block"],
                                    "dropout": default["dropout"],
                                    "label_smoothing": default["label_smoothing"]}, \
-        "trial 0 is the pushed config"
+        "trial 0 is the pushed config (no width: the default network ignores it)"
     assert trials[0]["status"] == "done", "the base config is never pruned"
     best = json.loads((run_dir / "best.json").read_text())
     done = [t for t in trials if t["status"] == "done"]
@@ -221,6 +221,21 @@ def test_sigterm_mid_trial_then_the_retry_resumes_its_checkpoint_and_counts_once
         "accuracy"]
     assert metrics["resumes"] == 1 and metrics["trials_finished"] == 1
     assert metrics["wall_time_s"] >= stop.ran_s, "the stopped process's time counts"
+
+
+def test_the_search_leaves_out_a_key_the_base_network_ignores() -> None:
+    """The default run's whitening stem with explicit block widths never reads `width`: searching
+    it would spend trials on a flat axis. The plain base reads it, and keeps its whole space (so
+    its studies keep their names)."""
+    from network import build_model
+
+    default, plain = train.default_config(), dict(train.TRAIN_DEFAULTS)
+    narrow, wide = build_model({**default, "width": 8}), build_model({**default, "width": 32})
+    assert [p.shape for p in narrow.parameters()] == [p.shape for p in wide.parameters()]
+    assert "width" not in studies.search_space(["sgd"], 24, default)
+    assert "width" not in studies.params_of(default, default)
+    assert set(studies.SHARED) <= set(studies.search_space(["sgd"], 24, plain))
+    assert studies.params_of(plain, plain)["width"] == plain["width"]
 
 
 def test_reports_reach_every_tenth_so_short_and_long_trials_compare(tmp_path: Path) -> None:

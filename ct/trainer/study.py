@@ -40,6 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ct import workspace as names
 from ct.trainer.compat import without_legacy_values
 from ct.trainer.errors import UsageError
+from network import ignored_keys
 
 STORAGE_ENV = "CT_TUNE_STORAGE"  # a database URL shared by several machines; empty: the journal
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -83,27 +84,31 @@ def source_of(trial: optuna.Trial | FrozenTrial) -> str:
     return next((attr for attr in SOURCE_ATTRS if trial.user_attrs.get(attr)), "sampled")
 
 
-def search_space(optimizers: list[str], max_epochs: int) -> dict[str, BaseDistribution]:
-    """Every distribution a trial may draw from, by Optuna name."""
+def search_space(optimizers: list[str], max_epochs: int,
+                 base: dict[str, Any]) -> dict[str, BaseDistribution]:
+    """Every distribution a trial may draw from, by Optuna name; a key the base config's network
+    ignores (`network.ignored_keys`) is left out, so no trial is spent on a flat axis."""
     space: dict[str, BaseDistribution] = {"optimizer": CategoricalDistribution(optimizers)}
     for name in optimizers:
         space[f"lr_{name}"] = LR[name]
         space[f"weight_decay_{name}"] = WEIGHT_DECAY[name]
     low = min(MIN_EPOCHS, max_epochs)
     space["epochs"] = IntDistribution(low, max_epochs, step=2 if (max_epochs - low) % 2 == 0 else 1)
-    return {**space, **SHARED}
+    return {**space, **{k: d for k, d in SHARED.items() if k not in ignored_keys(base)}}
 
 
-def suggest(trial: optuna.Trial, optimizers: list[str], max_epochs: int) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, optimizers: list[str], max_epochs: int,
+            base: dict[str, Any]) -> dict[str, Any]:
     """Draw (or, for an enqueued trial, take) a trial's config keys."""
-    space = search_space(optimizers, max_epochs)
+    space = search_space(optimizers, max_epochs, base)
     optimizer = _draw(trial, "optimizer", space["optimizer"])
     chosen = {"optimizer": optimizer,
               "lr": _draw(trial, f"lr_{optimizer}", space[f"lr_{optimizer}"]),
               "weight_decay": _draw(trial, f"weight_decay_{optimizer}",
                                     space[f"weight_decay_{optimizer}"])}
     for key in ("epochs", *SHARED):
-        chosen[key] = _draw(trial, key, space[key])
+        if key in space:
+            chosen[key] = _draw(trial, key, space[key])
     return chosen
 
 
@@ -120,12 +125,12 @@ def _draw(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any
                                    log=distribution.log)
 
 
-def params_of(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A config's values under the search space's names: what enqueuing it fixes."""
+def params_of(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A config's values under the names of `base`'s search space: what enqueuing it fixes."""
     optimizer = cfg["optimizer"]
     return {"optimizer": optimizer, f"lr_{optimizer}": cfg["lr"],
-            f"weight_decay_{optimizer}": cfg["weight_decay"],
-            "epochs": cfg["epochs"], **{key: cfg[key] for key in SHARED}}
+            f"weight_decay_{optimizer}": cfg["weight_decay"], "epochs": cfg["epochs"],
+            **{key: cfg[key] for key in SHARED if key not in ignored_keys(base)}}
 
 
 def study_name(base: dict[str, Any], optimizers: list[str], max_epochs: int,
@@ -135,7 +140,7 @@ def study_name(base: dict[str, Any], optimizers: list[str], max_epochs: int,
     before they existed goes on under its name."""
     fixed = {k: v for k, v in without_legacy_values(base).items()
              if k not in TUNED_KEYS and k != "seed"}
-    space = {name: repr(d) for name, d in search_space(optimizers, max_epochs).items()}
+    space = {name: repr(d) for name, d in search_space(optimizers, max_epochs, base).items()}
     key = json.dumps({"space": space, "fixed": fixed, "data": dataset_sha256,
                       "validation": validation_images, "steps": PRUNE_STEPS}, sort_keys=True)
     return "cifar10-" + hashlib.sha256(key.encode()).hexdigest()[:12]

@@ -108,8 +108,8 @@ def recipe_params(base: dict[str, Any], tuning: TuneOptions, optimizers: list[st
     if tuning.recipe is None or tuning.recipe["optimizer"] not in optimizers:
         return None
     recipe = {**tuning.recipe, "epochs": min(tuning.recipe["epochs"], tuning.max_epochs)}
-    params = studies.params_of(recipe)
-    return None if params == studies.params_of(base) else params
+    params = studies.params_of(recipe, base)
+    return None if params == studies.params_of(base, base) else params
 
 
 def _upgrade_plan(plan: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def config_of(params: dict[str, Any]) -> dict[str, Any]:
     optimizer = params["optimizer"]
     return {"optimizer": optimizer, "lr": params[f"lr_{optimizer}"],
             "weight_decay": params[f"weight_decay_{optimizer}"], "epochs": params["epochs"],
-            **{key: params[key] for key in studies.SHARED}}
+            **{key: params[key] for key in studies.SHARED if key in params}}
 
 
 @dataclass
@@ -181,7 +181,8 @@ class Worker:
                 return ran
 
     def run_trial(self, trial: optuna.Trial) -> None:
-        params = studies.suggest(trial, self.plan["optimizers"], self.plan["max_epochs"])
+        params = studies.suggest(trial, self.plan["optimizers"], self.plan["max_epochs"],
+                                 self.plan["base"])
         cfg = {**self.plan["base"], **params, "val_split": len(self.split.eval_x)}
         folder = trial_dir(self.run_dir, trial.number)
         with stopping.deferred():  # no trial folder without its config
@@ -368,7 +369,7 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
         deadline = time.time() + max(0.0, plan["time_budget"] - clock.before)
         study.set_user_attr(studies.ROUND_ATTR, {"run_id": run_dir.name, "deadline": deadline,
                                                  "open": True})
-        if rnd.open_slots(studies.params_of(base), plan["trials"], plan["recipe"]):
+        if rnd.open_slots(studies.params_of(base, base), plan["trials"], plan["recipe"]):
             log(f"study {study.study_name} in {studies.storage_description(ws.root)}: "
                 f"{len(study.trials) - plan['trials']} earlier trial(s); "
                 f"{plan['trials']} slot(s) added")
