@@ -70,6 +70,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "flip": "random",
     "tta_translate": False,
     "crop_pad": 4,
+    "cutout": 0,
     "train_sizes": "",  # e.g. "24,32": the first epoch on 24x24 images, 56% of the pixels
     "bias_lr_scale": 1.0,  # airbench: 64, with --bn-scales no
     "whiten_bias_epochs": 3,  # airbench's value
@@ -94,6 +95,8 @@ TRAIN_HELP: dict[str, str] = {
     "augment": "random crop (--crop-pad) and horizontal flip, batched on the device",
     "crop_pad": "pixels of zero padding the random crop may shift by (0: flips only; short runs "
                 "learn faster with less augmentation)",
+    "cutout": "side in pixels of a square set to the mean in each training image (0: none; "
+              "airbench96's 12 against overfitting in long GPU runs)",
     "tta": "evaluate on each image and its mirror",
     "flip": "random (a fresh draw per image and epoch) or alternate (one random orientation per "
             "image, mirrored every other epoch, as airbench)",
@@ -251,6 +254,7 @@ def check_config(cfg: dict[str, Any]) -> None:
         (cfg["flip"] in ("random", "alternate"),
          f"--flip must be random or alternate, not {cfg['flip']!r}"),
         (0 <= cfg["crop_pad"] <= 8, f"--crop-pad must be in 0..8, not {cfg['crop_pad']}"),
+        (0 <= cfg["cutout"] <= 32, f"--cutout must be in 0..32, not {cfg['cutout']}"),
         (cfg["bias_lr_scale"] > 0, f"--bias-lr-scale must be positive, not {cfg['bias_lr_scale']}"),
         (cfg["whiten_bias_epochs"] >= 0,
          f"--whiten-bias-epochs must be 0 or positive, not {cfg['whiten_bias_epochs']}"),

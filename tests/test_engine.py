@@ -221,6 +221,26 @@ def test_crops_shift_by_at_most_the_padding(pad: int) -> None:
         assert found, "each crop is a window of the padded image"
 
 
+@pytest.mark.parametrize(("side", "size"), [(32, 12), (24, 8), (8, 12)])
+def test_cutout_blanks_one_whole_square_per_image(side: int, size: int) -> None:
+    """airbench96's batch_cutout: in each image one size x size square (the whole image when it
+    is smaller), in every channel, is set to 0 (the mean, once normalised); nothing else moves."""
+    from ct.trainer.engine import cutout
+
+    x = torch.rand(16, 3, side, side) + 0.5  # no pixel is 0 before
+    out = cutout(x, torch.Generator().manual_seed(1), size)
+    blanked = out == 0
+    assert torch.equal(blanked[:, :1].expand_as(blanked), blanked), "all channels alike"
+    side_of_square = min(size, side)
+    for mask in blanked[:, 0]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert len(rows) == len(cols) == side_of_square, "one square of the asked side"
+        assert int(mask.sum()) == side_of_square ** 2, "filled, not scattered"
+    assert torch.equal(out[~blanked], x[~blanked])
+    again = cutout(x, torch.Generator().manual_seed(1), size)
+    assert torch.equal(again, out), "the generator decides"
+
+
 # --- a smaller image size in early epochs ------------------------------------------------------
 
 

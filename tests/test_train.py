@@ -457,7 +457,7 @@ def test_reproduce_refuses_what_it_cannot_reproduce(
 ISSUE12 = ["--stem", "whiten", "--whiten-bias-epochs", "2", "--lookahead", "yes",
            "--lookahead-start", "0.2", "--tta-translate", "yes", "--flip", "alternate",
            "--bn-scales", "no", "--bias-lr-scale", "8", "--dirac-init", "yes", "--crop-pad", "2",
-           "--train-sizes", "16,24,32"]
+           "--train-sizes", "16,24,32", "--cutout", "8"]
 
 
 @pytest.fixture(scope="module")

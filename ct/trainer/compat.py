@@ -26,6 +26,7 @@ ADDED_KEYS: dict[str, Any] = {
     "crop_pad": 4,  # issue 12: the random crop's zero padding
     "train_sizes": "",  # issue 12: every epoch at 32x32
     "dirac_init": False,  # issue 12: PyTorch's default init for every conv
+    "cutout": 0,  # issue 12: no square blanked out of training images
 }
 
 

@@ -117,6 +117,19 @@ def augment(x: torch.Tensor, gen: torch.Generator, flips: torch.Tensor | None = 
     return cropped.gather(3, cols[:, None, None, :].expand(n, channels, size, size))
 
 
+def cutout(x: torch.Tensor, gen: torch.Generator, size: int) -> torch.Tensor:
+    """A size x size square of each normalised image set to 0, the dataset mean (airbench96's
+    batch_cutout, against overfitting in long runs); the square lies wholly inside the image, its
+    corner drawn per image. Images smaller than the square are blanked whole."""
+    n, side = x.shape[0], x.shape[-1]
+    size = min(size, side)
+    corners = torch.randint(0, side - size + 1, (2, n), generator=gen).to(x.device)
+    ramp = torch.arange(side, device=x.device)
+    rows = (ramp >= corners[0, :, None]) & (ramp < corners[0, :, None] + size)
+    cols = (ramp >= corners[1, :, None]) & (ramp < corners[1, :, None] + size)
+    return x.masked_fill((rows[:, :, None] & cols[:, None, :])[:, None], 0.0)
+
+
 def downscale(x: torch.Tensor, size: int) -> torch.Tensor:
     """A uint8 batch resized to size x size (bilinear, antialiased), as float: the net, which
     ends in a global pool, takes any size, and a smaller image costs its share of pixels."""
@@ -277,8 +290,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             inputs = augment(inputs, gen, None if flips is None else flips[idx], crop_pad)
         if size is not None and size != inputs.shape[-1]:
             inputs = downscale(inputs, size)
+        inputs = normalise(inputs)
+        if use_aug and cfg["cutout"]:  # drawn after the crops and flips: older runs draw as before
+            inputs = cutout(inputs, gen, int(cfg["cutout"]))
         with compute.autocast():
-            logits = model(normalise(inputs))
+            logits = model(inputs)
             loss = F.cross_entropy(logits.float(), y[idx], label_smoothing=cfg["label_smoothing"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
