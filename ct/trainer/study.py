@@ -94,7 +94,12 @@ def search_space(optimizers: list[str], max_epochs: int,
         space[f"weight_decay_{name}"] = WEIGHT_DECAY[name]
     low = min(MIN_EPOCHS, max_epochs)
     space["epochs"] = IntDistribution(low, max_epochs, step=2 if (max_epochs - low) % 2 == 0 else 1)
-    return {**space, **{k: d for k, d in SHARED.items() if k not in ignored_keys(base)}}
+    return {**space, **{key: SHARED[key] for key in searched_shared_keys(base)}}
+
+
+def searched_shared_keys(base: dict[str, Any]) -> list[str]:
+    """The SHARED keys searched from `base`: those its network reads."""
+    return [key for key in SHARED if key not in ignored_keys(base)]
 
 
 def suggest(trial: optuna.Trial, optimizers: list[str], max_epochs: int,
@@ -106,9 +111,8 @@ def suggest(trial: optuna.Trial, optimizers: list[str], max_epochs: int,
               "lr": _draw(trial, f"lr_{optimizer}", space[f"lr_{optimizer}"]),
               "weight_decay": _draw(trial, f"weight_decay_{optimizer}",
                                     space[f"weight_decay_{optimizer}"])}
-    for key in ("epochs", *SHARED):
-        if key in space:
-            chosen[key] = _draw(trial, key, space[key])
+    for key in ("epochs", *searched_shared_keys(base)):
+        chosen[key] = _draw(trial, key, space[key])
     return chosen
 
 
@@ -130,7 +134,7 @@ def params_of(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     optimizer = cfg["optimizer"]
     return {"optimizer": optimizer, f"lr_{optimizer}": cfg["lr"],
             f"weight_decay_{optimizer}": cfg["weight_decay"], "epochs": cfg["epochs"],
-            **{key: cfg[key] for key in SHARED if key not in ignored_keys(base)}}
+            **{key: cfg[key] for key in searched_shared_keys(base)}}
 
 
 def study_name(base: dict[str, Any], optimizers: list[str], max_epochs: int,
