@@ -205,9 +205,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def preset_config(name: str) -> dict[str, Any]:
+    """TRAIN_DEFAULTS with the overrides of preset `name`: a run's config before its flags."""
+    return {**TRAIN_DEFAULTS, **PRESETS[name]}
+
+
 def default_config() -> dict[str, Any]:
     """The config of `python train.py` without flags."""
-    return {**TRAIN_DEFAULTS, **PRESETS["default"]}
+    return preset_config("default")
 
 
 def _show(value: Any) -> str:
@@ -227,7 +232,7 @@ def _parse_bool(text: str) -> bool:
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """TRAIN_DEFAULTS, then the preset, then explicit flags; validated."""
-    cfg = {**TRAIN_DEFAULTS, **PRESETS[args.preset]}
+    cfg = preset_config(args.preset)
     for key in TRAIN_DEFAULTS:
         value = getattr(args, key)
         if value is not None:

@@ -145,7 +145,7 @@ def main() -> int:
     cores = torch.get_num_threads()
     print(f"# data: {DATA_NOTE} from {args.data_dir}; torch {torch.__version__}; {cores} threads")
     if args.time_to is not None:
-        cfg = {**train.TRAIN_DEFAULTS, **train.PRESETS[args.preset], **overrides(args.set)}
+        cfg = {**train.preset_config(args.preset), **overrides(args.set)}
         result = train_for(cfg, args.data_dir, args.device, None, args.time_to)
         hit = result["time_to_target_s"]
         verdict = f"{hit:.1f} s" if hit is not None else "not reached"
@@ -173,7 +173,7 @@ def main() -> int:
             print(f"{args.seeds} seeds: accuracy mean {spread['accuracy_mean']:.2f}%, min "
                   f"{spread['accuracy_min']:.2f}%, max {spread['accuracy_max']:.2f}%; wall-clock "
                   f"mean {spread['wall_mean_s']} s, max {spread['wall_max_s']} s")
-        original = {**train.TRAIN_DEFAULTS, **train.PRESETS["original"]}
+        original = train.preset_config("original")
         budget = spread["wall_mean_s"]
         base = train_for(original, args.data_dir, args.device, budget, None)
         print(f"original recipe, same {budget} s budget: {base['accuracy']:.2f}% test "
