@@ -12,6 +12,7 @@ from torch import nn
 
 import train
 from ct.trainer.engine import (
+    EVAL_BATCH_CPU,
     LOOKAHEAD_DECAY,
     LOOKAHEAD_EVERY,
     Compute,
@@ -82,6 +83,22 @@ def test_translated_tta_weights_are_airbench_s() -> None:
                      + 0.25 * mirror(padded[:, :, 2:, 2:]))
     _, loss = evaluate(model, x, y, CPU, translate=True)
     assert loss == pytest.approx(float(F.cross_entropy(expected, y)), rel=1e-5)
+
+
+def test_evaluation_batches_cover_every_image_once() -> None:
+    """The CPU evaluates in small batches (they stay in the caches), a GPU in big ones; either way
+    each test image is seen once, the last batch partial, and the figures are the same as one
+    batch of all the images gives."""
+    n = 2 * EVAL_BATCH_CPU + 7
+    x, y = _batch(n)
+    model = Recorder()
+    assert CPU.eval_batch == EVAL_BATCH_CPU < n <= Compute(torch.device("cuda"), None).eval_batch
+    accuracy, loss = evaluate(model, x, y, CPU, flip_tta=False)
+    assert [len(v) for v in model.seen] == [EVAL_BATCH_CPU, EVAL_BATCH_CPU, 7]
+    assert torch.equal(torch.cat(model.seen), normalise(x))
+    whole = F.pad(normalise(x).mean(dim=(2, 3)), (0, 7))
+    assert accuracy == pytest.approx(100.0 * float((whole.argmax(1) == y).float().mean()))
+    assert loss == pytest.approx(float(F.cross_entropy(whole, y)), rel=1e-5)
 
 
 # --- Lookahead ---------------------------------------------------------------------------------

@@ -24,7 +24,11 @@ from ct.trainer.errors import UsageError
 # Per-channel statistics of the CIFAR-10 training set, for normalisation.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-EVAL_BATCH = 2000
+# Images per evaluation forward pass. A GPU wants big batches; on CPU a batch whose activations
+# stay in the caches is about twice as fast (2-core Xeon VM, bf16: the default network's test with
+# translated TTA took 11-12 s at 256 images against 22-23 s at 2,000; 128 to 400 were alike).
+EVAL_BATCH_CPU = 256
+EVAL_BATCH_GPU = 2000
 # Lookahead (airbench94's LookaheadState): every LOOKAHEAD_EVERY steps the average is pulled toward
 # the net by 1 - rho, rho = LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * (step / total)**LOOKAHEAD_POWER.
 LOOKAHEAD_EVERY = 5
@@ -46,6 +50,10 @@ class Compute:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def eval_batch(self) -> int:
+        return EVAL_BATCH_GPU if self.device.type == "cuda" else EVAL_BATCH_CPU
 
     def describe(self) -> str:
         amp = "fp32" if self.amp_dtype is None else f"{self.amp_dtype}".removeprefix("torch.")
@@ -323,11 +331,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Comput
     correct = torch.zeros((), device=x.device)
     loss_sum = torch.zeros((), device=x.device)
     seen = 0
-    for i, first in enumerate(range(0, len(x), EVAL_BATCH)):
+    batch = compute.eval_batch
+    for i, first in enumerate(range(0, len(x), batch)):
         if max_batches is not None and i >= max_batches:
             break
-        inputs = normalise(x[first:first + EVAL_BATCH])
-        labels = y[first:first + EVAL_BATCH]
+        inputs = normalise(x[first:first + batch])
+        labels = y[first:first + batch]
         with compute.autocast():
             logits = _view_logits(model, inputs, flip_tta)
             if translate:

@@ -416,8 +416,8 @@ def train_config(run_dir: Path, cfg: dict[str, Any], split: Split, compute: Comp
 def _glance(state: TrainingState, split: Split, compute: Compute) -> float:
     """The evaluation accuracy on the first GLANCE_IMAGES evaluation images, without the mirror
     average or the shifted views (whatever tta and tta_translate say): the curve in curves.png
-    (the test set in a training run, the validation split in a tuning trial). One batch, about
-    2% of an epoch; it changes no weight, statistic or RNG."""
+    (the test set in a training run, the validation split in a tuning trial). Forward passes
+    only, about 1% of an epoch; it changes no weight, statistic or RNG."""
     accuracy, _ = evaluate(state.model, split.eval_x[:GLANCE_IMAGES],
                            split.eval_y[:GLANCE_IMAGES], compute, flip_tta=False)
     return accuracy
