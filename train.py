@@ -162,6 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--data-dir", type=Path, help="folder with CIFAR-10 (default: OUT/data)")
     run.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data-dir")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--precision", default="auto", choices=["auto", "fp32"],
+                     help="auto: bf16 autocast on a GPU and on CPUs with native bf16 "
+                          "(AVX512-BF16, AMX), fp32 elsewhere; fp32: never bf16 (default: auto)")
     run.add_argument("--preset", default="default", choices=sorted(PRESETS))
     run.add_argument("--dry-run", action="store_true", help="a few batches; workspace untouched")
     run.add_argument("--resume", action="store_true", help="continue the latest unfinished run")
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             ws.check_writable()
             recorded = (recorded_for_reproduce(ws, args.reproduce)
                         if args.reproduce is not None else None)
-            compute = make_compute(args.device)
+            compute = make_compute(args.device, args.precision)
             print(f"device {compute.describe()}, torch {torch.__version__}", flush=True)
             if recorded is not None:
                 summary, line = reproduce_mode(run_options(args), recorded, ws, compute, started)

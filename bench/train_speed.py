@@ -3,6 +3,7 @@
     python bench/train_speed.py                     # CPU: `train.py --preset fast`, then the
                                                     # original recipe in the same wall-clock budget
     python bench/train_speed.py --seeds 3           # the preset with seeds 0, 1, 2: the spread
+    python bench/train_speed.py --precision fp32    # as on a CPU without native bf16
     python bench/train_speed.py --preset gpu --device cuda --seeds 3    # the GPU preset
 
 Data: CIFAR-10 from --data-dir (default ../shared/data, the JPEG q75 re-encoded copy: accuracies
@@ -38,7 +39,8 @@ DATA_NOTE = "CIFAR-10 (JPEG q75 copy)"
 
 
 def run_preset(preset: str, data_dir: Path, device: str, seed: int = 0,
-               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+               overrides: dict[str, Any] | None = None, precision: str = "auto"
+               ) -> dict[str, Any]:
     """`train.py --preset P --seed S [--key value ...]` in a fresh process; its wall time and its
     own metrics.
 
@@ -49,7 +51,8 @@ def run_preset(preset: str, data_dir: Path, device: str, seed: int = 0,
         load_cifar(data_dir, cache_dir=Path(out) / "data")
         cold_load = time.perf_counter() - t0
         cmd = [sys.executable, str(REPO / "train.py"), "--preset", preset, "--out", out,
-               "--data-dir", str(data_dir), "--device", device, "--seed", str(seed),
+               "--data-dir", str(data_dir), "--device", device, "--precision", precision,
+               "--seed", str(seed),
                *as_flags(overrides or {})]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=sys.stderr)
@@ -63,10 +66,10 @@ def run_preset(preset: str, data_dir: Path, device: str, seed: int = 0,
 
 
 def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float | None,
-              target: float | None) -> dict[str, Any]:
+              target: float | None, precision: str = "auto") -> dict[str, Any]:
     """Train `cfg` in-process until `budget_s` is spent (whole batches) or `target` is reached,
     evaluating after every epoch; the clock covers training and evaluation, not data loading."""
-    compute = make_compute(device)
+    compute = make_compute(device, precision)
     data = load_cifar(data_dir)
     x, y, tx, ty = (t.to(compute.device)
                     for t in (data.train_x, data.train_y, data.test_x, data.test_y))
@@ -134,6 +137,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
+                   help="train.py's --precision, for both recipes (default: auto)")
     p.add_argument("--preset", default="fast", choices=sorted(train.PRESETS))
     p.add_argument("--time-to", type=float, help="only measure the time to this test accuracy")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -146,7 +151,8 @@ def main() -> int:
     print(f"# data: {DATA_NOTE} from {args.data_dir}; torch {torch.__version__}; {cores} threads")
     if args.time_to is not None:
         cfg = {**train.preset_config(args.preset), **overrides(args.set)}
-        result = train_for(cfg, args.data_dir, args.device, None, args.time_to)
+        result = train_for(cfg, args.data_dir, args.device, None, args.time_to,
+                           args.precision)
         hit = result["time_to_target_s"]
         verdict = f"{hit:.1f} s" if hit is not None else "not reached"
         print(f"time to {args.time_to:g}% ({DATA_NOTE}), preset {args.preset} {args.set}, "
@@ -158,8 +164,8 @@ def main() -> int:
             p.error("--seeds must be at least 1")
         changes = overrides(args.set)
         flags = as_flags(changes)
-        runs = [run_preset(args.preset, args.data_dir, args.device, seed, changes)
-                for seed in range(args.seeds)]
+        runs = [run_preset(args.preset, args.data_dir, args.device, seed, changes,
+                           args.precision) for seed in range(args.seeds)]
         for ours in runs:
             command = " ".join(["train.py --preset", args.preset, *flags, "--seed",
                                 str(ours["seed"])])
@@ -175,7 +181,7 @@ def main() -> int:
                   f"mean {spread['wall_mean_s']} s, max {spread['wall_max_s']} s")
         original = train.preset_config("original")
         budget = spread["wall_mean_s"]
-        base = train_for(original, args.data_dir, args.device, budget, None)
+        base = train_for(original, args.data_dir, args.device, budget, None, args.precision)
         print(f"original recipe, same {budget} s budget: {base['accuracy']:.2f}% test "
               f"accuracy ({DATA_NOTE}) after {base['images_seen']} images "
               f"({base['images_seen'] / 50000:.2f} epochs), {base['device']}")

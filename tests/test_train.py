@@ -17,6 +17,7 @@ import torch
 
 import train
 from ct.trainer import stopping
+from ct.trainer.engine import cpu_has_bf16, make_compute
 from network import build_model
 from tests.conftest import REPO, SHARED_CIFAR
 from tests.train_cli import run
@@ -251,6 +252,7 @@ BAD_INPUT = {
     "negative lr": lambda tmp: ["--lr", "-0.1"],
     "unknown optimizer": lambda tmp: ["--optimizer", "rmsprop"],
     "unknown device": lambda tmp: ["--device", "tpu"],
+    "unknown precision": lambda tmp: ["--precision", "fp16"],
     "not a number": lambda tmp: ["--batch-size", "many"],
     "unknown flag": lambda tmp: ["--epoch", "3"],
     "bad knob": lambda tmp: ["--blocks", "9"],
@@ -282,6 +284,20 @@ def test_cuda_asked_without_gpu_is_refused(tmp_path: Path, tiny_cifar_root: Path
     status, _, err = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, "--device", "cuda"],
                          capsys)
     assert status == 2 and "no CUDA GPU" in err
+
+
+def test_precision_fp32_turns_bf16_off(tmp_path: Path, tiny_cifar_root: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """auto takes bf16 where the CPU has native bf16 instructions; fp32 never does, and the run
+    records which it computed in."""
+    assert make_compute("cpu", "fp32").amp_dtype is None
+    auto = make_compute("cpu", "auto").amp_dtype
+    assert auto == (torch.bfloat16 if cpu_has_bf16() else None)
+    ws = tmp_path / "ws"
+    status, out, _ = run(["--out", ws, "--data-dir", tiny_cifar_root, *QUICK,
+                          "--device", "cpu", "--precision", "fp32"], capsys)
+    assert status == 0 and out.startswith("device cpu (fp32, ")
+    assert json.loads((ws / "metrics.json").read_text())["device"].startswith("cpu (fp32, ")
 
 
 def _unfinished_run(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str],

@@ -69,20 +69,24 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def make_compute(name: str) -> Compute:
-    """`name` is auto, cpu or cuda; raises UsageError when cuda is asked for and absent."""
+def make_compute(name: str, precision: str = "auto") -> Compute:
+    """`name` is auto, cpu or cuda; raises UsageError when cuda is asked for and absent.
+    `precision` auto: bf16 autocast (and TF32) on a GPU and on CPUs with native bf16 instructions,
+    plain fp32 elsewhere; fp32: plain fp32 everywhere."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    fast_formats = precision == "auto"
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         # Deterministic kernels: a resumed run must end exactly where an uninterrupted one would.
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        return Compute(torch.device("cuda"), torch.bfloat16)
+        torch.backends.cuda.matmul.allow_tf32 = fast_formats
+        torch.backends.cudnn.allow_tf32 = fast_formats
+        return Compute(torch.device("cuda"), torch.bfloat16 if fast_formats else None)
     cores = _usable_cores()
     torch.set_num_threads(cores)
-    return Compute(torch.device("cpu"), torch.bfloat16 if cpu_has_bf16() else None)
+    return Compute(torch.device("cpu"),
+                   torch.bfloat16 if fast_formats and cpu_has_bf16() else None)
 
 
 def _usable_cores() -> int:
