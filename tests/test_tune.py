@@ -444,11 +444,13 @@ def test_a_trial_that_cannot_finish_in_the_budget_stops_early(
     """A sampled trial whose pace says it would end after the deadline stops at once (its time
     goes to other trials) instead of running until the deadline cuts it."""
     common = ["--data-dir", tiny_cifar_root, "--tune", "--epochs", "1", "--batch-size", "64"]
-    assert run(["--out", tmp_path / "probe", *common, "--trials", "1"], capsys)[0] == 0
-    one_epoch = rows(tune_dir(tmp_path / "probe"))[0]["seconds"]
+    # The probe times the round's two fixed trials (the base config's, 1 epoch here, and the
+    # recipe trial), which run before any sampled one, on this machine at this moment.
+    assert run(["--out", tmp_path / "probe", *common, "--trials", "2"], capsys)[0] == 0
+    base, recipe = rows(tune_dir(tmp_path / "probe"))
     # Sampled trials take 4 to 60 epochs (the seeded draws here include long ones): a long one
-    # cannot finish in 12 epochs' time.
-    budget = max(6.0, 12 * one_epoch)
+    # cannot finish in the 12 epochs' time left after the fixed trials.
+    budget = base["seconds"] + recipe["seconds"] + max(6.0, 12 * base["seconds"])
     status, out, _ = run(["--out", tmp_path / "ws", *common, "--trials", "4", "--max-epochs",
                           "60", "--time-budget", str(budget)], capsys)
     assert status == 0, out
