@@ -32,7 +32,12 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from ct.trainer.data import load_cifar  # noqa: E402
-from ct.trainer.engine import evaluate_as_configured, make_compute, steps_per_epoch  # noqa: E402
+from ct.trainer.engine import (  # noqa: E402
+    PRECISIONS,
+    evaluate_as_configured,
+    make_compute,
+    steps_per_epoch,
+)
 from ct.trainer.run import TrainingState  # noqa: E402
 
 DATA_NOTE = "CIFAR-10 (JPEG q75 copy)"
@@ -137,7 +142,7 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="train.py's --precision, for both recipes (default: auto)")
     p.add_argument("--preset", default="fast", choices=sorted(train.PRESETS))
     p.add_argument("--time-to", type=float, help="only measure the time to this test accuracy")

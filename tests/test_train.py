@@ -18,6 +18,7 @@ import torch
 import train
 from ct.trainer import stopping
 from ct.trainer.engine import cpu_has_bf16, make_compute
+from ct.trainer.errors import UsageError
 from network import build_model
 from tests.conftest import REPO, SHARED_CIFAR
 from tests.train_cli import run
@@ -291,6 +292,8 @@ def test_precision_fp32_turns_bf16_off(tmp_path: Path, tiny_cifar_root: Path,
     """auto takes bf16 where the CPU has native bf16 instructions; fp32 never does, and the run
     records which it computed in."""
     assert make_compute("cpu", "fp32").amp_dtype is None
+    with pytest.raises(UsageError, match="unknown precision 'fp16'"):
+        make_compute("cpu", "fp16")
     auto = make_compute("cpu", "auto").amp_dtype
     assert auto == (torch.bfloat16 if cpu_has_bf16() else None)
     ws = tmp_path / "ws"

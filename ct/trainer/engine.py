@@ -29,6 +29,7 @@ STD = (0.2470, 0.2435, 0.2616)
 # translated TTA took 11-12 s at 256 images against 22-23 s at 2,000; 128 to 400 were alike).
 EVAL_BATCH_CPU = 256
 EVAL_BATCH_GPU = 2000
+PRECISIONS = ("auto", "fp32")  # make_compute's `precision`, train.py's --precision
 # Lookahead (airbench94's LookaheadState): every LOOKAHEAD_EVERY steps the average is pulled toward
 # the net by 1 - rho, rho = LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * (step / total)**LOOKAHEAD_POWER.
 LOOKAHEAD_EVERY = 5
@@ -75,6 +76,8 @@ def make_compute(name: str, precision: str = "auto") -> Compute:
     plain fp32 elsewhere; fp32: plain fp32 everywhere."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     fast_formats = precision == "auto"
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         # Deterministic kernels: a resumed run must end exactly where an uninterrupted one would.
