@@ -35,7 +35,7 @@ import torch
 
 from ct.trainer import stopping
 from ct.trainer.compat import with_added_keys
-from ct.trainer.engine import PRECISIONS, Compute, make_compute, train_sizes
+from ct.trainer.engine import DEVICES, PRECISIONS, Compute, make_compute, train_sizes
 from ct.trainer.errors import UsageError
 from ct.trainer.run import (
     RecordedRun,
@@ -161,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--out", type=Path, default=Path("."), help="workspace to write into")
     run.add_argument("--data-dir", type=Path, help="folder with CIFAR-10 (default: OUT/data)")
     run.add_argument("--download", action="store_true", help="fetch CIFAR-10 into --data-dir")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--device", default="auto", choices=DEVICES)
     run.add_argument("--precision", default="auto", choices=PRECISIONS,
                      help="auto: bf16 autocast on a GPU and on CPUs with native bf16 "
                           "(AVX512-BF16, AMX), fp32 elsewhere; fp32: never bf16 (default: auto)")

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import train  # noqa: E402
 from ct.trainer.data import load_cifar  # noqa: E402
 from ct.trainer.engine import (  # noqa: E402
+    DEVICES,
     PRECISIONS,
     evaluate_as_configured,
     make_compute,
@@ -141,7 +142,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="train.py's --precision, for both recipes (default: auto)")
     p.add_argument("--preset", default="fast", choices=sorted(train.PRESETS))

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from ct import workspace as names  # noqa: E402
 from ct.trainer.data import load_cifar  # noqa: E402
-from ct.trainer.engine import evaluate, make_compute  # noqa: E402
+from ct.trainer.engine import DEVICES, evaluate, make_compute  # noqa: E402
 from ct.trainer.run import load_model  # noqa: E402
 
 LEVELS = {0: (False, False), 1: (True, False), 2: (True, True)}  # level: (flip, translate)
@@ -31,7 +31,7 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     args = p.parse_args()
     compute = make_compute(args.device)
     data = load_cifar(args.data_dir)

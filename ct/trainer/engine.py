@@ -29,7 +29,8 @@ STD = (0.2470, 0.2435, 0.2616)
 # translated TTA took 11-12 s at 256 images against 22-23 s at 2,000; 128 to 400 were alike).
 EVAL_BATCH_CPU = 256
 EVAL_BATCH_GPU = 2000
-PRECISIONS = ("auto", "fp32")  # make_compute's `precision`, train.py's --precision
+DEVICES = ("auto", "cpu", "cuda")  # make_compute's `name`: the choices of every --device flag
+PRECISIONS = ("auto", "fp32")  # make_compute's `precision`: every --precision flag's choices
 # Lookahead (airbench94's LookaheadState): every LOOKAHEAD_EVERY steps the average is pulled toward
 # the net by 1 - rho, rho = LOOKAHEAD_DECAY**LOOKAHEAD_EVERY * (step / total)**LOOKAHEAD_POWER.
 LOOKAHEAD_EVERY = 5
