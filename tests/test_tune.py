@@ -293,6 +293,26 @@ def check_round(ws: Path, slots: int) -> dict:
     return {"study": study, "best": best, "retried": retried}
 
 
+def test_a_round_is_opened_to_helpers_only_once_its_slots_wait(
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper joins when the study says the round is open and leaves when it finds no waiting
+    slot: opened before its slots were enqueued (slow on PostgreSQL), a round lost its helper."""
+    waiting_when_opened: list[int] = []
+    set_user_attr = optuna.Study.set_user_attr
+
+    def watched(study: optuna.Study, key: str, value: object) -> None:
+        if key == studies.ROUND_ATTR and isinstance(value, dict) and value.get("open"):
+            waiting_when_opened.append(len(study.get_trials(states=(TrialState.WAITING,))))
+        set_user_attr(study, key, value)
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", watched)
+    status, out, _ = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE,
+                          "--trials", "3", "--dry-run"], capsys)
+    assert status == 0, out
+    assert waiting_when_opened == [3], "every slot waits before a helper may join"
+
+
 def test_a_helper_whose_round_ended_while_it_started_has_nothing_to_do(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A short round can end before a helper has imported torch: the helper then ends at once

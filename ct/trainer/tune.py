@@ -367,12 +367,14 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
         rnd = studies.Round(study, run_dir.name)
         seed_sampler(rnd, plan, "w0")
         deadline = time.time() + max(0.0, plan["time_budget"] - clock.before)
-        study.set_user_attr(studies.ROUND_ATTR, {"run_id": run_dir.name, "deadline": deadline,
-                                                 "open": True})
         if rnd.open_slots(studies.params_of(base, base), plan["trials"], plan["recipe"]):
             log(f"study {study.study_name} in {studies.storage_description(ws.root)}: "
                 f"{len(study.trials) - plan['trials']} earlier trial(s); "
                 f"{plan['trials']} slot(s) added")
+        # Open only once every slot waits: a helper that joined a round still being filled
+        # found no slot to pop and ended with nothing done.
+        study.set_user_attr(studies.ROUND_ATTR, {"run_id": run_dir.name, "deadline": deadline,
+                                                 "open": True})
         split = make_split(data, {**base, "val_split": validation_images(base, data)},
                            compute.device)
         worker = Worker(rnd, plan, run_dir, split, compute, log, "w0", deadline,
