@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from ct.trainer.data import load_cifar  # noqa: E402
+from ct.trainer.data import TRAIN_IMAGES, load_cifar  # noqa: E402
 from ct.trainer.engine import (  # noqa: E402
     DEVICES,
     PRECISIONS,
@@ -190,7 +190,7 @@ def main() -> int:
         base = train_for(original, args.data_dir, args.device, budget, None, args.precision)
         print(f"original recipe, same {budget} s budget: {base['accuracy']:.2f}% test "
               f"accuracy ({DATA_NOTE}) after {base['images_seen']} images "
-              f"({base['images_seen'] / 50000:.2f} epochs), {base['device']}")
+              f"({base['images_seen'] / TRAIN_IMAGES:.2f} epochs), {base['device']}")
         figures = {"ours": runs[0], "runs": runs, "spread": spread, "original": base}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 NUM_CLASSES = 10
+TRAIN_IMAGES = 50_000  # in the full training set: what an epoch sees (benchmarks' unit)
 CACHE = names.DATA_CACHE
 HASH_CACHE = names.DATA_HASH_CACHE
 

@@ -1,0 +1,46 @@
+"""The benchmarks that have no other test: run small, their arithmetic checked."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _epoch_cost(*flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "bench" / "epoch_cost.py"), *flags],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_epoch_cost_adds_each_epochs_cost_and_scales_the_forecast() -> None:
+    done = _epoch_cost("--presets", "fast", "--reference", "fast", "--rounds", "1",
+                       "--batches", "1", "--epoch-seconds", "10")
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith("--preset fast:"))
+    # --preset fast trains 3 epochs, the first on 24x24 images (train_sizes "24,32").
+    sizes = dict(re.findall(r"(\d+)x\d+ ([\d.]+) \(x\d+\)", line))
+    counts = dict(re.findall(r"(\d+)x\d+ [\d.]+ \(x(\d+)\)", line))
+    assert counts == {"24": "1", "32": "2"}
+    total = re.search(r": ([\d.]+) units", line)
+    assert total is not None
+    units = float(total.group(1))
+    assert abs(units - (float(sizes["24"]) + 2 * float(sizes["32"]))) < 0.011
+    forecast = re.search(r"with 10 s a unit: (\d+) s", line)
+    assert forecast is not None and abs(int(forecast.group(1)) - units * 10) <= 1
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--presets", "fastest"], "unknown preset 'fastest'; choose from"),
+    (["--set", "widht=32"], "--set: no config key 'widht'"),
+    (["--set", "activation=swish"], "--set: "),
+    (["--rounds", "0"], "--rounds and --batches must be at least 1"),
+])
+def test_epoch_cost_refuses_bad_input_in_one_line(flags: list[str], message: str) -> None:
+    done = _epoch_cost(*flags)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0
+    assert len(lines) == 1 and message in lines[0], done.stderr
