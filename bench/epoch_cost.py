@@ -35,27 +35,32 @@ import torch  # noqa: E402
 import train  # noqa: E402
 from bench.train_speed import as_flags, overrides  # noqa: E402
 from ct.trainer.data import TRAIN_IMAGES  # noqa: E402
-from ct.trainer.engine import DEVICES, PRECISIONS, make_compute, size_for_epoch  # noqa: E402
+from ct.trainer.engine import (  # noqa: E402
+    DEVICES,
+    PRECISIONS,
+    Compute,
+    make_compute,
+    size_for_epoch,
+)
 from ct.trainer.errors import UsageError  # noqa: E402
 from ct.trainer.run import TrainingState  # noqa: E402
 
 FULL_SIZE = 32
 
 
-def epoch_sizes(cfg: dict[str, object]) -> list[int]:
+def epoch_sizes(cfg: dict[str, Any]) -> list[int]:
     """The image size of each of the preset's epochs."""
-    return [size_for_epoch(str(cfg["train_sizes"]), e) or FULL_SIZE
-            for e in range(int(str(cfg["epochs"])))]
+    return [size_for_epoch(cfg["train_sizes"], e) or FULL_SIZE for e in range(cfg["epochs"])]
 
 
 class PresetProbe:
     """A preset's training state on random images, timed at each of its image sizes."""
 
-    def __init__(self, name: str, batches: int, compute_device: str, precision: str,
+    def __init__(self, name: str, batches: int, compute: Compute,
                  changes: dict[str, Any] | None = None) -> None:
         self.name = " ".join(["--preset", name, *as_flags(changes or {})])
         self.cfg = {**train.preset_config(name), **(changes or {})}
-        self.compute = make_compute(compute_device, precision)
+        self.compute = compute
         self.batches = batches
         n = batches * int(self.cfg["batch_size"])
         gen = torch.Generator().manual_seed(0)
@@ -116,6 +121,8 @@ def main() -> int:
                  f"{', '.join(sorted(train.PRESETS))}")
     if args.rounds < 1 or args.batches < 1:
         sys.exit("epoch_cost.py: error: --rounds and --batches must be at least 1")
+    if args.epoch_seconds is not None and args.epoch_seconds <= 0:
+        sys.exit("epoch_cost.py: error: --epoch-seconds must be positive")
 
     try:
         changes = overrides(args.set)
@@ -125,13 +132,14 @@ def main() -> int:
         sys.exit(f"epoch_cost.py: error: --set: no config key {exc}; see train.py --help")
     except (ValueError, UsageError) as exc:
         sys.exit(f"epoch_cost.py: error: --set: {exc}")
+    compute = make_compute(args.device, args.precision)
     variants = [{}, changes] if changes else [{}]
-    probes = [PresetProbe(name, args.batches, args.device, args.precision, variant)
+    probes = [PresetProbe(name, args.batches, compute, variant)
               for name in names for variant in variants]
-    reference = PresetProbe(args.reference, args.batches, args.device, args.precision)
+    reference = PresetProbe(args.reference, args.batches, compute)
     ratios, base = measure(probes, reference, args.rounds)
     here = base * TRAIN_IMAGES
-    print(f"{reference.compute.describe()}, torch {torch.__version__}; unit: one full-size epoch "
+    print(f"{compute.describe()}, torch {torch.__version__}; unit: one full-size epoch "
           f"of --preset {args.reference} ({here:.1f} s here, median of {args.rounds} rounds)")
     for probe in probes:
         sizes = epoch_sizes(probe.cfg)

@@ -38,6 +38,7 @@ def test_epoch_cost_adds_each_epochs_cost_and_scales_the_forecast() -> None:
     (["--set", "widht=32"], "--set: no config key 'widht'"),
     (["--set", "activation=swish"], "--set: "),
     (["--rounds", "0"], "--rounds and --batches must be at least 1"),
+    (["--epoch-seconds", "0"], "--epoch-seconds must be positive"),
 ])
 def test_epoch_cost_refuses_bad_input_in_one_line(flags: list[str], message: str) -> None:
     done = _epoch_cost(*flags)
