@@ -128,8 +128,6 @@ def main() -> int:
         changes = overrides(args.set)
         for name in names:
             train.check_config({**train.preset_config(name), **changes})
-    except KeyError as exc:
-        sys.exit(f"epoch_cost.py: error: --set: no config key {exc}; see train.py --help")
     except (ValueError, UsageError) as exc:
         sys.exit(f"epoch_cost.py: error: --set: {exc}")
     compute = make_compute(args.device, args.precision)

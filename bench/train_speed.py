@@ -111,10 +111,12 @@ def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float 
 
 
 def overrides(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs typed like the defaults they replace."""
+    """KEY=VALUE pairs typed like the defaults they replace; ValueError names a bad one."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
+        if key not in train.TRAIN_DEFAULTS:
+            raise ValueError(f"no config key {key!r}; see train.py --help")
         default = train.TRAIN_DEFAULTS[key]
         out[key] = value.lower() in ("1", "yes", "true") if isinstance(default, bool) \
             else type(default)(value)
