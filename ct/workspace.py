@@ -1,8 +1,9 @@
 """The workspace contract: what lives where in the pipeline's workspace, and whose commit it is.
 
 Standard library only: the trainer (in the container) writes these files, the gate and the mail
-(on the Jenkins host) read them. The job scripts keep their own copy of the names they use
-(scripts/lib.sh), since bash cannot import this.
+(on the Jenkins host) read them. The job scripts take the names they use from here too
+(`python3 -m ct.workspace names`, read once by scripts/lib.sh), and the commit
+(`python3 -m ct.workspace commit`).
 
     <workspace>/
       commit.txt                 job1: the commit checked out (its first word)
@@ -18,7 +19,9 @@ Standard library only: the trainer (in the container) writes these files, the ga
       promotion.properties       ct.pipeline.gate promote: promoted or not
       outbox/                    ct.pipeline.notify: messages kept instead of (or before) mailing
       report/index.html          ct.pipeline.report: the static HTML report (Jenkins' "CT report")
-      status/                    the job scripts: how the last training/tuning process ended
+      status/                    ct.pipeline.process: each training/tuning process's record;
+                                 ct.pipeline.after_run: the verdict of the last judged run
+      handover.properties        ct.pipeline.process: a restarted run job6 hands to job4
       studies/optuna.journal     train.py --tune: the Optuna study every round continues
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -50,8 +54,21 @@ OUTBOX_DIR = "outbox"
 REPORT_DIR = "report"
 REPORT_INDEX = "report/index.html"
 TUNE_JOURNAL = "studies/optuna.journal"  # the tuning study (unless CT_TUNE_STORAGE names a DB)
-TRAIN_STATUS = "status/train.properties"  # job3/job6: how the training process ended, restarts
-TUNE_STATUS = "status/tune.properties"  # job5/job6: the same for the tuning process
+STATUS_DIR = "status"
+IMAGE_STATUS = "status/image.properties"  # job2 (and job4 for tuning): the framework, the images
+VERDICT_STATUS = "status/after-run.properties"  # the last judged run and its verdict
+TUNE_ROUNDS_STATUS = "status/tune-rounds.properties"  # tuning rounds spent on the commit
+HANDOVER_PROPERTIES = "handover.properties"  # job6 -> job4: a restarted run that has finished
+ARTIFACTS_DIR = "artifacts"  # Jenkins: artifacts/<job>/, what a build archives
+
+
+def process_status(role: str) -> str:
+    """The record of a training/tuning process (job3, job5, job6): how it runs and ended."""
+    return f"{STATUS_DIR}/{role}.properties"
+
+
+TRAIN_STATUS = process_status("train")
+TUNE_STATUS = process_status("tune")
 
 # --- the dataset, in DATA_DIR (or any --data-dir): the folder wins over the archive
 DATA_FOLDER = "cifar-10-batches-py"
@@ -86,13 +103,18 @@ IMAGE_ID_ENV = "CT_IMAGE_ID"
 LOCAL_IMAGE = "local"
 
 
+_COMMIT_ID = re.compile(r"[0-9a-f]{7,64}")
+NO_COMMIT = "unknown"  # what the job scripts record and show when no commit is known
+
+
 def recorded_commit(workspace: Path) -> str:
-    """The commit job1 checked out (the first word of commit.txt); "" when there is none."""
+    """The commit job1 checked out: the first word of commit.txt when it is a commit id (hex);
+    "" when there is none. The one rule, for the host tools and the job scripts alike."""
     try:
         words = (workspace / COMMIT_FILE).read_text(encoding="utf-8").split()
     except (OSError, UnicodeDecodeError):
         return ""
-    return words[0] if words else ""
+    return words[0] if words and _COMMIT_ID.fullmatch(words[0]) else ""
 
 
 def commit_of_run(workspace: Path, metrics: Mapping[str, Any] | None) -> str:
@@ -177,7 +199,7 @@ def current_image(env: Mapping[str, str] = os.environ) -> tuple[str, str | None]
 
 def add_workspace_argument(parser: argparse.ArgumentParser) -> None:
     """--workspace W, defaulting to $CT_WORKSPACE, for the host-side tools (ct.pipeline.*)."""
-    parser.add_argument("--workspace", type=Path, default=os.environ.get("CT_WORKSPACE"),
+    parser.add_argument("--workspace", type=Path, default=os.environ.get("CT_WORKSPACE") or None,
                         help="the pipeline workspace (default: $CT_WORKSPACE)")
 
 
@@ -192,3 +214,43 @@ def workspace_of(parser: argparse.ArgumentParser, given: Path | None) -> Path | 
               file=sys.stderr)
         return None
     return workspace
+
+
+# ---------------------------------------------------------------- for the job scripts
+
+# What job1's checkout must never touch: the pipeline's state beside the code (git excludes it).
+STATE_PATHS = (
+    f"{DATA_DIR}/", f"{RUNS_DIR}/", f"{OUTBOX_DIR}/", f"{STATUS_DIR}/", "plot/",
+    f"{ARTIFACTS_DIR}/", f"{MODELS_DIR}/", f"{REPORT_DIR}/", "studies/", ACCURACY_FILE,
+    METRICS_FILE, BEST_FILE, BEST_MODEL, COMMIT_FILE, GATE_PROPERTIES, PROMOTION_PROPERTIES,
+    HISTORY_FILE, HANDOVER_PROPERTIES,
+)
+
+# The names scripts/lib.sh reads once (as CT_<NAME>), so that bash spells no file name itself.
+SHELL_NAMES = {
+    "COMMIT_FILE": COMMIT_FILE, "DATA_DIR": DATA_DIR, "RUNS_DIR": RUNS_DIR,
+    "STATUS_DIR": STATUS_DIR, "DATA_FOLDER": DATA_FOLDER, "DATA_ARCHIVE": DATA_ARCHIVE,
+    "OUTBOX_DIR": OUTBOX_DIR, "BEST_FILE": BEST_FILE, "HANDOVER_FILE": HANDOVER_PROPERTIES,
+    "STATE_PATHS": " ".join(STATE_PATHS),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ct.workspace", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("names", help="NAME=value lines of the workspace's names, for bash")
+    commit = commands.add_parser("commit", help=f"the workspace's commit ({NO_COMMIT!r}: none)")
+    add_workspace_argument(commit)
+    args = parser.parse_args(argv)
+    if args.command == "names":
+        print("\n".join(f"{key}={value}" for key, value in SHELL_NAMES.items()))
+        return 0
+    workspace = workspace_of(parser, args.workspace)
+    if workspace is None:
+        return 2
+    print(recorded_commit(workspace) or NO_COMMIT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

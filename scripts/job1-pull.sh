@@ -26,8 +26,10 @@ set_origin() {
   else
     ws_git remote add origin "$1"
   fi
-  printf '%s\n' "# pipeline state (scripts/lib.sh CT_STATE_PATHS): never tracked, never cleaned" \
-    "${CT_STATE_PATHS[@]/#//}" >"$CT_WORKSPACE/.git/info/exclude"
+  local state=()
+  read -ra state <<<"$WS_STATE_PATHS"
+  printf '%s\n' "# pipeline state (ct/workspace.py STATE_PATHS): never tracked, never cleaned" \
+    "${state[@]/#//}" >"$CT_WORKSPACE/.git/info/exclude"
 }
 
 # fetch_commit REPO REF: fetch just the one commit (shallow) and print its id; a commit id the
@@ -53,8 +55,8 @@ main() {
   set_origin "$repo"
   commit="$(fetch_commit "$repo" "$ref")"
   ws_git -c advice.detachedHead=false checkout -q --force --detach "$commit"
-  write_file "$CT_WORKSPACE/commit.txt" "$commit"
-  keep_artifact "$CT_WORKSPACE/commit.txt"
+  write_file "$CT_WORKSPACE/$WS_COMMIT_FILE" "$commit"
+  keep_artifact "$CT_WORKSPACE/$WS_COMMIT_FILE"
   log "workspace $CT_WORKSPACE at commit $commit ($repo $ref)"
   echo "$commit"
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # job3 train: run the training image (or, on the local runtime, train.py on the host) on the
-# workspace, stream its log, and record how it ended in status/train.properties (exit code,
-# OOM-killed). Exit 0 when training finished; 1 when it failed, saying whether job6 restarts it
-# (not for bad input, exit 2, or an OOM kill: a restart would only repeat them).
+# workspace, stream its log, and record how it ended (exit code, OOM-killed) in the training
+# process's record (ct.pipeline.process). Exit 0 when training finished; 1 when it failed, saying
+# whether job6 restarts it (not for bad input, exit 2, or an OOM kill: a restart would only
+# repeat them).
 #
 #   scripts/job3-train.sh            (extra train.py flags: CT_TRAIN_ARGS)
 set -euo pipefail
@@ -19,8 +20,8 @@ main() {
   read -ra args <<<"$CT_TRAIN_ARGS"
   args+=("${DATA_FLAGS[@]}")
   start_process train "$image" "${args[@]}"
-  follow train || ended_badly train
-  log "training finished: accuracy $(cat "$CT_WORKSPACE/accuracy.txt" 2>/dev/null || echo '?')%"
+  follow train || exit 1
+  log "training finished"
 }
 
 main "$@"

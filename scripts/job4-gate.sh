@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# job4 gate: what follows a finished run (lib.sh after_run): validate accuracy.txt against
-# CT_THRESHOLD (ct.pipeline.gate check). At or above: promote the run's model when it beats the
-# best one (ct.pipeline.gate promote) and mail that the best model is created (ct.pipeline.notify).
-# Below: build the tuning image and hand over to job5 (gate.properties PASSED=false,
-# status/image.properties TUNE_IMAGE). A missing/garbled/NaN/out-of-range accuracy: exit 2. Each
-# run is judged once.
+# job4 gate: what follows a finished run (lib.sh after_run, ct.pipeline.after_run): validate
+# accuracy.txt against CT_THRESHOLD (ct.pipeline.gate). At or above: promote the run's model when
+# it beats the best one (ct.pipeline.promote) and mail that the best model is created
+# (ct.pipeline.notify). Below: build the tuning image and hand over to job5 (gate.properties
+# TUNE=true). A missing/garbled/NaN/out-of-range accuracy: exit 2. Each run is judged once; a
+# second build for the same run writes its verdict again with TUNE=false.
 #
 #   scripts/job4-gate.sh [RUN_DIR]
 #
@@ -15,15 +15,9 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 main() {
-  local want="${1:-}" latest
   (($# <= 1)) || die "usage: job4-gate.sh [RUN_DIR]" 2
   [[ -d "$CT_WORKSPACE" ]] || die "no workspace at CT_WORKSPACE=$CT_WORKSPACE" 2
-  if [[ -n "$want" ]]; then
-    latest="$(latest_run_field run_dir)"
-    [[ "$latest" == "$want" ]] ||
-      die "asked to judge $want, but the workspace's latest run is ${latest:-unreadable (see metrics.json)}: nothing judged" 2
-  fi
-  after_run mail
+  after_run --run-dir "${1:-}"
 }
 
 main "$@"

@@ -17,20 +17,13 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-# tuning_rounds_left: 0 when this commit was tuned CT_MAX_TUNE_ROUNDS times already; else counts
-# this round (status/tune-rounds.properties) and sets ROUND.
+# tuning_rounds_left: false when this commit was tuned CT_MAX_TUNE_ROUNDS times already; else
+# counts this round and sets ROUND.
 tuning_rounds_left() {
-  local rounds_file="$CT_WORKSPACE/status/tune-rounds.properties" commit rounds=0
+  local commit
   commit="$(current_commit)"
-  if [[ "$(props_get "$rounds_file" COMMIT)" == "$commit" ]]; then
-    rounds="$(props_get "$rounds_file" ROUNDS)"
-  fi
-  if ((rounds >= CT_MAX_TUNE_ROUNDS)); then
-    log "commit $commit was tuned $rounds time(s) already (CT_MAX_TUNE_ROUNDS=$CT_MAX_TUNE_ROUNDS): not tuning again"
-    return 1
-  fi
-  ROUND=$((rounds + 1))
-  props_set "$rounds_file" COMMIT "$commit" ROUNDS "$ROUND"
+  ROUND="$(ct_process tune-round --commit "$commit" --max-rounds "$CT_MAX_TUNE_ROUNDS")" || exit $?
+  [[ "$ROUND" != none ]]
 }
 
 # start_watchdog NAME BUDGET: stop the tuning process well past its budget. train.py honours
@@ -63,7 +56,7 @@ start_helpers() {
 stop_helpers() {
   local k name
   for ((k = 1; k < CT_TUNE_WORKERS; k++)); do
-    name="$(props_get "$(state_file "tune-w$k")" CONTAINER)"
+    name="$(process_get "tune-w$k" CONTAINER)"
     if [[ "$CT_RUNTIME" == docker ]]; then
       docker stop "$name" >/dev/null 2>&1 || true
     else
@@ -86,21 +79,21 @@ tune_args() {
 }
 
 # help_round K: only helper K of the open round (a Jenkins fan-out build on another agent; see
-# README "Run it in Jenkins"); no verdict, promotion or mail: the round's owner (job5) does those.
+# docs/jenkins.md, "Tuning on several agents"); no verdict, promotion or mail: the round's owner (job5) does those.
 help_round() {
   local image code=0
   image="$(image_for tune)"
   tune_args "$image"
   start_process "tune-w$1" "$image" "${ARGS[@]}" --worker "$1"
   follow "tune-w$1" || code=$?
-  ((code == 0)) || die "tuning worker $1 ended with exit code $code; the round's owner retries its trial"
+  ((code == 0)) || die "tuning worker $1 did not finish; the round's owner retries its trial"
 }
 
 main() {
-  local delivery=mail image code=0 helper=false worker=
+  local delivery=() image code=0 helper=false worker=
   case "${1:-}" in
     "") ;;
-    --no-mail) delivery=outbox-only ;;
+    --no-mail) delivery=(--outbox-only) ;;
     --worker) helper=true worker="${2:-}" ;;
     *) die "unknown argument '$1'; usage: job5-tune.sh [--no-mail | --worker K]" 2 ;;
   esac
@@ -129,14 +122,14 @@ main() {
   start_helpers "$image" "${ARGS[@]}"
   WATCHDOG=
   if [[ -n "$CT_TUNE_BUDGET" ]]; then
-    start_watchdog "$(props_get "$(state_file tune)" CONTAINER)" "$CT_TUNE_BUDGET"
+    start_watchdog "$(process_get tune CONTAINER)" "$CT_TUNE_BUDGET"
   fi
   follow tune || code=$?
   [[ -z "$WATCHDOG" ]] || kill "$WATCHDOG" 2>/dev/null || true
   stop_helpers
-  ((code == 0)) || ended_badly tune
+  ((code == 0)) || exit 1
 
-  after_run "$delivery"
+  after_run "${delivery[@]}"
   log "tuning round $ROUND of $CT_MAX_TUNE_ROUNDS for commit $(current_commit) done"
 }
 

@@ -9,9 +9,11 @@
 #       (exit 1). --follow streams the restarted run to its end and retries within that limit
 #       (what scripts/pipeline.sh uses); without it, the cycle returns at once (Jenkins, every 5 min).
 #       A restarted run that has finished goes the way of every finished run (lib.sh after_run),
-#       once: with --follow, this script runs it; without (Jenkins), it writes the run's COMMIT and
-#       RUN_DIR to $CT_WORKSPACE/handover.properties, and job6's parameterized trigger hands them
-#       to job4, which runs it. Every build of job6 first removes an earlier build's hand-over.
+#       once: with --follow, this script runs it; without (Jenkins), ct.pipeline.process writes the
+#       run's COMMIT and RUN_DIR to $CT_WORKSPACE/handover.properties, and job6's parameterized
+#       trigger hands them to job4, which runs it. Every build of job6 first removes an earlier
+#       build's hand-over. What to do about each process is ct.pipeline.process's decision (cycle);
+#       a damaged record is one line and exit 2, with nothing done.
 #   scripts/job6-monitor.sh weekly
 #       Retrain: POST $JENKINS_URL/job/$CT_RETRAIN_JOB/buildWithParameters?token=$CT_TRIGGER_TOKEN
 #       with the API credentials JENKINS_USER / JENKINS_API_TOKEN (all from the environment).
@@ -35,66 +37,35 @@ weekly() {
   log "weekly retrain requested: POST $url -> HTTP $status"
 }
 
-# hand_over ROLE FOLLOW: a run that job6 restarted and that has finished gets its verdict once:
-# after_run here (FOLLOW=1), or job4 through the hand-over file (Jenkins).
-hand_over() {
-  local role="$1" follow="$2" file run_dir
-  file="$(state_file "$role")"
-  (("$(props_get "$file" RESTARTS)" > 0)) || return 0 # job3/job5 saw it end: they hand it on
-  [[ "$(props_get "$file" HANDED_OVER)" != true ]] || return 0
-  if [[ "$follow" == 1 ]]; then
-    after_run mail
-  else
-    run_dir="$(latest_run_field run_dir)"
-    write_file "$CT_WORKSPACE/$CT_HANDOVER_FILE" "COMMIT=$(props_get "$file" COMMIT)
-RUN_DIR=$run_dir"
-    log "$role: handing the restarted run ${run_dir:-?} over to job4 ($CT_HANDOVER_FILE)"
-  fi
-  props_set "$file" HANDED_OVER true
-}
-
-# give_up ROLE WHY: record that job6 stops restarting this run (its exit code stays recorded); the
-# monitor stays red until a new run (job3/job5) replaces the record.
-give_up() {
-  props_set "$(state_file "$1")" STATUS gave-up GAVE_UP "$2"
-  log "giving up on $1 $(props_get "$(state_file "$1")" CONTAINER): $2"
-}
-
-monitor_role() { # ROLE FOLLOW: 0 when fine or restarted, 1 when it gave up (now or earlier)
-  local role="$1" follow="$2" file state restarts name
-  file="$(state_file "$role")"
-  [[ -f "$file" ]] || return 0
-  name="$(props_get "$file" CONTAINER)"
-  # Bounded: every pass either returns or uses up one of CT_MAX_RESTARTS restarts.
+# monitor_role ROLE FOLLOW: 0 when fine, restarted or handed on; 1 when it gave up (now or
+# earlier). Bounded: every pass returns or spends one of CT_MAX_RESTARTS restarts.
+monitor_role() {
+  local role="$1" follow=() action
+  [[ "$2" == 1 ]] && follow=(--follow)
   while true; do
-    state="$(observe "$role")"
-    restarts="$(props_get "$file" RESTARTS)"
-    case "$state" in
-      running) log "$role: $name is running (restarts so far: ${restarts:-0})"; return 0 ;;
-      ok) log "$role: $name finished"; hand_over "$role" "$follow"; return 0 ;;
-      gave-up)
-        log "$role: gave up on $name earlier ($(props_get "$file" GAVE_UP)); a new run (job3/job5) resets this"
-        return 1
+    look_at "$role"
+    action="$(ct_process cycle --role "$role" --runtime "$CT_RUNTIME" \
+      --max-restarts "$CT_MAX_RESTARTS" "${follow[@]}" "${SEEN[@]}")" || exit $?
+    case "$action" in
+      none | running | finished | handed-over) return 0 ;;
+      gave-up) return 1 ;;
+      judge)
+        # shellcheck disable=SC2119 # the latest run is the restarted one: no --run-dir needed
+        after_run
+        ct_process handed-over --role "$role" || exit $?
+        return 0
         ;;
-      final*) give_up "$role" "${state#final } (a restart would only repeat it)"; return 1 ;;
+      restart) restart "$role" ;;
+      *) die "ct.pipeline.process decided '$action', which this script does not know" ;;
     esac
-    if ((${restarts:-0} >= CT_MAX_RESTARTS)); then
-      give_up "$role" "${state#failed } after ${restarts:-0} restart(s) (CT_MAX_RESTARTS=$CT_MAX_RESTARTS)"
-      return 1
-    fi
-    restarts=$((${restarts:-0} + 1))
-    props_set "$file" RESTARTS "$restarts"
-    log "$role: $name ${state#failed }: restarting it ($restarts of $CT_MAX_RESTARTS), resuming from its last checkpoint"
-    restart "$role"
-    name="$(props_get "$file" CONTAINER)"
-    [[ "$follow" == 1 ]] || return 0
+    ((${#follow[@]})) || return 0
     follow "$role" "$SINCE" || true
   done
 }
 
 main() {
   local mode="${1:-monitor}" follow_flag=0 arg rc=0 role
-  rm -f "$CT_WORKSPACE/$CT_HANDOVER_FILE" # a hand-over is for the build that wrote it only
+  rm -f "$CT_WORKSPACE/$WS_HANDOVER_FILE" # a hand-over is for the build that wrote it only
   for arg in "${@:2}"; do
     case "$arg" in
       --follow) follow_flag=1 ;;

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # A training or tuning process on either runtime (docker: a named, labelled container; local: python
-# on this host): start it, follow it, see how it stands, restart it. Sourced by scripts/lib.sh (its
-# settings and helpers), never run. Each process has a record, status/<role>.properties (how it
-# ran and ended: RUNTIME, CONTAINER, IMAGE, COMMIT, RESTARTS, STATUS, EXIT_CODE, OOM_KILLED, ...),
-# and its train.py arguments in status/<role>.args (NUL-separated, so no quoting games or eval).
+# on this host): start it, follow it, look at it, restart it. Sourced by scripts/lib.sh (its
+# settings and helpers), never run. Each process has a record (how it runs and ended, its
+# restarts) that only ct.pipeline.process reads and writes, and which decides what to do about
+# it; its train.py arguments are kept in status/<role>.args (NUL-separated: no quoting games, no
+# eval) for a restart.
+
+ct_process() { ct_py ct.pipeline.process --workspace "$CT_WORKSPACE" "$@"; }
+process_get() { ct_process get --role "$1" "$2"; } # ROLE KEY
 
 # The container user: never root. As root on the host, the image's user (1000) gets the folders
 # train.py writes to; otherwise the caller's own uid, so files stay theirs.
@@ -18,10 +22,10 @@ container_user() {
 }
 
 prepare_workspace_for() { # USER (uid:gid)
-  mkdir -p "$CT_WORKSPACE/runs" "$CT_WORKSPACE/data"
+  mkdir -p "$CT_WORKSPACE/$WS_RUNS_DIR" "$CT_WORKSPACE/$WS_DATA_DIR"
   if [[ "$(id -u)" == 0 && "$1" != 0:* ]]; then
-    chown "$1" "$CT_WORKSPACE" "$CT_WORKSPACE/data"
-    chown -R "$1" "$CT_WORKSPACE/runs"
+    chown "$1" "$CT_WORKSPACE" "$CT_WORKSPACE/$WS_DATA_DIR"
+    chown -R "$1" "$CT_WORKSPACE/$WS_RUNS_DIR"
   fi
 }
 
@@ -32,7 +36,7 @@ launch() {
   shift 2
   name="$(container_name "$role")"
   commit="$(current_commit)"
-  mkdir -p "$CT_WORKSPACE/status"
+  mkdir -p "$CT_WORKSPACE/$WS_STATUS_DIR"
   if [[ "$CT_RUNTIME" == docker ]]; then
     if [[ "$(docker inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" == true ]]; then
       die "container $name is still running for this workspace; stop it or wait for it (job6 watches it)"
@@ -55,7 +59,7 @@ launch() {
     "${run[@]}" "$image" "$@" >/dev/null || die "docker run of $image failed"
     LAUNCHED="$name"
   else
-    local logf="$CT_WORKSPACE/status/$role.log"
+    local logf="$CT_WORKSPACE/$WS_STATUS_DIR/$role.log"
     if [[ -f "$logf" ]]; then mv -f "$logf" "$logf.prev"; fi
     (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" CT_IMAGE=local CT_IMAGE_ID=local \
       exec "$CT_PYTHON" train.py "$@") >"$logf" 2>&1 &
@@ -63,10 +67,10 @@ launch() {
   fi
 }
 
-args_file() { printf '%s/status/%s.args' "$CT_WORKSPACE" "$1"; } # ROLE
+args_file() { printf '%s/%s/%s.args' "$CT_WORKSPACE" "$WS_STATUS_DIR" "$1"; } # ROLE
 
-# start_process ROLE IMAGE ARGS...: launch, and record it in status/<role>.properties (RESTARTS=0)
-# and status/<role>.args (what restart passes again).
+# start_process ROLE IMAGE ARGS...: launch, record it (RESTARTS=0) and keep its arguments for a
+# restart.
 start_process() {
   local role="$1" image="$2" tmp
   shift 2
@@ -74,140 +78,72 @@ start_process() {
   tmp="$(mktemp "$(args_file "$role").XXXXXX.tmp")"
   if (($#)); then printf '%s\0' "$@" >"$tmp"; fi
   mv -f "$tmp" "$(args_file "$role")"
-  write_file "$(state_file "$role")" "ROLE=$role
-RUNTIME=$CT_RUNTIME
-CONTAINER=$LAUNCHED
-IMAGE=$image
-COMMIT=$(current_commit)
-RESTARTS=0
-STATUS=running
-EXIT_CODE=
-OOM_KILLED=
-STARTED_AT=$(date -u +%FT%TZ)
-FINISHED_AT="
+  ct_process start --role "$role" --runtime "$CT_RUNTIME" --container "$LAUNCHED" \
+    --image "$image" --commit "$(current_commit)"
   log "$role started: $LAUNCHED ($image) $*"
 }
 
-# classify_end EXIT_CODE OOM_KILLED: how an ended training/tuning process ended, for job3, job5 and
-# job6: "ok", "final <why>" when a restart would only repeat it (exit 2 is bad input; an OOM kill
-# recurs under the same memory), else "failed <why>" (killed, crashed: job6 resumes it).
-classify_end() {
-  if [[ "$2" == true ]]; then
-    echo "final OOM-killed (exit code $1, CT_MEMORY=${CT_MEMORY:-unset}): raise CT_MEMORY or lower --batch-size in CT_TRAIN_ARGS/CT_TUNE_ARGS, then run job3 again"
-  elif [[ "$1" == 0 ]]; then
-    echo ok
-  elif [[ "$1" == 2 ]]; then
-    echo "final bad input (exit code 2, see the log's last line): fix it, then push again or rerun job3"
-  else
-    echo "failed exit code $1${2:+, OOM-killed $2}"
-  fi
-}
-
-# ended_badly ROLE: job3/job5's one line after a failed run: whether job6 will restart it.
-ended_badly() {
-  local file verdict
-  file="$(state_file "$1")"
-  verdict="$(classify_end "$(props_get "$file" EXIT_CODE)" "$(props_get "$file" OOM_KILLED)")"
-  case "$verdict" in
-    final*) die "$1 ended for good: ${verdict#final }; job6 will not restart it" ;;
-    *) die "$1 ended with ${verdict#failed }; job6 (scripts/job6-monitor.sh) restarts it from its last checkpoint" ;;
-  esac
-}
-
-# follow ROLE [SINCE]: stream the log until the process ends; record and return its exit code.
+# follow ROLE [SINCE]: stream the log until the process ends and record how it ended; non-zero,
+# after one line saying whether job6 restarts it, when it did not finish well.
 follow() {
-  local role="$1" since="${2:-}" file name code oom status
-  file="$(state_file "$role")"
-  name="$(props_get "$file" CONTAINER)"
-  if [[ "$(props_get "$file" RUNTIME)" == docker ]]; then
+  local role="$1" since="${2:-}" name code oom rc=0
+  name="$(process_get "$role" CONTAINER)" || exit $?
+  if [[ "$CT_RUNTIME" == docker ]]; then
     docker logs -f ${since:+--since "$since"} "$name" 2>&1 || true
     code="$(docker wait "$name" 2>/dev/null || echo 255)"
-    read -r oom status < <(docker inspect -f '{{.State.OOMKilled}} {{.State.Status}}' "$name" \
-      2>/dev/null || echo "false vanished")
+    oom="$(docker inspect -f '{{.State.OOMKilled}}' "$name" 2>/dev/null || echo false)"
   else
     # a local process is followed by the shell that started it (start_process, same script)
     local pid="${name#pid-}" tailer
-    tail -n +1 -f --pid "$pid" "$CT_WORKSPACE/status/$role.log" &
+    tail -n +1 -f --pid "$pid" "$CT_WORKSPACE/$WS_STATUS_DIR/$role.log" &
     tailer=$!
     code=0
     wait "$pid" || code=$?
     wait "$tailer" || true
     oom=false
-    status=exited
     ((code != 137)) || oom=unknown
   fi
-  props_set "$file" STATUS "$status" EXIT_CODE "$code" OOM_KILLED "$oom" \
-    FINISHED_AT "$(date -u +%FT%TZ)"
-  keep_artifact "$file"
-  return "$code"
+  ct_process ended --role "$role" --exit-code "$code" --oom "$oom" || rc=$?
+  keep_artifact "$CT_WORKSPACE/$WS_STATUS_DIR/$role.properties"
+  return "$rc"
 }
 
-# observe ROLE: how the run's process stands. Prints "running", "ok", "gave-up", "final <why>" (an
-# end that a restart would only repeat) or "failed <why>". An end seen here is recorded in the
-# status file at once (STATUS=exited, EXIT_CODE, OOM_KILLED), so a later `docker rm` or
-# `docker container prune` cannot turn a finished run into a vanished one.
-observe() {
-  local file name code="" oom=false
-  file="$(state_file "$1")"
-  name="$(props_get "$file" CONTAINER)"
-  if [[ "$(props_get "$file" STATUS)" == gave-up ]]; then echo gave-up; return; fi
-  if [[ "$(props_get "$file" STATUS)" == running ]]; then
-    if [[ "$(props_get "$file" RUNTIME)" == docker ]]; then
-      local inspected
-      if inspected="$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}' "$name" 2>/dev/null)"; then
-        local st
-        read -r st code oom <<<"$inspected"
-        case "$st" in running | restarting | created) echo running; return ;; esac
-      fi
-    elif kill -0 "${name#pid-}" 2>/dev/null; then
-      echo running
-      return
+# look_at ROLE: how the process looks right now, as flags of `ct.pipeline.process cycle` (SEEN).
+# shellcheck disable=SC2034 # SEEN is read by job6-monitor.sh
+look_at() {
+  local name state code oom
+  name="$(process_get "$1" CONTAINER)" || exit $?
+  SEEN=(--seen missing)
+  if [[ -z "$name" ]]; then
+    return 0
+  elif [[ "$CT_RUNTIME" == docker ]]; then
+    if read -r state code oom < <(docker inspect -f \
+      '{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}' "$name" 2>/dev/null); then
+      case "$state" in
+        running | restarting | created) SEEN=(--seen running) ;;
+        *) SEEN=(--seen ended --exit-code "$code" --oom "$oom") ;;
+      esac
     fi
-    # Ended. A docker container's exit code is known while it exists; a local process started by
-    # an earlier cycle is no child of this one. Either way, a run that wrote its results after it
-    # started has finished well.
-    if [[ -z "$code" ]] && finished_since "$1" "$(props_get "$file" STARTED_AT)"; then code=0; fi
-    if [[ -n "$code" ]]; then
-      props_set "$file" STATUS exited EXIT_CODE "$code" OOM_KILLED "$oom" \
-        FINISHED_AT "$(date -u +%FT%TZ)"
-    fi
-  fi
-  code="$(props_get "$file" EXIT_CODE)"
-  if [[ -z "$code" ]]; then
-    echo "failed vanished (no $name, no exit code, no finished run)"
-  else
-    classify_end "$code" "$(props_get "$file" OOM_KILLED)"
+  elif kill -0 "${name#pid-}" 2>/dev/null; then
+    SEEN=(--seen running)
   fi
 }
 
-# finished_since ROLE STARTED_AT: the workspace's metrics.json is a ROLE run's (train.py writes it
-# when a run has ended well) and was written after STARTED_AT.
-finished_since() {
-  local since written
-  [[ "$(latest_run_field mode)" == "$1" ]] || return 1
-  since="$(date -u -d "$2" +%s 2>/dev/null)" || return 1
-  written="$(stat -c %Y "$CT_WORKSPACE/metrics.json" 2>/dev/null)" || return 1
-  ((written >= since))
-}
-
-# restart ROLE: start the same run again (train.py resumes from its last checkpoint); sets SINCE.
-# Runs in this shell, not in $(...): a local process must stay this shell's child to be followed.
+# restart ROLE: start the same run again (train.py resumes from its last checkpoint) on the
+# runtime of the settings; sets SINCE. Runs in this shell, not in $(...): a local process must
+# stay this shell's child to be followed.
 restart() {
-  local role="$1" file name
-  file="$(state_file "$role")"
-  name="$(props_get "$file" CONTAINER)"
+  local role="$1" name image args=()
+  name="$(process_get "$role" CONTAINER)" || exit $?
+  image="$(process_get "$role" IMAGE)" || exit $?
   # shellcheck disable=SC2034 # job6-monitor.sh follows the restarted run's log from here
   SINCE="$(date -u +%FT%TZ)"
-  if [[ "$(props_get "$file" RUNTIME)" == docker ]] && docker inspect "$name" >/dev/null 2>&1; then
+  if [[ "$CT_RUNTIME" == docker ]] && docker inspect "$name" >/dev/null 2>&1; then
     docker start "$name" >/dev/null || die "docker start $name failed"
+    LAUNCHED="$name"
   else
-    local args=()
     mapfile -d '' -t args <"$(args_file "$role")"
-    CT_RUNTIME="$(props_get "$file" RUNTIME)"
-    export CT_RUNTIME
-    launch "$role" "$(props_get "$file" IMAGE)" "${args[@]}"
-    props_set "$file" CONTAINER "$LAUNCHED"
+    launch "$role" "$image" "${args[@]}"
   fi
-  props_set "$file" STATUS running EXIT_CODE "" OOM_KILLED "" FINISHED_AT ""
+  ct_process restarted --role "$role" --container "$LAUNCHED" || exit $?
 }
-

@@ -51,19 +51,9 @@ export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR C
   SMTP_USER SMTP_PASSWORD NOTIFY_FROM NOTIFY_TO JENKINS_URL JENKINS_USER JENKINS_API_TOKEN \
   CT_TRIGGER_TOKEN CT_RETRAIN_JOB DOCKER_BUILDKIT
 
-# Pipeline state that lives in the workspace beside the code; job1 never touches it.
-# shellcheck disable=SC2034 # used by job1-pull.sh
-CT_STATE_PATHS=(data/ runs/ outbox/ status/ plot/ artifacts/ accuracy.txt metrics.json best.json
-  best-model.pt models/ commit.txt gate.properties promotion.properties accuracy-history.csv
-  handover.properties report/ studies/)
-
-# job6 -> job4: a run that job6 restarted and that has now finished (COMMIT, RUN_DIR), for the
-# parameterized trigger on job6 (jenkins/jobs.yaml); written by job6 only, removed by its next build.
-# shellcheck disable=SC2034 # used by job6-monitor.sh
-CT_HANDOVER_FILE=handover.properties
-
 # ----------------------------------------------------------------------------------- logging
 CT_JOB="${CT_JOB:-$(basename "$0" .sh)}"
+export CT_JOB # the host-side Python logs its decisions under the same name
 
 log() { printf '[%s %s] %s\n' "$(date +%H:%M:%S)" "$CT_JOB" "$*" >&2; }
 
@@ -106,11 +96,6 @@ workspace_id() { # short, stable id of the workspace path: names its containers
 
 container_name() { printf 'ct-%s-%s' "$1" "$(workspace_id)"; } # ROLE
 
-current_commit() {
-  local file="$CT_WORKSPACE/commit.txt"
-  if [[ -s "$file" ]]; then tr -d '[:space:]' <"$file"; else printf 'unknown'; fi
-}
-
 # ----------------------------------------------------------------------------------- runtime
 docker_answers() {
   command -v docker >/dev/null 2>&1 &&
@@ -138,7 +123,24 @@ resolve_runtime() {
   export CT_RUNTIME
 }
 
-# ----------------------------------------------------------------------------------- small files
+# ----------------------------------------------------------------------------------- python
+# Call a host-side tool (ct.workspace, ct.pipeline.*) with the pipeline's code on the path. The
+# decisions and every record of the workspace are theirs; these scripts never parse a record.
+ct_py() { PYTHONPATH="$CT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$CT_PYTHON" -m "$@"; }
+
+# record_get RECORD KEY, record_set RECORD KEY VALUE...: image, gate and promotion records.
+record_get() { ct_py ct.pipeline.records --workspace "$CT_WORKSPACE" get "$@"; }
+record_set() { ct_py ct.pipeline.records --workspace "$CT_WORKSPACE" set "$@"; }
+
+# The workspace's names from their one owner (ct/workspace.py), once per script: WS_COMMIT_FILE,
+# WS_DATA_DIR, WS_STATE_PATHS, ...
+ws_names="$(ct_py ct.workspace names)" ||
+  die "$CT_PYTHON cannot run ct.workspace from $CT_ROOT (set CT_PYTHON to a Python 3.10+)" 2
+while IFS='=' read -r ws_key ws_value; do printf -v "WS_$ws_key" '%s' "$ws_value"; done <<<"$ws_names"
+unset ws_names ws_key ws_value
+
+current_commit() { ct_py ct.workspace commit --workspace "$CT_WORKSPACE"; }
+
 # Atomic writes: temp file in the same folder, then rename.
 write_file() { # PATH TEXT
   local tmp
@@ -148,41 +150,16 @@ write_file() { # PATH TEXT
   mv -f "$tmp" "$1"
 }
 
-# props_get FILE KEY: the value of KEY=... in a Java-style properties file (empty when absent).
-props_get() {
-  [[ -f "$1" ]] || return 0
-  sed -n "s/^$2=//p" "$1" | tail -n 1
-}
-
-# props_set FILE KEY VALUE [KEY VALUE ...]: replace or add keys, atomically.
-props_set() {
-  local file="$1" text="" key
-  shift
-  [[ -f "$file" ]] && text="$(cat "$file")"
-  while (($# >= 2)); do
-    key="$1"
-    text="$(printf '%s\n' "$text" | grep -v "^$key=" || true)"
-    text="$(printf '%s\n%s=%s' "$text" "$key" "$2" | sed '/^$/d')"
-    shift 2
-  done
-  write_file "$file" "$text"
-}
-
-# The record of a training/tuning process: $CT_WORKSPACE/status/<role>.properties.
-state_file() { printf '%s/status/%s.properties' "$CT_WORKSPACE" "$1"; }
-
-# Call a host-side helper (ct.pipeline.gate, ct.pipeline.notify) with the pipeline's code on the path.
-ct_py() { PYTHONPATH="$CT_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$CT_PYTHON" -m "$@"; }
-
 # ----------------------------------------------------------------------------------- data
-has_cifar() { [[ -d "$1/cifar-10-batches-py" || -f "$1/cifar-10-python.tar.gz" ]]; }
+has_cifar() { [[ -d "$1/$WS_DATA_FOLDER" || -f "$1/$WS_DATA_ARCHIVE" ]]; }
 
 # Seed $CT_WORKSPACE/data from CT_DATA_DIR once (hard links when possible: no copy of the bytes).
 # With no dataset anywhere, DATA_FLAGS=(--download): train.py fetches it (official checksum).
 # shellcheck disable=SC2034 # used by job3-train.sh and job5-tune.sh
 DATA_FLAGS=()
 ensure_data() {
-  local dst="$CT_WORKSPACE/data" src="$CT_DATA_DIR" item
+  # shellcheck disable=SC2153 # WS_DATA_DIR (the workspace's data/) is set above, not CT_DATA_DIR
+  local dst="$CT_WORKSPACE/$WS_DATA_DIR" src="$CT_DATA_DIR" item
   mkdir -p "$dst"
   has_cifar "$dst" && return 0
   if [[ -z "$src" ]]; then
@@ -192,8 +169,8 @@ ensure_data() {
     return 0
   fi
   has_cifar "$src" ||
-    die "CT_DATA_DIR=$src holds neither cifar-10-batches-py/ nor cifar-10-python.tar.gz" 2
-  if [[ -d "$src/cifar-10-batches-py" ]]; then item=cifar-10-batches-py; else item=cifar-10-python.tar.gz; fi
+    die "CT_DATA_DIR=$src holds neither $WS_DATA_FOLDER/ nor $WS_DATA_ARCHIVE" 2
+  if [[ -d "$src/$WS_DATA_FOLDER" ]]; then item="$WS_DATA_FOLDER"; else item="$WS_DATA_ARCHIVE"; fi
   cp -al "$src/$item" "$dst/" 2>/dev/null || cp -a "$src/$item" "$dst/"
   log "dataset seeded: $dst/$item (from $src)"
 }
@@ -238,7 +215,7 @@ image_tag() {
 }
 
 # ensure_image ROLE: print the image for ROLE (train|tune), building it only when that tag is new.
-# Records FRAMEWORK and <ROLE>_IMAGE in status/image.properties.
+# Records FRAMEWORK and <ROLE>_IMAGE in the image record.
 ensure_image() {
   local role="$1" framework dockerfile tag build=()
   framework="$(detect_framework)"
@@ -253,77 +230,24 @@ ensure_image() {
       -f "$CT_WORKSPACE/$dockerfile" -t "$tag" "$CT_WORKSPACE" >&2 ||
       die "docker build of $dockerfile failed"
   fi
-  props_set "$CT_WORKSPACE/status/image.properties" FRAMEWORK "$framework" \
-    "${role^^}_IMAGE" "$tag" "${role^^}_DOCKERFILE" "$dockerfile"
+  record_set image FRAMEWORK "$framework" "${role^^}_IMAGE" "$tag" \
+    "${role^^}_DOCKERFILE" "$dockerfile" || die "cannot record the image (see the line above)" 2
   printf '%s' "$tag"
 }
 
 # ----------------------------------------------------------------------------------- after a run
-# latest_run_field KEY: a field of the workspace's metrics.json (the latest finished run), or ''
-# when it cannot be read (ct.pipeline.gate check then says what is wrong with it).
-latest_run_field() {
-  "$CT_PYTHON" - "$CT_WORKSPACE/metrics.json" "$1" 2>/dev/null <<'PY' || true
-import json, sys
-try:
-    value = json.load(open(sys.argv[1], encoding="utf-8")).get(sys.argv[2])
-except (OSError, ValueError, AttributeError):
-    value = None
-print(value if isinstance(value, str) else "")
-PY
-}
-
-# after_run mail|outbox-only: what follows every finished training or tuning run, whoever started
-# it: job4 (after job3, or after job6 restarted the run), job5, job6 --follow. The gate (ct.pipeline.gate check) judges
-# the workspace's latest run against CT_THRESHOLD (gate.properties, history, plot); a tuning run,
-# or a training run at or above the threshold, is promoted when it beats the best model and
-# mailed (ct.pipeline.notify; outbox-only keeps the message in outbox/ when Jenkins' email-ext sends job5's
-# mail); a training run below
-# the threshold gets the tuning image ready and gate.properties PASSED=false hands it to job5.
-# Exactly once per run: status/after-run.properties names the last run handled; a second call for
-# the same run changes nothing (job4 built twice, or a restarted run handed over by job6).
+# after_run [--outbox-only] [--run-dir RUN_DIR]: what follows every finished training or tuning
+# run, whoever started it (job4, job5, job6 --follow), decided by ct.pipeline.after_run: judge,
+# promote, mail, report, once per run. A training run below the threshold needs the tuning image
+# first; only then does gate.properties hand the run to job5 (TUNE=true).
 after_run() {
-  local W="$CT_WORKSPACE" delivery="$1" record run_id passed event notify=()
-  [[ "$delivery" == outbox-only ]] && notify=(--outbox-only)
-  record="$W/status/after-run.properties"
-  run_id="$(latest_run_field run_id)"
-  if [[ -n "$run_id" && "$(props_get "$record" RUN_ID)" == "$run_id" ]]; then
-    log "run $run_id was judged already ($(props_get "$record" VERDICT)): nothing to do"
-    return 0
-  fi
-  ct_py ct.pipeline.gate check --workspace "$W" --threshold "$CT_THRESHOLD" ||
-    die "the accuracy gate could not judge this run (see the line above); nothing promoted" 2
-  keep_artifact "$W/gate.properties" "$W/plot/accuracy.csv"
-  passed="$(props_get "$W/gate.properties" PASSED)"
-  if [[ "$run_id" == tune-* || "$passed" == true ]]; then
-    ct_py ct.pipeline.gate promote --workspace "$W" || die "promotion failed (see the line above)" 2
-    event=best-model
-    [[ "$run_id" == tune-* ]] && event=tuned
-    if [[ "$event" == tuned || "$(props_get "$W/promotion.properties" PROMOTED)" == true ]]; then
-      ct_py ct.pipeline.notify --workspace "$W" --event "$event" "${notify[@]}" ||
-        die "the notification could not be sent (kept in $W/outbox/)"
-    else
-      log "the current best model stays (it is at least as good): no mail"
-    fi
-  else
-    log "below the threshold of $CT_THRESHOLD%: preparing the tuning image for job5"
+  local next
+  next="$(ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" judge --threshold "$CT_THRESHOLD" "$@")" ||
+    exit $?
+  if [[ "$next" == tune ]]; then
     prepare_tuning_image
-    log "handing over to job5 (gate.properties PASSED=false)"
+    ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" handed-to-tuning >/dev/null || exit $?
   fi
-  props_set "$record" RUN_ID "$run_id" VERDICT "passed=$passed" JUDGED_AT "$(date -u +%FT%TZ)"
-  write_report
-}
-
-# write_report: the pipeline's report page (W/report/index.html, Jenkins' "CT report" link), and
-# the judged run's curves for this build's mail (email-ext attaches artifacts/<job>/curves.png).
-# A report that cannot be written is said, not fatal: the verdict above is what the build is for.
-write_report() {
-  local run_dir
-  run_dir="$(latest_run_field run_dir)"
-  if [[ -n "$run_dir" && -f "$CT_WORKSPACE/$run_dir/curves.png" ]]; then
-    keep_artifact "$CT_WORKSPACE/$run_dir/curves.png"
-  fi
-  ct_py ct.pipeline.report --workspace "$CT_WORKSPACE" ||
-    log "warning: the report could not be written (see the line above); the verdict stands"
 }
 
 prepare_tuning_image() {
@@ -333,7 +257,7 @@ prepare_tuning_image() {
 }
 
 # select_image ROLE: job2's choice for ROLE (train|tune), printed and recorded in
-# status/image.properties: on docker the image of the detected framework, built when its tag is new;
+# the image record: on docker the image of the detected framework, built when its tag is new;
 # on the local runtime "local", after checking that this host's python can run the code.
 select_image() {
   local role="$1" framework
@@ -346,7 +270,8 @@ select_image() {
     die "the local runtime runs PyTorch code only; detected $framework" 2
   "$CT_PYTHON" -c 'import torch' 2>/dev/null ||
     die "local runtime: $CT_PYTHON cannot import torch (pip install -r requirements.txt)" 2
-  props_set "$CT_WORKSPACE/status/image.properties" FRAMEWORK "$framework" "${role^^}_IMAGE" local
+  record_set image FRAMEWORK "$framework" "${role^^}_IMAGE" local ||
+    die "cannot record the image (see the line above)" 2
   log "framework $framework: local runtime, no image ($CT_PYTHON)"
   printf 'local'
 }
@@ -355,7 +280,7 @@ select_image() {
 # missing (never selected, or removed from the engine since).
 image_for() {
   local image
-  image="$(props_get "$CT_WORKSPACE/status/image.properties" "${1^^}_IMAGE")"
+  image="$(record_get image "${1^^}_IMAGE")"
   if [[ "$CT_RUNTIME" == local ]]; then
     printf 'local'
   elif [[ -n "$image" && "$image" != local ]] && docker image inspect "$image" >/dev/null 2>&1; then

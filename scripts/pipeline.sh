@@ -31,16 +31,16 @@ main() {
   else
     # job6 restarts it and, once it has finished, runs what job4 runs (lib.sh after_run)
     log "training failed: job6 restarts it (at most CT_MAX_RESTARTS=$CT_MAX_RESTARTS times)"
-    step job6-monitor.sh monitor --follow || die "training failed and job6 gave up; see $(state_file train)"
+    step job6-monitor.sh monitor --follow || die "training failed and job6 gave up (see above)"
   fi
-  if [[ "$(props_get "$CT_WORKSPACE/gate.properties" PASSED)" != true ]]; then
+  if [[ "$(record_get gate TUNE)" == true ]]; then
     if ! step job5-tune.sh; then
       log "tuning failed: job6 restarts it"
-      step job6-monitor.sh monitor --follow || die "tuning failed and job6 gave up; see $(state_file tune)"
+      step job6-monitor.sh monitor --follow || die "tuning failed and job6 gave up (see above)"
     fi
   fi
-  best="$(props_get "$CT_WORKSPACE/promotion.properties" BEST_ACCURACY)"
-  log "done: commit $(current_commit), accuracy $(cat "$CT_WORKSPACE/accuracy.txt")%, best model ${best:-?}% ($CT_WORKSPACE/best.json)"
+  best="$(record_get promotion BEST_ACCURACY)"
+  log "done: commit $(current_commit), best model ${best:-?}% ($CT_WORKSPACE/$WS_BEST_FILE)"
 }
 
 main "$@"

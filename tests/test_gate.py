@@ -1,4 +1,5 @@
-"""ct.pipeline.gate: the accuracy gate and model promotion, run as the real CLI where it matters."""
+"""ct.pipeline.gate and ct.pipeline.promote: the accuracy gate and model promotion, run as the
+real CLI where it matters."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Any
 import pytest
 
 from ct import atomic
-from ct.pipeline import gate
+from ct.pipeline import gate, records
+from ct.pipeline import promote as promotion
 
 REPO = Path(__file__).resolve().parent.parent
 COMMIT = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
@@ -81,10 +83,6 @@ def write_run(
     return metrics
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_module("ct.pipeline.gate", *args, env=env)
-
-
 def run_module(
     module: str, *args: str, env: dict[str, str] | None = None, user: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
@@ -132,7 +130,7 @@ def snapshot(workspace: Path) -> dict[str, bytes]:
 )
 def test_check_writes_properties(tmp_path: Path, accuracy: float, passed: str, line: str) -> None:
     ws = make_workspace(tmp_path / "ws", accuracy)
-    result = run_cli("check", "--workspace", str(ws), "--threshold", "80", "--build-id", "12")
+    result = run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", "80", "--build-id", "12")
     assert result.returncode == 0, result.stderr
     assert result.stdout == line + "\n"
     assert result.stderr == ""
@@ -146,26 +144,43 @@ def test_check_writes_properties(tmp_path: Path, accuracy: float, passed: str, l
 
 def test_history_appends_and_plot_holds_latest(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path / "ws", 81.27)
-    assert gate.main(["check", "--workspace", str(ws), "--threshold", "80", "--build-id", "1"]) == 0
+    assert gate.main(["--workspace", str(ws), "--threshold", "80", "--build-id", "1"]) == 0
     make_workspace(ws, 78.5, run_id="r2")
-    assert gate.main(["check", "--workspace", str(ws), "--threshold", "80", "--build-id", "2"]) == 0
+    assert gate.main(["--workspace", str(ws), "--threshold", "80", "--build-id", "2"]) == 0
 
     with open(ws / "accuracy-history.csv", newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["time", "build", "commit", "accuracy", "threshold", "passed"]
+    assert rows[0] == ["time", "build", "commit", "accuracy", "threshold", "passed", "run"]
     assert [r[1:] for r in rows[1:]] == [
-        ["1", COMMIT, "81.27", "80", "true"],
-        ["2", COMMIT, "78.5", "80", "false"],
+        ["1", COMMIT, "81.27", "80", "true", "r1"],
+        ["2", COMMIT, "78.5", "80", "false", "r2"],
     ]
     assert all(r[0].endswith("Z") for r in rows[1:])
     assert (ws / "plot" / "accuracy.csv").read_text() == "accuracy,threshold\n78.5,80\n"
     assert read_properties(ws / "gate.properties")["RUN_DIR"] == "runs/r2"
 
 
+def test_a_run_judged_again_keeps_its_one_history_row_and_plot_point(tmp_path: Path) -> None:
+    """A retried job4 (after a failed promotion, say) judges the same run again: it writes the
+    verdict again, but the history and the plot keep the run once."""
+    ws = make_workspace(tmp_path / "ws", 81.27)
+    (ws / "accuracy-history.csv").write_text(
+        "time,build,commit,accuracy,threshold,passed\n2026-01-01T00:00:00Z,0,abc,70,80,false\n")
+    for build in ("1", "2", "3"):
+        assert gate.main(["--workspace", str(ws), "--threshold", "80", "--build-id", build]) == 0
+        if build == "1":
+            (ws / "plot" / "accuracy.csv").unlink()  # archived by the build that judged it
+    with open(ws / "accuracy-history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["build"], row["run"]) for row in rows] == [("0", None), ("1", "r1")]
+    assert not (ws / "plot" / "accuracy.csv").exists()
+    assert read_properties(ws / "gate.properties")["RUN_ID"] == "r1"
+
+
 def test_check_without_metrics_uses_commit_txt(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path / "ws", 90.0)
     (ws / "metrics.json").unlink()
-    assert gate.main(["check", "--workspace", str(ws), "--threshold", "85.5"]) == 0
+    assert gate.main(["--workspace", str(ws), "--threshold", "85.5"]) == 0
     props = read_properties(ws / "gate.properties")
     assert props["COMMIT"] == COMMIT
     assert props["RUN_DIR"] == ""
@@ -191,14 +206,14 @@ def test_bad_accuracy_is_one_line_exit_2_nothing_written(
     tmp_path: Path, content: str | None, complaint: str
 ) -> None:
     ws = make_workspace(tmp_path / "ws")
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert promotion.main(["--workspace", str(ws)]) == 0
     if content is None:
         (ws / "accuracy.txt").unlink()
     else:
         (ws / "accuracy.txt").write_text(content)
     before = snapshot(ws)
 
-    result = run_cli("check", "--workspace", str(ws), "--threshold", "80")
+    result = run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", "80")
 
     assert result.returncode == 2
     assert result.stdout == ""
@@ -224,7 +239,7 @@ def test_metrics_must_agree_with_accuracy(
     ws = make_workspace(tmp_path / "ws", 81.27)
     (ws / "metrics.json").write_text(metrics_text)
     before = snapshot(ws)
-    result = run_cli("check", "--workspace", str(ws), "--threshold", "80")
+    result = run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", "80")
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1 and complaint in result.stderr
     assert snapshot(ws) == before
@@ -233,13 +248,13 @@ def test_metrics_must_agree_with_accuracy(
 def test_small_rounding_gap_is_accepted(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path / "ws", 81.27)
     (ws / "accuracy.txt").write_text("81.265\n")
-    assert gate.main(["check", "--workspace", str(ws), "--threshold", "80"]) == 0
+    assert gate.main(["--workspace", str(ws), "--threshold", "80"]) == 0
 
 
 @pytest.mark.parametrize("threshold", ["0", "-5", "100.1", "abc", "nan", "inf", ""])
 def test_bad_threshold_exit_2(tmp_path: Path, threshold: str) -> None:
     ws = make_workspace(tmp_path / "ws")
-    result = run_cli("check", "--workspace", str(ws), "--threshold", threshold)
+    result = run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", threshold)
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1 and "threshold" in result.stderr
     assert not (ws / "gate.properties").exists()
@@ -247,35 +262,34 @@ def test_bad_threshold_exit_2(tmp_path: Path, threshold: str) -> None:
 
 def test_threshold_from_environment(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path / "ws", 81.27)
-    result = run_cli("check", "--workspace", str(ws), env={"CT_THRESHOLD": "90"})
+    result = run_module("ct.pipeline.gate", "--workspace", str(ws), env={"CT_THRESHOLD": "90"})
     assert result.returncode == 0, result.stderr
     assert "below threshold 90" in result.stdout
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("module", "args"),
     [
-        ["check", "--workspace"],
-        ["check", "--bogus"],
-        ["frobnicate"],
-        [],
-        ["promote"],  # no --workspace and no CT_WORKSPACE
+        ("ct.pipeline.gate", ["--workspace"]),
+        ("ct.pipeline.gate", ["--bogus"]),
+        ("ct.pipeline.gate", ["frobnicate"]),
+        ("ct.pipeline.promote", []),  # no --workspace and no CT_WORKSPACE
     ],
 )
-def test_bad_flags_are_argparse_errors(args: list[str]) -> None:
-    result = run_cli(*args)
+def test_bad_flags_are_argparse_errors(module: str, args: list[str]) -> None:
+    result = run_module(module, *args, env={"CT_WORKSPACE": ""})
     assert result.returncode == 2
     assert "usage:" in result.stderr
 
 
 def test_missing_workspace_is_clear(tmp_path: Path) -> None:
-    result = run_cli("check", "--workspace", str(tmp_path / "nope"), "--threshold", "80")
+    result = run_module("ct.pipeline.gate", "--workspace", str(tmp_path / "nope"), "--threshold", "80")
     assert result.returncode == 2
     assert "is not a directory" in result.stderr
 
 
 def test_property_values_are_escaped() -> None:
-    text = gate.format_properties({"RUN_DIR": "runs/a=b:c\\d é"}, "c")
+    text = records.format_properties({"RUN_DIR": "runs/a=b:c\\d é"}, "c")
     assert text == "# c\nRUN_DIR=runs/a\\=b\\:c\\\\d \\u00e9\n"
 
 
@@ -283,7 +297,7 @@ def test_property_values_are_escaped() -> None:
 
 
 def promote(ws: Path) -> subprocess.CompletedProcess[str]:
-    return run_cli("promote", "--workspace", str(ws))
+    return run_module("ct.pipeline.promote", "--workspace", str(ws))
 
 
 def test_first_promotion(tmp_path: Path) -> None:
@@ -481,7 +495,7 @@ def test_failed_record_write_keeps_the_old_pair(
         code, err = result.returncode, result.stderr
     else:
         fail_replace_onto("best.json", monkeypatch)
-        code = gate.main(["promote", "--workspace", str(ws)])
+        code = promotion.main(["--workspace", str(ws)])
         err = capsys.readouterr().err
 
     assert code == 2, err
@@ -495,7 +509,7 @@ def test_failed_record_write_keeps_the_old_pair(
 def test_readers_always_see_a_matching_pair(tmp_path: Path) -> None:
     """A reader that reads best.json, then the model it names, never gets another model."""
     ws = make_workspace(tmp_path / "ws", 50.0, model_bytes=b"model 0")
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert promotion.main(["--workspace", str(ws)]) == 0
     stop, seen, mismatches = threading.Event(), [0], []
 
     def reader() -> None:
@@ -514,7 +528,7 @@ def test_readers_always_see_a_matching_pair(tmp_path: Path) -> None:
     try:
         for i in range(1, 25):
             write_run(ws, 50.0 + i, run_id=f"r{i}", model_bytes=f"model {i}".encode() * 1000)
-            assert gate.main(["promote", "--workspace", str(ws)]) == 0
+            assert promotion.main(["--workspace", str(ws)]) == 0
     finally:
         stop.set()
         thread.join()
@@ -526,7 +540,7 @@ def test_a_link_that_could_not_be_switched_is_repaired_by_the_next_promote(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ws = make_workspace(tmp_path / "ws", 81.27, model_bytes=b"first model")
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert promotion.main(["--workspace", str(ws)]) == 0
     write_run(ws, 90.0, run_id="r2", model_bytes=b"second model")
 
     def injected_fault(link: Path, target: str) -> None:
@@ -534,14 +548,14 @@ def test_a_link_that_could_not_be_switched_is_repaired_by_the_next_promote(
 
     with monkeypatch.context() as patch:
         patch.setattr(atomic, "replace_symlink", injected_fault)
-        assert gate.main(["promote", "--workspace", str(ws)]) == 2
+        assert promotion.main(["--workspace", str(ws)]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "rerun ct.pipeline.gate promote to repair the link" in err
+    assert len(err.splitlines()) == 1 and "rerun ct.pipeline.promote to repair the link" in err
     best = json.loads((ws / "best.json").read_text())  # the record is the new one, and whole
     assert sha256(ws / best["model"]) == best["model_sha256"]
     assert (ws / "best-model.pt").read_bytes() == b"first model"  # its old model is still there
 
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0  # same run again: kept, repaired
+    assert promotion.main(["--workspace", str(ws)]) == 0  # same run again: kept, repaired
     assert "kept the current best 90%" in capsys.readouterr().out
     assert_consistent_pair(ws, b"second model")
 
@@ -598,7 +612,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
 
 
 def check_cli(ws: Path) -> subprocess.CompletedProcess[str]:
-    return run_cli("check", "--workspace", str(ws), "--threshold", "80", "--build-id", "2")
+    return run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", "80", "--build-id", "2")
 
 
 @pytest.mark.parametrize(
@@ -614,7 +628,7 @@ def test_check_that_cannot_write_is_one_line_and_changes_nothing(
     tmp_path: Path, in_the_way: str, named: str, reason: str
 ) -> None:
     ws = make_workspace(tmp_path / "ws", 81.27)
-    assert gate.main(["check", "--workspace", str(ws), "--threshold", "80"]) == 0
+    assert gate.main(["--workspace", str(ws), "--threshold", "80"]) == 0
     path = ws / in_the_way.rstrip("/")
     shutil.rmtree(path) if path.is_dir() else path.unlink()
     if in_the_way.endswith("/"):
@@ -700,15 +714,15 @@ def test_check_and_promote_on_a_read_only_workspace(
     readonly_workspace: Path, other_user: tuple[str, ...]
 ) -> None:
     ws = make_workspace(readonly_workspace, 81.27, model_bytes=b"first model")
-    assert gate.main(["check", "--workspace", str(ws), "--threshold", "80"]) == 0
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert gate.main(["--workspace", str(ws), "--threshold", "80"]) == 0
+    assert promotion.main(["--workspace", str(ws)]) == 0
     make_workspace(ws, 90.0, run_id="r2", model_bytes=b"second model")
     make_read_only(ws)
     before = snapshot(ws)
 
-    checked = run_module("ct.pipeline.gate", "check", "--workspace", str(ws), "--threshold", "80",
+    checked = run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", "80",
                          user=other_user)  # fmt: skip
-    promoted = run_module("ct.pipeline.gate", "promote", "--workspace", str(ws), user=other_user)
+    promoted = run_module("ct.pipeline.promote", "--workspace", str(ws), user=other_user)
 
     assert_one_line_error(checked, "cannot write", str(ws), "Permission denied", "rerun job4")
     assert_one_line_error(promoted, "cannot store", "Permission denied", "best model is unchanged")
@@ -718,12 +732,12 @@ def test_check_and_promote_on_a_read_only_workspace(
 
 def test_promotion_carries_the_runs_lineage_and_old_runs_have_none(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path / "ws", 81.0, run_id="r1")
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert promotion.main(["--workspace", str(ws)]) == 0
     assert "lineage" not in json.loads((ws / "best.json").read_text())
     metrics = write_run(ws, 85.0, run_id="r2", model_bytes=b"model-r2")
     lineage = {"dataset_sha256": "e" * 64, "seed": 3, "commit": COMMIT, "image": "img:1",
                "model_sha256": hashlib.sha256(b"model-r2").hexdigest()}
     (ws / "metrics.json").write_text(json.dumps(metrics | {"lineage": lineage}))
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert promotion.main(["--workspace", str(ws)]) == 0
     best = json.loads((ws / "best.json").read_text())
     assert best["lineage"] == lineage and best["model_sha256"] == lineage["model_sha256"]

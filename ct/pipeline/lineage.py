@@ -23,22 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ct import workspace as names
-from ct.pipeline import gate
-
-# The lineage fields, each with the keys it may be recorded under (the first is the one the
-# trainer writes; the others are read too, so that a renamed key does not blank the report).
-FIELDS: dict[str, tuple[str, ...]] = {
-    "commit": ("commit",),
-    "image": ("image", "image_tag"),
-    "image_id": ("image_id",),
-    "dataset_sha256": ("dataset_sha256", "data_sha256"),
-    "dataset_form": ("dataset_form",),  # "archive" or "folder": what the digest covers
-    "seed": ("seed",),
-    "torch": ("torch", "torch_version"),
-    "device": ("device",),
-    "threads": ("threads", "torch_threads"),
-    "model_sha256": ("model_sha256",),
-}
+from ct.pipeline import promote, records
 
 
 class LineageError(Exception):
@@ -46,16 +31,16 @@ class LineageError(Exception):
 
 
 def field(record: Mapping[str, Any] | None, name: str) -> Any:
-    """A lineage field of a best.json record or a metrics.json: from its `lineage` object, else
-    the same key at the top level (older records carry commit, device, torch there); None."""
+    """A lineage field of a best.json record or a metrics.json: from its `lineage` object (the
+    trainer's ct.trainer.lineage.run_lineage), else the same key at the top level, where both
+    records also carry the commit; None."""
     if not record:
         return None
     lineage = record.get(names.LINEAGE)
     for source in (lineage if isinstance(lineage, dict) else {}, record):
-        for key in FIELDS[name]:
-            value = source.get(key)
-            if value not in (None, ""):
-                return value
+        value = source.get(name)
+        if value not in (None, ""):
+            return value
     return None
 
 
@@ -82,8 +67,8 @@ class Subject:
 def load_subject(workspace: Path, which: str) -> Subject:
     if which == "best":
         try:
-            best = gate.load_best(workspace)
-        except gate.GateError as err:
+            best = promote.load_best(workspace)
+        except records.PipelineError as err:
             raise LineageError(str(err)) from None
         if best is None:
             raise LineageError(f"{workspace / names.BEST_FILE} is missing: no model has been "
@@ -96,9 +81,9 @@ def load_subject(workspace: Path, which: str) -> Subject:
     if not run_dir.is_dir():
         raise LineageError(f"no run {which!r}: {run_dir} is not a folder")
     try:
-        metrics = gate.load_json_object(run_dir / names.RUN_METRICS,
+        metrics = records.load_json_object(run_dir / names.RUN_METRICS,
                                         "the run did not finish, or its summary is damaged")
-    except gate.GateError as err:
+    except records.PipelineError as err:
         raise LineageError(str(err)) from None
     return Subject(f"run {which}", metrics, run_dir / names.RUN_MODEL,
                    field(metrics, "model_sha256"))
@@ -141,7 +126,7 @@ def verify(workspace: Path, subject: Subject) -> list[str]:
     try:
         actual = names.hash_files([subject.model])
     except OSError as err:
-        problems.append(f"model: cannot hash {subject.model} ({gate.os_reason(err)})")
+        problems.append(f"model: cannot hash {subject.model} ({records.os_reason(err)})")
     else:
         if not subject.model_sha256:
             problems.append(f"model: the record names no model sha256 to compare with {actual}")
@@ -159,7 +144,7 @@ def verify(workspace: Path, subject: Subject) -> list[str]:
         try:
             actual = names.dataset_sha256(source)
         except OSError as err:
-            problems.append(f"data: cannot hash {source} ({gate.os_reason(err)})")
+            problems.append(f"data: cannot hash {source} ({records.os_reason(err)})")
         else:
             if actual != expected:
                 problems.append(f"data: {source} has sha256 {actual}, the record says "

@@ -30,7 +30,7 @@ from typing import Any
 
 from ct import atomic
 from ct import workspace as names
-from ct.pipeline import gate
+from ct.pipeline import promote, records
 
 SMTP_TIMEOUT_S = 30
 SMTP_SSL_PORT = 465
@@ -116,14 +116,14 @@ class Facts:
 
 def read_facts(workspace: Path, event: str | None, note: str) -> Facts:
     try:
-        metrics, problem = gate.load_metrics(workspace), ""
-    except gate.GateError as err:
+        metrics, problem = records.load_metrics(workspace), ""
+    except records.PipelineError as err:
         if event != "failed":
             raise NotifyError(str(err)) from None
         metrics, problem = None, str(err)
     try:
-        best = gate.load_best(workspace)
-    except gate.GateError:
+        best = promote.load_best(workspace)
+    except records.PipelineError:
         best = None
     if event is None:
         event = "tuned" if metrics and metrics.get("mode") == "tune" else "best-model"
@@ -133,8 +133,8 @@ def read_facts(workspace: Path, event: str | None, note: str) -> Facts:
         metrics_problem=problem,
         commit=names.commit_of_run(workspace, metrics),
         best=best,
-        gate=gate.read_properties(workspace / names.GATE_PROPERTIES),
-        promotion=gate.read_properties(workspace / names.PROMOTION_PROPERTIES),
+        gate=records.read_properties(workspace / names.GATE_PROPERTIES),
+        promotion=records.read_properties(workspace / names.PROMOTION_PROPERTIES),
         note=note,
     )
 
@@ -144,7 +144,7 @@ def short_commit(commit: str) -> str:
 
 
 def percent(value: Any) -> str:
-    return f"{gate.fmt_number(value)}%" if gate.is_percentage(value) else "n/a"
+    return f"{records.fmt_number(value)}%" if records.is_percentage(value) else "n/a"
 
 
 def show(value: Any) -> str:
@@ -225,7 +225,7 @@ def body(facts: Facts) -> str:
         lines += [f"No usable run summary: {facts.metrics_problem}", ""]
     lines += summary_lines(facts)
     if facts.metrics:
-        params = gate.run_params(facts.metrics)
+        params = records.run_params(facts.metrics)
         lines += ["", "parameters:"] + [f"  {k} = {show(params[k])}" for k in sorted(params)]
         lines += ["", "run:", *run_lines(facts.metrics)]
     return "\n".join(lines) + "\n"
@@ -255,7 +255,7 @@ def curves_of(workspace: Path, metrics: Mapping[str, Any] | None) -> Path | None
     """The reported run's training curves, runs/<run id>/curves.png (the run metrics.json names);
     None without a usable run id: nothing to attach."""
     run_id = (metrics or {}).get("run_id")
-    if not isinstance(run_id, str) or not gate.is_workspace_file(run_id) or "/" in run_id:
+    if not isinstance(run_id, str) or not records.is_workspace_file(run_id) or "/" in run_id:
         return None
     return workspace / names.RUNS_DIR / run_id / names.RUN_CURVES
 
@@ -268,7 +268,7 @@ def read_attachment(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError as err:
         raise NotifyError(
-            f"cannot read {path} ({gate.os_reason(err)}); nothing sent; make it readable for "
+            f"cannot read {path} ({records.os_reason(err)}); nothing sent; make it readable for "
             "this user, then rerun"
         ) from None
 

@@ -1,0 +1,196 @@
+"""What follows every finished training or tuning run, whoever started it. Standard library only.
+
+    python3 -m ct.pipeline.after_run judge --threshold T [--run-dir RUN_DIR] [--outbox-only]
+                                           [--artifacts DIR] [--workspace W]
+    python3 -m ct.pipeline.after_run handed-to-tuning [--artifacts DIR] [--workspace W]
+
+`judge` (job4 after job3 or after job6 restarted the run; job5 after tuning; job6 --follow) runs
+the gate on the workspace's latest run. A tuning run, or a training run at or above the
+threshold, is promoted when it beats the best model and mailed (ct.pipeline.notify), and the
+report is rewritten: it prints `done`. A training run below the threshold prints `tune`: the job
+script gets the tuning image ready, then calls `handed-to-tuning`, which sets TUNE=true in
+gate.properties, the one key job4's conditional step reads to start job5.
+
+Each run is judged once: status/after-run.properties keeps the last judged run's verdict. Asked
+again for that run (job4 rebuilt by hand or from the view), `judge` writes that verdict into this
+build's gate.properties with TUNE=false and does nothing else, so the job4 -> job5 condition can
+never act on a stale file nor start a second tuning round. --artifacts DIR (Jenkins' per-build
+CT_ARTIFACTS_DIR) receives the files this build keeps: gate.properties, the plot point of a run
+judged for the first time, and the run's curves.png for the mail.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from contextlib import redirect_stdout
+from pathlib import Path
+
+from ct import atomic
+from ct import workspace as names
+from ct.pipeline import cli, gate, notify, promote, records, report
+from ct.pipeline.records import GATE_RECORD, VERDICT_FIELDS, PipelineError, Record
+
+VERDICT_RECORD = Record(
+    path=names.VERDICT_STATUS,
+    required={**VERDICT_FIELDS, "TUNE": records.BOOL, "JUDGED_AT": records.TIME},
+    optional={},
+    remedy="remove it to have the latest run judged again",
+)
+
+
+def latest_run(workspace: Path) -> dict[str, str]:
+    """run_id and run_dir of the workspace's latest finished run; "" each when metrics.json
+    cannot be read (the gate then says what is wrong with it)."""
+    try:
+        metrics = records.load_metrics(workspace)
+    except PipelineError:
+        return {"run_id": "", "run_dir": ""}
+    return {"run_id": metrics["run_id"], "run_dir": metrics["run_dir"]}
+
+
+def require_run(workspace: Path, wanted: str, latest: dict[str, str]) -> None:
+    """job4 asked (by job6's hand-over) to judge one run judges nothing else."""
+    if wanted and latest["run_dir"] != wanted:
+        shown = latest["run_dir"] or f"unreadable (see {workspace / names.METRICS_FILE})"
+        raise PipelineError(f"asked to judge {wanted}, but the workspace's latest run is "
+                            f"{shown}: nothing judged")
+
+
+def keep(artifacts: Path | None, *paths: Path) -> None:
+    """Copy files into this build's artifacts folder (Jenkins archives and plots from it)."""
+    if artifacts is None:
+        return
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            atomic.copy_file(path, artifacts / path.name)
+
+
+def emit(workspace: Path, values: dict[str, str], artifacts: Path | None) -> None:
+    records.save_record(workspace, GATE_RECORD, values, "ct.after_run")
+    keep(artifacts, GATE_RECORD.file(workspace))
+
+
+def save_verdict(workspace: Path, values: dict[str, str]) -> None:
+    verdict = {key: values[key] for key in VERDICT_RECORD.required if key in values}
+    records.save_record(workspace, VERDICT_RECORD,
+                        {**verdict, "JUDGED_AT": records.utc_now()}, "ct.after_run")
+
+
+def judged_already(workspace: Path, run_id: str, artifacts: Path | None) -> bool:
+    """Re-emit the verdict of a run judged before, with TUNE=false; False for a new run."""
+    verdict = records.load_record(workspace, VERDICT_RECORD, missing_ok=True)
+    if not run_id or verdict.get("RUN_ID") != run_id:
+        return False
+    emit(workspace, {key: verdict[key] for key in VERDICT_FIELDS} | {"TUNE": "false"}, artifacts)
+    cli.say(f"run {run_id} was judged already (passed={verdict['PASSED']}): nothing to do")
+    return True
+
+
+class MailFailed(PipelineError):
+    """The message could not be mailed (it is kept in outbox/): exit 1, not bad input."""
+
+
+def mail(workspace: Path, event: str, outbox_only: bool) -> None:
+    argv = ["--workspace", str(workspace), "--event", event]
+    if notify.main([*argv, "--outbox-only"] if outbox_only else argv) != 0:
+        raise MailFailed(f"the notification could not be sent (kept in "
+                         f"{workspace / names.OUTBOX_DIR}/)")
+
+
+def write_report(workspace: Path, artifacts: Path | None) -> None:
+    """The report page, and the judged run's curves for this build's mail. A report that cannot
+    be written is said, not fatal: the verdict is what the build is for."""
+    run_dir = latest_run(workspace)["run_dir"]
+    if run_dir and records.is_workspace_file(run_dir):
+        keep(artifacts, workspace / run_dir / names.RUN_CURVES)
+    try:
+        report.write_report(workspace)
+    except (report.ReportError, OSError) as err:
+        cli.say(f"warning: the report could not be written ({err}); the verdict stands")
+
+
+def judge(workspace: Path, threshold: str | None, wanted: str, outbox_only: bool,
+          artifacts: Path | None, build_id: str) -> str:
+    # this build's verdict, or none: never an earlier build's for Jenkins to act on
+    GATE_RECORD.file(workspace).unlink(missing_ok=True)
+    latest = latest_run(workspace)
+    require_run(workspace, wanted, latest)
+    if judged_already(workspace, latest["run_id"], artifacts):
+        return "done"
+    try:
+        verdict, new = gate.check(workspace, threshold, build_id)
+    except PipelineError as err:
+        raise PipelineError(f"{err}; nothing promoted") from None
+    print(verdict.line(), flush=True)
+    keep(artifacts, GATE_RECORD.file(workspace), *([workspace / names.PLOT_FILE] if new else []))
+    tuning_run = records.is_tuning_run(records.load_metrics(workspace))
+    if not (tuning_run or verdict.passed):
+        cli.say(f"below the threshold of {records.fmt_number(verdict.threshold)}%: preparing the "
+                "tuning image for job5")
+        return "tune"
+    promotion = promote.promote(workspace)
+    print(f"ct.promote: {promotion.message}", flush=True)
+    if tuning_run or promotion.promoted:
+        mail(workspace, "tuned" if tuning_run else "best-model", outbox_only)
+    else:
+        cli.say("the current best model stays (it is at least as good): no mail")
+    save_verdict(workspace, verdict.properties(tune=False))
+    write_report(workspace, artifacts)
+    return "done"
+
+
+def handed_to_tuning(workspace: Path, artifacts: Path | None) -> str:
+    """The tuning image is ready: this build's verdict now hands the run to job5."""
+    values = records.load_record(workspace, GATE_RECORD)
+    if values["RUN_ID"] != latest_run(workspace)["run_id"] or values["PASSED"] != "false":
+        raise PipelineError(f"{GATE_RECORD.file(workspace)} is not this run's verdict below the "
+                            "threshold; run job4 (the gate) again")
+    values["TUNE"] = "true"
+    emit(workspace, values, artifacts)
+    save_verdict(workspace, values)
+    write_report(workspace, artifacts)
+    cli.say("handing over to job5 (gate.properties TUNE=true)")
+    return "done"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.parser("ct.after_run", __doc__)
+    cli.workspace_argument(parser)
+    parser.add_argument("--artifacts", type=Path,
+                        default=os.environ.get("CT_ARTIFACTS_DIR") or None,
+                        help="this build's artifacts folder (default: $CT_ARTIFACTS_DIR)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    judge_cmd = commands.add_parser("judge", help="gate, promote, mail, report; or hand to tuning")
+    judge_cmd.add_argument("--threshold", default=os.environ.get("CT_THRESHOLD"))
+    judge_cmd.add_argument("--run-dir", default="", help="judge only if this is the latest run")
+    judge_cmd.add_argument("--outbox-only", action="store_true",
+                           help="keep the mail in outbox/ (Jenkins' email-ext sends job5's)")
+    judge_cmd.add_argument("--build-id", default=os.environ.get("BUILD_NUMBER", ""))
+    commands.add_parser("handed-to-tuning", help="the tuning image is ready: TUNE=true")
+    args = parser.parse_args(argv)
+    workspace = cli.workspace_or_exit(parser, args.workspace)
+
+    def action() -> int:
+        # stdout carries the one action word the job script acts on; every other line (the
+        # gate's, promotion's and mail's) goes to the build log on stderr
+        with redirect_stdout(sys.stderr):
+            try:
+                if args.command == "judge":
+                    word = judge(workspace, args.threshold, args.run_dir, args.outbox_only,
+                                 args.artifacts, args.build_id)
+                else:
+                    word = handed_to_tuning(workspace, args.artifacts)
+            except MailFailed as err:
+                print(f"ct.after_run: {err}", flush=True)
+                return 1
+        print(word, flush=True)
+        return 0
+
+    return cli.run("ct.after_run", action)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

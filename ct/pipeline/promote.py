@@ -1,0 +1,303 @@
+"""Model promotion (job4, job5): keep the run's model when it beats the best one. Standard library.
+
+    python3 -m ct.pipeline.promote --workspace W
+
+Only when the workspace's latest run beats the current best: stores the run's model as
+W/models/best-<sha256[:16]>.pt, renames a new W/best.json over the old one (the record, which
+names that file and its sha256 and carries the run's `lineage`: the commit point), then points
+the symlink W/best-model.pt at it and deletes the stored models no record names. A reader of
+best.json and of the model it names sees the old pair or the new pair. W/promotion.properties
+says whether it promoted. Errors, I/O errors included, are one line on stderr and exit 2, with
+nothing written (or, past the commit point, a line saying what to repair).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ct import atomic
+from ct.pipeline import cli, records
+from ct.pipeline.records import (
+    RERUN_TRAINING,
+    PipelineError,
+    fix_workspace,
+    fmt_number,
+    format_properties,
+    is_percentage,
+    load_json_object,
+    load_metrics,
+    os_reason,
+    run_params,
+    utc_now,
+    write_files,
+)
+from ct.workspace import (
+    BEST_FILE,
+    BEST_MODEL,
+    LINEAGE,
+    METRICS_FILE,
+    MODELS_DIR,
+    PROMOTION_PROPERTIES,
+    commit_of_run,
+)
+
+STORED_NAME = ("best-", ".pt")  # models/best-<sha256[:16]>.pt
+_STORED_MODEL = re.compile(r"best-[0-9a-f]{16}\.pt")
+
+
+def promote_remedy(workspace: Path) -> str:
+    return fix_workspace(workspace, "the best model is unchanged", "rerun ct.pipeline.promote")
+
+
+def model_path(workspace: Path, metrics: Mapping[str, Any]) -> Path:
+    """The model metrics.json names (relative to W), checked to be a non-empty, readable file."""
+    path = workspace / metrics["model"]
+    if not path.is_file():
+        raise PipelineError(
+            f"{path} (named by {workspace / METRICS_FILE}) is missing; nothing promoted; "
+            f"{RERUN_TRAINING}"
+        )
+    try:
+        with open(path, "rb") as handle:
+            empty = os.fstat(handle.fileno()).st_size == 0
+    except OSError as err:
+        raise PipelineError(
+            f"cannot read {path} ({os_reason(err)}); nothing promoted; make it readable for "
+            "this user, then rerun ct.pipeline.promote"
+        ) from None
+    if empty:
+        raise PipelineError(f"{path} is empty; nothing promoted; {RERUN_TRAINING}")
+    return path
+
+
+def load_best(workspace: Path) -> dict[str, Any] | None:
+    """The current best record, None when there is none; a damaged one is a PipelineError."""
+    path = workspace / BEST_FILE
+    if not path.exists():
+        return None
+    remedy = f"nothing changed; inspect it (and {workspace / BEST_MODEL}), then repair or remove it"
+    best = load_json_object(path, remedy)
+    if not is_percentage(best.get("accuracy")):
+        raise PipelineError(
+            f"{path} has accuracy {best.get('accuracy')!r}, not a percentage; {remedy}")
+    # Records from before models/ name best-model.pt itself, or nothing: that is the model then.
+    best.setdefault("model", BEST_MODEL)
+    if not records.is_workspace_file(best["model"]):
+        raise PipelineError(f"{path} names model {best['model']!r}, not a workspace file; {remedy}")
+    return best
+
+
+def best_model_missing(workspace: Path, best: Mapping[str, Any]) -> bool:
+    """The recorded model, or the best-model.pt users open, is gone: any run may replace it."""
+    return not (workspace / best["model"]).is_file() or not (workspace / BEST_MODEL).is_file()
+
+
+def stored_name(best: Mapping[str, Any] | None) -> str | None:
+    """The file in models/ that a record names; None for no record, or one from before models/."""
+    if best is None or PurePosixPath(best["model"]).parent != PurePosixPath(MODELS_DIR):
+        return None
+    return PurePosixPath(best["model"]).name
+
+
+TUNING_FACTS = ("study", "trials", "trials_finished", "trials_pruned")
+
+
+def best_record(
+    workspace: Path, metrics: Mapping[str, Any], model: str, sha256: str
+) -> dict[str, Any]:
+    record_ = {
+        "accuracy": metrics["accuracy"],
+        "params": run_params(metrics),
+        "commit": commit_of_run(workspace, metrics) or None,
+        "run_id": metrics["run_id"],
+        "run_dir": metrics["run_dir"],
+        "mode": metrics.get("mode"),
+        "source_model": metrics["model"],
+        "model": model,
+        "model_sha256": sha256,
+        "promoted_at": utc_now(),
+    }
+    if metrics.get("val_accuracy") is not None:
+        record_["val_accuracy"] = metrics["val_accuracy"]
+    # A tuning round's study and how its trials ended (train.py --tune's summary)
+    for key in TUNING_FACTS:
+        if metrics.get(key) is not None:
+            record_[key] = metrics[key]
+    # Where the model came from (commit, image, data, seed, ...), as the trainer recorded it;
+    # runs from before lineage have none, and their record has none either.
+    if isinstance(metrics.get(LINEAGE), dict):
+        record_[LINEAGE] = metrics[LINEAGE]
+    return record_
+
+
+def promotion_text(promoted: bool, accuracy: str, best_accuracy: str) -> str:
+    properties = {
+        "PROMOTED": "true" if promoted else "false",
+        "ACCURACY": accuracy,
+        "BEST_ACCURACY": best_accuracy,
+    }
+    return format_properties(properties, "written by ct.promote")
+
+
+@contextmanager
+def promotion_lock(workspace: Path) -> Iterator[None]:
+    """Promotions of one workspace take turns (job4 and job5 may end together): comparing with
+    the best, replacing it and pruning models/ must not interleave. The lock is on the workspace
+    folder itself, so taking it writes nothing."""
+    try:
+        fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise PipelineError(
+            f"cannot open {workspace} ({os_reason(err)}); nothing promoted; check --workspace"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: promote unlocked, as before there was a lock
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    message: str
+
+
+def promote(workspace: Path) -> Promotion:
+    with promotion_lock(workspace):
+        metrics = load_metrics(workspace)
+        source = model_path(workspace, metrics)
+        best = load_best(workspace)
+        accuracy = fmt_number(metrics["accuracy"])
+        missing = best is not None and best_model_missing(workspace, best)
+        if best is not None and not missing and metrics["accuracy"] <= best["accuracy"]:
+            return Promotion(False, keep(workspace, best, accuracy))
+        model = install(workspace, metrics, source)
+    before = "no previous best" if best is None else f"previous {fmt_number(best['accuracy'])}%"
+    if missing:
+        before += f", whose {BEST_MODEL} was missing"
+    return Promotion(True, f"promoted {metrics['model']} ({accuracy}%, {before}) to "
+                           f"{workspace / BEST_MODEL} -> {model}")
+
+
+def keep(workspace: Path, best: Mapping[str, Any], accuracy: str) -> str:
+    best_accuracy = fmt_number(best["accuracy"])
+    text = promotion_text(False, accuracy, best_accuracy)
+    write_files({workspace / PROMOTION_PROPERTIES: text}, promote_remedy(workspace))
+    settle(workspace, best)  # repairs what an earlier promotion could not finish
+    return (
+        f"kept the current best {best_accuracy}% (run {best.get('run_id')}); "
+        f"this run's {accuracy}% is not better"
+    )
+
+
+def install(workspace: Path, metrics: Mapping[str, Any], source: Path) -> str:
+    """Make the run's model the best; returns the stored model's name (relative to W).
+
+    The stored copy is invisible until the rename of best.json names it: the last step of one
+    change with promotion.properties. best-model.pt follows, then the old model goes."""
+    remedy = promote_remedy(workspace)
+    link = workspace / BEST_MODEL
+    if link.is_dir() and not link.is_symlink():
+        raise PipelineError(f"{link} is a folder; nothing promoted; move it away, then rerun")
+    model, sha256 = store_model(workspace, source, remedy)
+    accuracy = fmt_number(metrics["accuracy"])
+    new = best_record(workspace, metrics, model, sha256)
+    files = {  # best.json last: its rename is the commit point
+        workspace / PROMOTION_PROPERTIES: promotion_text(True, accuracy, accuracy),
+        workspace / BEST_FILE: json.dumps(new, indent=2, sort_keys=True) + "\n",
+    }
+    try:
+        write_files(files, remedy)
+    except PipelineError:
+        prune_unnamed(workspace)  # the new copy, unless the old record names the same content
+        raise
+    settle(workspace, new)
+    return model
+
+
+def store_model(workspace: Path, source: Path, remedy: str) -> tuple[str, str]:
+    """Copy the model to models/ under its content's name; (name relative to W, sha256)."""
+    folder = workspace / MODELS_DIR
+    try:
+        stored, sha256 = atomic.store_by_content(source, folder, *STORED_NAME)
+    except atomic.WriteError as err:
+        raise PipelineError(f"cannot store {source} in {folder} ({err.reason}); {remedy}") from None
+    return stored.relative_to(workspace).as_posix(), sha256
+
+
+def settle(workspace: Path, best: Mapping[str, Any]) -> None:
+    """Point best-model.pt at the model the record names, then drop the models no record names.
+    Only ever called with the record in place, so nothing it names is deleted."""
+    name = stored_name(best)
+    if name is None:
+        return  # a record from before models/: best-model.pt is the model file itself
+    link, model = workspace / BEST_MODEL, best["model"]
+    if not (link.is_symlink() and os.readlink(link) == model):
+        try:
+            atomic.replace_symlink(link, model)
+        except atomic.WriteError as err:
+            raise PipelineError(
+                f"{workspace / BEST_FILE} names {model}, but {link} cannot point at it "
+                f"({err.reason}); move {link} away, then rerun ct.pipeline.promote "
+                "to repair the link"
+            ) from None
+    prune_models(workspace, keep=name)
+
+
+def prune_unnamed(workspace: Path) -> None:
+    """Delete the stored models that the record now on disk does not name; it is read again
+    rather than assumed, so that a model is never deleted while a record names it."""
+    try:
+        best = load_best(workspace)
+    except PipelineError:
+        return  # cannot tell what is named: delete nothing
+    prune_models(workspace, keep=stored_name(best))
+
+
+def prune_models(workspace: Path, keep: str | None) -> None:
+    """Delete the stored models other than `keep`, and copies killed midway. Best effort: a file
+    left over costs disk space, not consistency, and the next promotion tries again."""
+    folder = workspace / MODELS_DIR
+    try:
+        names = [path.name for path in folder.iterdir()]
+    except OSError:
+        return
+    for name in names:
+        ours = _STORED_MODEL.fullmatch(name) or atomic.is_incoming_leftover(name, *STORED_NAME)
+        if ours and name != keep:
+            try:
+                (folder / name).unlink()
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.parser("ct.promote", __doc__)
+    cli.workspace_argument(parser)
+    args = parser.parse_args(argv)
+    workspace = cli.workspace_or_exit(parser, args.workspace)
+
+    def action() -> int:
+        print(f"ct.promote: {promote(workspace).message}")
+        return 0
+
+    return cli.run("ct.promote", action)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
