@@ -1,7 +1,7 @@
 """The CIFAR-10 classifier: a batch-normed PyTorch CNN built from a plain dict of knobs.
 
-job2 reads this file to tell the framework (it looks for `torch.nn` / `nn.Conv2d`), and the tuner
-searches over the knobs in `NET_DEFAULTS`. Two architectures:
+job2 reads this file to tell the framework (it looks for `torch.nn` / `nn.Conv2d`); the knobs are
+in `PLAIN_NET`, and the tuner searches over some of them (ct.trainer.study). Two architectures:
 
 - "fast": stem conv, then `blocks` conv blocks (conv, max-pool, BN, GELU, then
   `convs_per_block - 1` more conv-BN-GELU), global max-pool, linear head. Widths double per block
@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The knobs of the model, with their defaults. Keys and value types are the tuner's search space.
-NET_DEFAULTS: dict[str, Any] = {
+# The knobs of the model at the plain recipe's values (ct.trainer.config.PLAIN_RECIPE takes them).
+# build_model fills a knob a config lacks from here; a value's type is the type its flag parses.
+PLAIN_NET: dict[str, Any] = {
     "arch": "fast",  # "fast" or "original"
     "width": 16,  # channels of the stem; block i has width * 2**(i+1)
     "blocks": 3,  # conv blocks, each halving the resolution (1 to 4)
@@ -163,7 +164,7 @@ def whitening_weights(images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Te
 
 @torch.no_grad()
 def _dirac_init(features: nn.Module) -> None:
-    """airbench's Conv.reset_parameters: after the default (random) init, each 3x3 conv's first
+    """airbench's Conv.reset_parameters: after PyTorch's random init, each 3x3 conv's first
     min(c_in, c_out) filters become the identity, so the block starts as a pass-through plus random
     channels. The random init has already drawn its numbers, so the seed's other draws stay."""
     for conv in features.modules():
@@ -236,8 +237,8 @@ class OriginalCNN(nn.Module):
 
 
 def build_model(cfg: dict[str, Any]) -> nn.Module:
-    """The model for a config holding (at least) the keys of NET_DEFAULTS."""
-    cfg = {**NET_DEFAULTS, **{k: v for k, v in cfg.items() if k in NET_DEFAULTS}}
+    """The model for a config; a knob it lacks takes its PLAIN_NET value."""
+    cfg = {**PLAIN_NET, **{k: v for k, v in cfg.items() if k in PLAIN_NET}}
     check_net_config(cfg)
     if cfg["arch"] == "original":
         return OriginalCNN()

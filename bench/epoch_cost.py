@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import train  # noqa: E402
 from bench.train_speed import as_flags, overrides  # noqa: E402
+from ct.trainer import config  # noqa: E402
 from ct.trainer.data import TRAIN_IMAGES  # noqa: E402
 from ct.trainer.engine import (  # noqa: E402
     DEVICES,
@@ -43,7 +43,7 @@ from ct.trainer.engine import (  # noqa: E402
     size_for_epoch,
 )
 from ct.trainer.errors import UsageError  # noqa: E402
-from ct.trainer.run import TrainingState  # noqa: E402
+from ct.trainer.state import TrainingState  # noqa: E402
 
 FULL_SIZE = 32
 
@@ -59,7 +59,7 @@ class PresetProbe:
     def __init__(self, name: str, batches: int, compute: Compute,
                  changes: dict[str, Any] | None = None) -> None:
         self.name = " ".join(["--preset", name, *as_flags(changes or {})])
-        self.cfg = {**train.preset_config(name), **(changes or {})}
+        self.cfg = {**config.preset_config(name), **(changes or {})}
         self.compute = compute
         self.batches = batches
         n = batches * int(self.cfg["batch_size"])
@@ -103,7 +103,7 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="fast,default,plain",
                    help="comma list of train.py presets to cost")
-    p.add_argument("--reference", default="plain", choices=sorted(train.PRESETS),
+    p.add_argument("--reference", default="plain", choices=sorted(config.PRESETS),
                    help="the preset whose full-size epoch is the unit")
     p.add_argument("--rounds", type=int, default=5, help="turns each preset takes (median)")
     p.add_argument("--batches", type=int, default=3, help="training batches per turn and size")
@@ -115,10 +115,10 @@ def main() -> int:
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     args = p.parse_args()
     names = [name.strip() for name in args.presets.split(",") if name.strip()]
-    unknown = [name for name in names if name not in train.PRESETS]
+    unknown = [name for name in names if name not in config.PRESETS]
     if unknown:
         sys.exit(f"epoch_cost.py: error: unknown preset {unknown[0]!r}; choose from "
-                 f"{', '.join(sorted(train.PRESETS))}")
+                 f"{', '.join(sorted(config.PRESETS))}")
     if args.rounds < 1 or args.batches < 1:
         sys.exit("epoch_cost.py: error: --rounds and --batches must be at least 1")
     if args.epoch_seconds is not None and args.epoch_seconds <= 0:
@@ -127,7 +127,7 @@ def main() -> int:
     try:
         changes = overrides(args.set)
         for name in names:
-            train.check_config({**train.preset_config(name), **changes})
+            config.check_config({**config.preset_config(name), **changes})
     except (ValueError, UsageError) as exc:
         sys.exit(f"epoch_cost.py: error: --set: {exc}")
     compute = make_compute(args.device, args.precision)

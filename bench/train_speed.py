@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import train  # noqa: E402
+from ct.trainer import config  # noqa: E402
 from ct.trainer.data import TRAIN_IMAGES, load_cifar  # noqa: E402
 from ct.trainer.engine import (  # noqa: E402
     DEVICES,
@@ -39,7 +39,7 @@ from ct.trainer.engine import (  # noqa: E402
     make_compute,
     steps_per_epoch,
 )
-from ct.trainer.run import TrainingState  # noqa: E402
+from ct.trainer.state import TrainingState  # noqa: E402
 
 DATA_NOTE = "CIFAR-10 (JPEG q75 copy)"
 
@@ -115,9 +115,9 @@ def overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in train.TRAIN_DEFAULTS:
+        if key not in config.PLAIN_RECIPE:
             raise ValueError(f"no config key {key!r}; see train.py --help")
-        default = train.TRAIN_DEFAULTS[key]
+        default = config.PLAIN_RECIPE[key]
         out[key] = value.lower() in ("1", "yes", "true") if isinstance(default, bool) \
             else type(default)(value)
     return out
@@ -147,7 +147,7 @@ def main() -> int:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="train.py's --precision, for both recipes (default: auto)")
-    p.add_argument("--preset", default="fast", choices=sorted(train.PRESETS))
+    p.add_argument("--preset", default="fast", choices=sorted(config.PRESETS))
     p.add_argument("--time-to", type=float, help="only measure the time to this test accuracy")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value of the preset, e.g. --set epochs=30")
@@ -158,7 +158,7 @@ def main() -> int:
     cores = torch.get_num_threads()
     print(f"# data: {DATA_NOTE} from {args.data_dir}; torch {torch.__version__}; {cores} threads")
     if args.time_to is not None:
-        cfg = {**train.preset_config(args.preset), **overrides(args.set)}
+        cfg = {**config.preset_config(args.preset), **overrides(args.set)}
         result = train_for(cfg, args.data_dir, args.device, None, args.time_to,
                            args.precision)
         hit = result["time_to_target_s"]
@@ -187,7 +187,7 @@ def main() -> int:
             print(f"{args.seeds} seeds: accuracy mean {spread['accuracy_mean']:.2f}%, min "
                   f"{spread['accuracy_min']:.2f}%, max {spread['accuracy_max']:.2f}%; wall-clock "
                   f"mean {spread['wall_mean_s']} s, max {spread['wall_max_s']} s")
-        original = train.preset_config("original")
+        original = config.preset_config("original")
         budget = spread["wall_mean_s"]
         base = train_for(original, args.data_dir, args.device, budget, None, args.precision)
         print(f"original recipe, same {budget} s budget: {base['accuracy']:.2f}% test "

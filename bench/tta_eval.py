@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 from ct import workspace as names  # noqa: E402
 from ct.trainer.data import load_cifar  # noqa: E402
 from ct.trainer.engine import DEVICES, evaluate, make_compute  # noqa: E402
-from ct.trainer.run import load_model  # noqa: E402
+from ct.trainer.state import load_model  # noqa: E402
 
 LEVELS = {0: (False, False), 1: (True, False), 2: (True, True)}  # level: (flip, translate)
 

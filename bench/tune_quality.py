@@ -6,7 +6,7 @@
 
 Each arm runs `train.py --tune` as job5 does (a fresh process, a fresh workspace, so a fresh
 study) from the same start: a weak push (--preset plain --optimizer sgd --lr 0.002 --width 8
---epochs 4, below 80%: the plain recipe, the default run when README's figures were taken; its
+--epochs 4, below 80%: the plain recipe, the default run when docs/benchmarks.md was measured; its
 recipe trial is today's default run's searched values, then lr 0.4 and 18 epochs), and prints one
 JSON line: trials finished / pruned / cut by the budget, the best validation accuracy and the
 winner's test accuracy (tested once, by train.py). Arms:
@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from ct import workspace as names  # noqa: E402
 from ct.trainer.data import load_cifar  # noqa: E402
 from ct.trainer.engine import evaluate_as_configured, make_compute  # noqa: E402
-from ct.trainer.run import load_model  # noqa: E402
+from ct.trainer.state import load_model  # noqa: E402
 from ct.trainer.tune import trial_dir  # noqa: E402
 
 WEAK_PUSH = ["--preset", "plain", "--optimizer", "sgd", "--lr", "0.002", "--width", "8",

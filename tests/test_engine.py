@@ -1,5 +1,5 @@
-"""Issue 12's engine pieces on their own: translated TTA views, Lookahead, the whitening stem's
-training state. Small tensors, no dataset."""
+"""The engine's pieces on their own: translated TTA views, Lookahead, the whitening stem's training
+state, the optimizers, flips, crops, cutout and image sizes. Small tensors, no dataset."""
 
 from __future__ import annotations
 
@@ -10,18 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import train
+from ct.trainer.config import PLAIN_RECIPE
 from ct.trainer.engine import (
     EVAL_BATCH_CPU,
     LOOKAHEAD_DECAY,
     LOOKAHEAD_EVERY,
+    OPTIMIZERS,
     Compute,
     Lookahead,
     evaluate,
     make_optimizer,
     normalise,
 )
-from ct.trainer.run import TrainingState
+from ct.trainer.state import TrainingState
 from network import build_model
 
 CPU = Compute(torch.device("cpu"), None)
@@ -143,7 +144,7 @@ def test_lookahead_end_of_epoch_makes_the_net_the_average() -> None:
 
 
 def _whiten_cfg(**extra: object) -> dict:
-    return {**train.TRAIN_DEFAULTS, "stem": "whiten", "width": 4, "epochs": 2,
+    return {**PLAIN_RECIPE, "stem": "whiten", "width": 4, "epochs": 2,
             "batch_size": 16, **extra}
 
 
@@ -177,11 +178,22 @@ def test_whitening_bias_freezes_by_epoch_index() -> None:
     assert torch.equal(bias, after_first), "from epoch 1 on the bias is frozen"
 
 
-def test_default_optimizer_holds_every_parameter() -> None:
+def test_the_plain_recipes_optimizer_holds_every_parameter_in_one_group() -> None:
     model = build_model({"width": 4})
-    optimizer = make_optimizer(model, train.TRAIN_DEFAULTS)
+    optimizer = make_optimizer(model, PLAIN_RECIPE)
     (group,) = optimizer.param_groups
     assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+
+
+def test_every_listed_optimizer_is_built_and_no_other() -> None:
+    model = build_model({"width": 4})
+    built = {name: make_optimizer(model, {**PLAIN_RECIPE, "optimizer": name})
+             for name in OPTIMIZERS}
+    assert {name: type(o) for name, o in built.items()} == {
+        "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    assert built["sgd"].defaults["nesterov"] and built["sgd"].defaults["momentum"] == 0.9
+    with pytest.raises(ValueError, match="use sgd, adam, adamw"):
+        make_optimizer(model, {**PLAIN_RECIPE, "optimizer": "rmsprop"})
 
 
 # --- alternating flip ---------------------------------------------------------------------------
@@ -292,7 +304,7 @@ def test_an_epoch_at_a_smaller_size_shows_the_net_downscaled_images(size: int) -
     model = TrainableRecorder()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    cfg = {**train.TRAIN_DEFAULTS, "batch_size": 6, "augment": False}
+    cfg = {**PLAIN_RECIPE, "batch_size": 6, "augment": False}
     train_epoch(model, optimizer, schedule, x, y, cfg, torch.Generator().manual_seed(0), CPU,
                 size=size)
     order = torch.randperm(6, generator=torch.Generator().manual_seed(0))
@@ -306,7 +318,7 @@ def test_an_epoch_at_a_smaller_size_shows_the_net_downscaled_images(size: int) -
 
 
 def test_fixed_bn_scales_stay_one_and_take_no_optimizer_state() -> None:
-    cfg = {**train.TRAIN_DEFAULTS, "width": 4, "bn_scales": False}
+    cfg = {**PLAIN_RECIPE, "width": 4, "bn_scales": False}
     model = build_model(cfg)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     optimizer = make_optimizer(model, cfg)
@@ -319,7 +331,7 @@ def test_fixed_bn_scales_stay_one_and_take_no_optimizer_state() -> None:
 
 
 def test_bias_lr_scale_gives_bn_shifts_their_own_group() -> None:
-    cfg = {**train.TRAIN_DEFAULTS, "width": 4, "bias_lr_scale": 64.0}
+    cfg = {**PLAIN_RECIPE, "width": 4, "bias_lr_scale": 64.0}
     model = build_model(cfg)
     plain, shifts = make_optimizer(model, cfg).param_groups
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from network import NET_DEFAULTS, build_model
+from network import PLAIN_NET, build_model
 
 
 @pytest.mark.parametrize(("blocks", "convs"), list(itertools.product([1, 2, 3, 4], [1, 2, 3])))
@@ -49,10 +49,10 @@ def test_original_architecture() -> None:
 )
 def test_out_of_range_knobs_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
-        build_model({**NET_DEFAULTS, **bad})
+        build_model({**PLAIN_NET, **bad})
 
 
-# --- the whitening stem (issue 12) -------------------------------------------------------------
+# --- the whitening stem -----------------------------------------------------------------------
 
 
 def _correlated_images(n: int = 200) -> torch.Tensor:
@@ -82,10 +82,10 @@ def test_whiten_stem_shapes(blocks: int) -> None:
     assert convs[1].in_channels == WHITEN_CHANNELS and convs[-1].out_channels == 8 * 2 ** blocks
 
 
-def test_default_stem_is_unchanged() -> None:
-    """stem "conv" (the default) builds the same modules, in the same order, as before the key."""
+def test_a_config_without_a_stem_gets_the_conv_stem() -> None:
+    """A config recorded without the key means stem "conv": a 3x3 conv without bias, then BN."""
     model = build_model({"width": 8})
-    assert "stem" in NET_DEFAULTS and NET_DEFAULTS["stem"] == "conv"
+    assert PLAIN_NET["stem"] == "conv"
     assert isinstance(model.features[0], torch.nn.Conv2d)
     assert model.features[0].kernel_size == (3, 3) and model.features[0].bias is None
     assert isinstance(model.features[1], torch.nn.BatchNorm2d)
@@ -120,10 +120,10 @@ def test_whitening_filters_come_strongest_direction_first() -> None:
 )
 def test_bad_stems_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match="stem"):
-        build_model({**NET_DEFAULTS, **bad})
+        build_model({**PLAIN_NET, **bad})
 
 
-# --- explicit block widths (issue 12) ---------------------------------------------------------
+# --- explicit block widths --------------------------------------------------------------------
 
 
 def test_block_widths_set_each_block_and_default_to_doubling() -> None:
@@ -138,7 +138,7 @@ def test_block_widths_set_each_block_and_default_to_doubling() -> None:
 @pytest.mark.parametrize("widths", ["24,96", "24,x,96", "24,96,0", "24,96,96,96"])
 def test_block_widths_that_do_not_fit_the_blocks_are_refused(widths: str) -> None:
     with pytest.raises(ValueError, match="block_widths"):
-        build_model({**NET_DEFAULTS, "block_widths": widths})
+        build_model({**PLAIN_NET, "block_widths": widths})
 
 
 @pytest.mark.parametrize("stem", ["conv", "whiten"])

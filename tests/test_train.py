@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train
-from ct.trainer import stopping
+from ct.trainer import config, stopping
 from ct.trainer.engine import cpu_has_bf16, make_compute
 from ct.trainer.errors import UsageError
 from network import build_model
@@ -83,7 +83,7 @@ def test_dry_run_leaves_the_workspace_results_alone(tmp_path: Path, tiny_cifar_r
 
 
 def _train_cmd(ws: Path, data: Path, *extra: str) -> list[str]:
-    """The plain recipe (TRAIN_DEFAULTS alone), scaled down; issue 12's levers come as `extra`."""
+    """The plain recipe (PLAIN_RECIPE alone), scaled down; airbench's levers come as `extra`."""
     return [sys.executable, str(REPO / "train.py"), "--out", str(ws), "--data-dir", str(data),
             "--preset", "plain", "--epochs", "4", "--batch-size", "32", "--dropout", "0.1",
             *extra]
@@ -353,18 +353,21 @@ def test_real_cifar_subset_learns(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert accuracy > 35, f"{accuracy}% after 2 epochs on 5,000 real images ({seconds:.0f}s)"
 
 
-def test_every_training_flag_says_its_meaning_and_default(
+def test_every_training_flag_says_its_meaning_and_the_default_presets_value(
         capsys: pytest.CaptureFixture[str]) -> None:
-    import train
-
-    assert set(train.TRAIN_HELP) == set(train.TRAIN_DEFAULTS)
+    assert set(config.CONFIG_HELP) == set(config.PLAIN_RECIPE)
+    default = config.default_config()
+    assert default == {**config.PLAIN_RECIPE, **config.PRESETS["default"]}
+    assert default["epochs"] != config.PLAIN_RECIPE["epochs"], "the two are told apart below"
     status, out, _ = run(["--help"], capsys)
     assert status == 0
     flat = " ".join(out.split())  # argparse wraps long help lines
-    for key, meaning in train.TRAIN_HELP.items():
-        value = train.default_config()[key]
+    assert "Each default below is the config `python train.py` runs: the default preset" in flat
+    for key, meaning in config.CONFIG_HELP.items():
+        value = default[key]
         shown = ("yes" if value else "no") if isinstance(value, bool) else value
         assert f"{' '.join(meaning.split())} (default: {shown})" in flat, key
+    assert "--optimizers OPTIMIZERS optimizers the search uses (default: sgd,adam,adamw)" in flat
 
 
 # --- lineage and --reproduce ------------------------------------------------------------------
@@ -460,39 +463,45 @@ def test_reproduce_refuses_what_it_cannot_reproduce(
     (tune / "config.json").write_text('{"base": {}, "trials": 2}')
     (tune / "metrics.json").write_text('{"mode": "tune", "accuracy": 80.0}')
     base = ["--out", ws, "--data-dir", tiny_cifar_root]
+    other_version = ws / "runs" / "train-20250101-000000-def"
+    other_version.mkdir()
+    (other_version / "config.json").write_text('{"epochs": 2, "lr": 0.1}')
+    (other_version / "metrics.json").write_text('{"mode": "train", "accuracy": 80.0}')
     for extra, message in ((["--reproduce", "train-nope"], "no run 'train-nope'"),
                            (["--reproduce", "../ws"], "no run '../ws'"),
                            (["--reproduce", tune.name], "tuning round"),
-                           (["--reproduce", tune.name, "--epochs", "2"], "drop --epochs")):
+                           (["--reproduce", tune.name, "--epochs", "2"], "drop --epochs"),
+                           (["--reproduce", other_version.name],
+                            "config.json lacks activation, arch, augment")):
         status, _, err = run([*base, *extra], capsys)
         assert status == 2, (extra, err)
         (line,) = err.strip().splitlines()
         assert line.startswith("train.py: error:") and message in line, line
-    assert len(list((ws / "runs").iterdir())) == 1, "nothing was trained"
+    assert len(list((ws / "runs").iterdir())) == 2, "nothing was trained"
 
 
-# --- issue 12's levers: resume, and configs recorded before their keys --------------------------
+# --- airbench's levers: resume, and configs recorded without their keys ------------------------
 
-ISSUE12 = ["--stem", "whiten", "--whiten-bias-epochs", "2", "--lookahead", "yes",
+LEVERS = ["--stem", "whiten", "--whiten-bias-epochs", "2", "--lookahead", "yes",
            "--lookahead-start", "0.2", "--tta-translate", "yes", "--flip", "alternate",
            "--bn-scales", "no", "--bias-lr-scale", "8", "--dirac-init", "yes", "--crop-pad", "2",
            "--train-sizes", "16,24,32", "--cutout", "8"]
 
 
 @pytest.fixture(scope="module")
-def reference_issue12(tmp_path_factory: pytest.TempPathFactory, tiny_cifar_root: Path) -> Path:
+def reference_levers(tmp_path_factory: pytest.TempPathFactory, tiny_cifar_root: Path) -> Path:
     """An uninterrupted run with the whitening stem, lookahead and translated TTA."""
-    ws = tmp_path_factory.mktemp("reference-issue12")
-    subprocess.run(_train_cmd(ws, tiny_cifar_root, *ISSUE12), check=True, capture_output=True)
+    ws = tmp_path_factory.mktemp("reference-levers")
+    subprocess.run(_train_cmd(ws, tiny_cifar_root, *LEVERS), check=True, capture_output=True)
     return ws
 
 
-def test_killed_run_with_issue12_levers_resumes_to_the_same_result(
-        tmp_path: Path, tiny_cifar_root: Path, reference_issue12: Path) -> None:
+def test_killed_run_with_airbench_levers_resumes_to_the_same_result(
+        tmp_path: Path, tiny_cifar_root: Path, reference_levers: Path) -> None:
     """Killed after epoch 2 of 4: the lookahead average (started in epoch 1: 32 steps an epoch,
     start at step 26) comes back from the checkpoint, and the whitening bias, trained for 2
     epochs, is frozen in the resumed process as it was in the uninterrupted one."""
-    cmd = _train_cmd(tmp_path / "cut", tiny_cifar_root, *ISSUE12)
+    cmd = _train_cmd(tmp_path / "cut", tiny_cifar_root, *LEVERS)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -507,55 +516,85 @@ def test_killed_run_with_issue12_levers_resumes_to_the_same_result(
             assert torch.equal(tensor, ckpt["lookahead"][name]), f"{name}: net == average"
     again = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "resuming" in again.stdout and "after epoch 2" in again.stdout
-    assert_same_result(reference_issue12, tmp_path / "cut")
+    assert_same_result(reference_levers, tmp_path / "cut")
 
 
-def test_issue12_levers_change_the_result(reference: Path, reference_issue12: Path) -> None:
-    """The keys do something (the reference run is the plain recipe, not the lever run)."""
+def _batch_norm_scales(saved: dict) -> list[torch.Tensor]:
+    model = build_model(saved["config"])
+    return [saved["model"][f"{name}.weight"] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.BatchNorm2d)]
+
+
+def test_the_lever_flags_shape_the_trained_model(reference: Path,
+                                                 reference_levers: Path) -> None:
+    """--bn-scales no keeps every batch norm's scale at 1 through training, where the plain run
+    trains them; the whitening stem's filters stay frozen, each still the negative of another."""
     plain = torch.load(only_run_dir(reference) / "model.pt", weights_only=False)
-    levers = torch.load(only_run_dir(reference_issue12) / "model.pt", weights_only=False)
-    assert plain["model"]["features.0.weight"].shape == (16, 3, 3, 3)
-    assert levers["model"]["features.0.weight"].shape == (24, 3, 2, 2)
-    assert levers["config"]["lookahead"] and not plain["config"]["lookahead"]
+    levers = torch.load(only_run_dir(reference_levers) / "model.pt", weights_only=False)
+    fixed, trained = _batch_norm_scales(levers), _batch_norm_scales(plain)
+    assert fixed and all(torch.equal(scale, torch.ones_like(scale)) for scale in fixed)
+    assert trained and not all(torch.equal(scale, torch.ones_like(scale)) for scale in trained)
+    whitening = levers["model"]["features.0.weight"]
+    assert torch.equal(whitening[12:], -whitening[:12])
 
 
-def test_added_keys_default_to_their_legacy_values() -> None:
-    """ct.trainer.compat fills old configs with these values: they must be what the code did
-    before the keys existed, which the defaults are while the new recipe lives in a preset."""
-    import train
-    from ct.trainer.compat import ADDED_KEYS
-
-    assert {key: train.TRAIN_DEFAULTS[key] for key in ADDED_KEYS} == ADDED_KEYS
-    assert set(ADDED_KEYS) <= set(train.TRAIN_HELP)
+def test_legacy_values_come_back_exactly_as_they_were_left_out() -> None:
+    """A config with the added keys left out at their legacy values, then filled back in, is the
+    config again, for every preset; a value of another type than the legacy one is kept (1 is
+    not 1.0, 0 is not False), so no config loses a key it set."""
+    assert set(config.ADDED_KEYS) <= set(config.PLAIN_RECIPE) & set(config.CONFIG_HELP)
+    assert not set(config.ADDED_KEYS) & set(config.without_legacy_values(config.PLAIN_RECIPE))
+    for name in config.PRESETS:
+        cfg = config.preset_config(name)
+        assert config.with_added_keys(config.without_legacy_values(cfg)) == cfg, name
+    odd = {**config.PLAIN_RECIPE, "bias_lr_scale": 1, "cutout": False}
+    assert config.without_legacy_values(odd)["bias_lr_scale"] == 1
+    assert config.without_legacy_values(odd)["cutout"] is False
 
 
 def test_hashed_names_ignore_added_keys_at_legacy_values() -> None:
-    import train
     from ct.trainer import study
-    from ct.trainer.compat import ADDED_KEYS
-    from ct.trainer.run import config_hash
 
-    old = {k: v for k, v in train.TRAIN_DEFAULTS.items() if k not in ADDED_KEYS}
-    assert config_hash(train.TRAIN_DEFAULTS) == config_hash(old)
-    name = study.study_name(train.TRAIN_DEFAULTS, ["sgd"], 24, "d" * 64, 100)
+    plain = config.PLAIN_RECIPE
+    old = {k: v for k, v in plain.items() if k not in config.ADDED_KEYS}
+    assert config.config_hash(plain) == config.config_hash(old)
+    name = study.study_name(plain, ["sgd"], 24, "d" * 64, 100)
     assert name == study.study_name(old, ["sgd"], 24, "d" * 64, 100)
-    assert name != study.study_name({**train.TRAIN_DEFAULTS, "lookahead": True}, ["sgd"], 24,
-                                    "d" * 64, 100)
+    assert name != study.study_name({**plain, "lookahead": True}, ["sgd"], 24, "d" * 64, 100)
 
 
-# Runs recorded before issue 12 ran the plain recipe: the added keys at their legacy values.
+# The run folders' and studies' hashes of each preset: a change would orphan every unfinished run
+# and start every study afresh.
+HASHED_NAMES = {
+    "default": ("88914f9a70", "cifar10-9612e3061aae"),
+    "fast": ("50c516fbbf", "cifar10-2959e51009d8"),
+    "gpu": ("7acee6a89b", "cifar10-5b6dc13fef85"),
+    "original": ("1fb2928598", "cifar10-54bad21bef21"),
+    "plain": ("0b04b86d12", "cifar10-721ae5fc7671"),
+}
+
+
+def test_the_presets_hashed_names_stay_as_they_are() -> None:
+    from ct.trainer import study
+
+    assert set(HASHED_NAMES) == set(config.PRESETS)
+    for name, (run_hash, study_name) in HASHED_NAMES.items():
+        cfg = config.preset_config(name)
+        assert config.config_hash(cfg) == run_hash, name
+        assert study.study_name(cfg, ["sgd", "adam", "adamw"], 24, "d" * 64, 5000) == study_name
+
+
+# A run recorded before the added keys existed ran them at their legacy values: the plain recipe.
 PLAIN = ["--preset", "plain"]
 
 
 def _strip_added_keys(run_dir: Path) -> None:
-    """Make a run look recorded before issue 12: no new keys in its config or checkpoint."""
-    from ct.trainer.compat import ADDED_KEYS
-
-    config = json.loads((run_dir / "config.json").read_text())
+    """Make a run look recorded before the added keys existed: none in its config or checkpoint."""
+    recorded = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps(
-        {k: v for k, v in config.items() if k not in ADDED_KEYS}))
+        {k: v for k, v in recorded.items() if k not in config.ADDED_KEYS}))
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ADDED_KEYS}
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in config.ADDED_KEYS}
     ckpt.pop("lookahead")
     torch.save(ckpt, run_dir / "checkpoint.pt")
 
@@ -583,10 +622,10 @@ def test_reproduce_fills_in_the_keys_an_older_config_lacks(
     assert "(difference 0.00 points; exact:" in line, line
 
 
-@pytest.mark.parametrize("preset", sorted(train.PRESETS))
+@pytest.mark.parametrize("preset", sorted(config.PRESETS))
 def test_every_preset_resolves_to_a_valid_config_and_a_working_net(preset: str) -> None:
     cfg = train.resolve_config(train.parse_args(["--preset", preset]))
-    for key, value in train.PRESETS[preset].items():
+    for key, value in config.PRESETS[preset].items():
         assert cfg[key] == value, f"--preset {preset} lost {key}"
     model = build_model(cfg).eval()
     with torch.no_grad():

@@ -15,8 +15,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import train
 from ct.trainer import study as studies
+from ct.trainer.config import PLAIN_RECIPE, default_config
+from ct.trainer.engine import OPTIMIZERS
 from ct.trainer.tune import trial_dir
 from tests.conftest import REPO
 from tests.synthetic_cifar import make_cifar
@@ -60,7 +61,7 @@ def test_a_round_tries_the_base_config_first_and_tests_only_the_best(
     run_dir = tune_dir(tmp_path)
     trials = rows(run_dir)
     assert [t["trial"] for t in trials] == [0, 1, 2]
-    default = train.default_config()
+    default = default_config()
     assert trials[0]["params"] == {"optimizer": "sgd", "lr": default["lr"],
                                    "weight_decay": default["weight_decay"], "epochs": 2,
                                    "batch_size": 64,
@@ -107,7 +108,7 @@ def test_the_default_recipe_is_the_second_trial_unless_the_push_is_it(
     trials = rows(tune_dir(tmp_path))
     assert [t["source"] for t in trials] == ["base", second, "sampled"]
     if second == "recipe":
-        searched = {k: train.default_config()[k] for k in trials[1]["params"]}
+        searched = {k: default_config()[k] for k in trials[1]["params"]}
         assert trials[1]["params"] == {**searched, "epochs": 3}, "capped by --max-epochs 3"
         assert trials[1]["status"] == "done", "a known good point is never pruned"
     assert studies.source_of(the_study(tmp_path).trials[1]) == second, "the study knows too"
@@ -229,13 +230,19 @@ def test_the_search_leaves_out_a_key_the_base_network_ignores() -> None:
     its studies keep their names)."""
     from network import build_model
 
-    default, plain = train.default_config(), dict(train.TRAIN_DEFAULTS)
+    default, plain = default_config(), dict(PLAIN_RECIPE)
     narrow, wide = build_model({**default, "width": 8}), build_model({**default, "width": 32})
     assert [p.shape for p in narrow.parameters()] == [p.shape for p in wide.parameters()]
     assert "width" not in studies.search_space(["sgd"], 24, default)
     assert "width" not in studies.params_of(default, default)
     assert set(studies.SHARED) <= set(studies.search_space(["sgd"], 24, plain))
     assert studies.params_of(plain, plain)["width"] == plain["width"]
+
+
+def test_every_optimizer_has_its_ranges_and_the_search_offers_them_all() -> None:
+    assert set(studies.LR) == set(studies.WEIGHT_DECAY) == set(OPTIMIZERS)
+    space = studies.search_space(list(OPTIMIZERS), 24, default_config())
+    assert space["optimizer"].choices == OPTIMIZERS
 
 
 def test_reports_reach_every_tenth_so_short_and_long_trials_compare(tmp_path: Path) -> None:
@@ -371,14 +378,14 @@ def test_a_worker_killed_mid_trial_is_retried_once_and_the_round_finishes(
     ("nonsense://what", "NoSuchModuleError"),
 ])
 def test_an_unusable_database_is_one_line_and_nothing_is_published(
-        tmp_path: Path, tiny_cifar_root: Path, url: str, says: str) -> None:
+        tmp_path: Path, tiny_cifar_root: Path, url: str, says: str,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "accuracy.txt").write_text("70.00\n")
-    env = {**os.environ, "CT_TUNE_STORAGE": url}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--out", str(tmp_path),
-                           "--data-dir", str(tiny_cifar_root), *TUNE, "--trials", "1"],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    (line,) = proc.stderr.splitlines()
+    monkeypatch.setenv("CT_TUNE_STORAGE", url)
+    status, _, err = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE,
+                          "--trials", "1"], capsys)
+    assert status == 2, err
+    (line,) = err.splitlines()
     assert line.startswith("train.py: error: tuning storage ") and says in line, line
     assert "secret" not in line, "the password stays out of the log"
     assert (tmp_path / "accuracy.txt").read_text() == "70.00\n"

@@ -4,14 +4,18 @@ train.py, and imports torch.
 - `data`: CIFAR-10 from disk into uint8 tensors.
 - `engine`: the device set-up (`Compute`), batched augmentation, one epoch, weight averaging
   (`Lookahead`), evaluation.
-- `run`: one run in the workspace: the training state, checkpoints, the epoch loop, the run
-  clock, publishing the results; `train.py`'s training mode.
+- `config`: the plain recipe every preset overrides, the presets, each key's help line, config
+  validation, and how configs recorded before some keys existed are read and hashed.
+- `state`: the training state (`TrainingState`), its checkpoints, a saved model loaded back.
+- `runs`: the workspace's run folders (`Workspace`): choosing or continuing one, the run's clock
+  and log, its data and lineage, publishing its results.
+- `run`: one config's epoch loop (`train_config`) and `train.py`'s training and --reproduce
+  modes.
 - `tune`: one bounded tuning round and its workers; `train.py --tune` (imports optuna).
 - `study`: the Optuna study: search space, sampler, pruner, storage, a round's trial slots.
 - `plots`: the pictures of a run (curves.png, a tuning run's trials.png), when matplotlib imports.
 - `lineage`: what a run was made from (its metrics.json's `lineage`), and how a reproduction
   (`train.py --reproduce`) compares with the run it repeats.
-- `compat`: config keys added after runs were recorded, and the values older runs meant.
 - `stopping`: stopping cleanly on SIGTERM/SIGINT.
 - `errors`: `UsageError`, bad input (exit status 2).
 """

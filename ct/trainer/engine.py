@@ -181,18 +181,31 @@ def flips_for_epoch(base: torch.Tensor, epoch: int) -> torch.Tensor:
     return base ^ bool(epoch % 2)
 
 
+def _sgd(groups: list[dict[str, Any]], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    momentum = float(cfg["momentum"])
+    return torch.optim.SGD(groups, lr=cfg["lr"], momentum=momentum, nesterov=momentum > 0,
+                           weight_decay=cfg["weight_decay"])
+
+
+def _adam(groups: list[dict[str, Any]], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def _adamw(groups: list[dict[str, Any]], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+_OPTIMIZER_MAKERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+# make_optimizer's names, in the order help texts list them: the choices of --optimizer, of
+# --optimizers and of the tuner's search.
+OPTIMIZERS = tuple(_OPTIMIZER_MAKERS)
+
+
 def make_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    params = parameter_groups(model, cfg)
     name = cfg["optimizer"]
-    if name == "sgd":
-        momentum = float(cfg["momentum"])
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=momentum, nesterov=momentum > 0,
-                               weight_decay=cfg["weight_decay"])
-    if name == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    raise ValueError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
+    if name not in _OPTIMIZER_MAKERS:
+        raise ValueError(f"unknown optimizer {name!r}; use {', '.join(OPTIMIZERS)}")
+    return _OPTIMIZER_MAKERS[name](parameter_groups(model, cfg), cfg)
 
 
 def parameter_groups(model: nn.Module, cfg: dict[str, Any]) -> list[dict[str, Any]]:

@@ -38,17 +38,18 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from ct import workspace as names
-from ct.trainer.compat import without_legacy_values
+from ct.trainer.config import without_legacy_values
 from ct.trainer.errors import UsageError
 from network import ignored_keys
 
 STORAGE_ENV = "CT_TUNE_STORAGE"  # a database URL shared by several machines; empty: the journal
-OPTIMIZERS = ("sgd", "adam", "adamw")
 
 # The search space, written once. Learning rate and weight decay have one range per optimizer
-# (Optuna names them lr_sgd, lr_adam, ...), since their scales differ by orders of magnitude.
+# (each of ct.trainer.engine.OPTIMIZERS; Optuna names them lr_sgd, lr_adam, ...), since their
+# scales differ by orders of magnitude.
 LR: dict[str, FloatDistribution] = {
-    "sgd": FloatDistribution(0.05, 1.0, log=True),  # Nesterov at batch 256-1024: 0.4 is the default
+    # Nesterov at batch 256-1024: the plain recipe takes 0.4, the default preset 0.8.
+    "sgd": FloatDistribution(0.05, 1.0, log=True),
     "adam": FloatDistribution(3e-4, 1e-2, log=True),  # around Adam's usual 1e-3..3e-3
     "adamw": FloatDistribution(3e-4, 1e-2, log=True),
 }
@@ -57,17 +58,17 @@ WEIGHT_DECAY: dict[str, FloatDistribution] = {
     "adam": FloatDistribution(1e-6, 1e-3, log=True),  # L2 through Adam's scaling: keep it small
     "adamw": FloatDistribution(1e-3, 0.3, log=True),  # decoupled decay: large values are normal
 }
-# Epochs: more almost always help; the default cap (--max-epochs 24) is where one trial of the
-# default width eats a tenth of the default hour on 2 CPU cores.
+# Epochs: more almost always help; --max-epochs' default, 24, is where one trial of the plain
+# recipe's width eats a tenth of --time-budget's default hour on 2 CPU cores.
 MIN_EPOCHS = 4
 SHARED: dict[str, BaseDistribution] = {
     "batch_size": IntDistribution(128, 1024, step=128),  # smaller: more steps, slower per image
-    # Stem channels; cost grows with the square: 32 costs 4x the default 16 per epoch, and a
-    # wider trial would eat most of a 20-minute round on 2 CPU cores.
+    # Stem channels; cost grows with the square: 32 costs 4x the plain recipe's 16 per epoch, and
+    # a wider trial would eat most of a 20-minute round on 2 CPU cores.
     "width": IntDistribution(8, 32, step=8),
     "convs_per_block": IntDistribution(1, 2),  # a second conv per block: deeper, ~1.6x the cost
     "dropout": FloatDistribution(0.0, 0.3),  # before the classifier; more only slows learning
-    "label_smoothing": FloatDistribution(0.0, 0.3),  # 0.2 is the default; past 0.3 hurts
+    "label_smoothing": FloatDistribution(0.0, 0.3),  # plain 0.2, default 0.1; past 0.3 hurts
 }
 TUNED_KEYS = ("optimizer", "lr", "weight_decay", "epochs", *SHARED)  # what the search sets
 
@@ -75,7 +76,7 @@ PRUNERS = ("median", "halving", "hyperband", "none")
 PRUNE_STEPS = 10  # trials report at tenths of their schedule, so short and long ones compare
 N_STARTUP = 4  # random trials before TPE models the results (across all rounds of the study)
 BASE_ATTR = "base"  # trial user attr: the round's base config, never pruned
-RECIPE_ATTR = "recipe"  # trial user attr: train.py's default recipe, never pruned
+RECIPE_ATTR = "recipe"  # trial user attr: the default preset's config, never pruned
 SOURCE_ATTRS = (BASE_ATTR, RECIPE_ATTR)  # an enqueued config's origin, kept by its retry
 
 
@@ -140,8 +141,8 @@ def params_of(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 def study_name(base: dict[str, Any], optimizers: list[str], max_epochs: int,
                dataset_sha256: str, validation_images: int) -> str:
     """Named by what the objective depends on; the seed and the searched keys are not in it, nor
-    keys added later at the value that reproduces older runs (ct.trainer.compat): a study begun
-    before they existed goes on under its name."""
+    keys added later at the value that reproduces older runs (ct.trainer.config's
+    without_legacy_values): a study begun before they existed goes on under its name."""
     fixed = {k: v for k, v in without_legacy_values(base).items()
              if k not in TUNED_KEYS and k != "seed"}
     space = {name: repr(d) for name, d in search_space(optimizers, max_epochs, base).items()}

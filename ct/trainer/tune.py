@@ -27,26 +27,24 @@ from ct import atomic
 from ct import workspace as names
 from ct.trainer import plots, stopping
 from ct.trainer import study as studies
-from ct.trainer.compat import with_added_keys
+from ct.trainer.config import with_added_keys
 from ct.trainer.data import Cifar
-from ct.trainer.engine import Compute, evaluate_as_configured
+from ct.trainer.engine import OPTIMIZERS, Compute, evaluate_as_configured
 from ct.trainer.errors import UsageError
-from ct.trainer.run import (
+from ct.trainer.run import Split, make_split, train_config
+from ct.trainer.runs import (
     Log,
     LogLine,
     RunClock,
     RunOptions,
-    Split,
     Workspace,
     choose_run_dir,
     load_data,
-    load_model,
-    make_split,
     publish,
     record_lineage,
     run_summary,
-    train_config,
 )
+from ct.trainer.state import load_model
 
 VAL_FRACTION = 10  # one tenth of the training images validate, at most MAX_VAL
 MAX_VAL = 5000
@@ -73,7 +71,7 @@ class TuneOptions:
     pruner: str  # ct.trainer.study.PRUNERS
     worker: int  # 0: the round's owner; K > 0: a helper joining the open round
     stale_after: float  # seconds without a heartbeat before a trial counts as lost
-    recipe: dict[str, Any] | None = None  # the default config, tried second; None: not tried
+    recipe: dict[str, Any] | None = None  # the default preset's config, tried second; None: not
 
 
 @dataclass
@@ -87,13 +85,13 @@ class Outcome:
 
 def make_plan(base: dict[str, Any], tuning: TuneOptions) -> dict[str, Any]:
     wanted = [o.strip() for o in tuning.optimizers.split(",") if o.strip()]
-    unknown = [o for o in wanted if o not in studies.OPTIMIZERS]
+    unknown = [o for o in wanted if o not in OPTIMIZERS]
     if not wanted or unknown:
-        raise UsageError(f"--optimizers takes a comma list of sgd, adam, adamw, "
+        raise UsageError(f"--optimizers takes a comma list of {', '.join(OPTIMIZERS)}, "
                          f"not {tuning.optimizers!r}")
     studies.make_pruner(tuning.pruner)  # a bad name fails here, before any work
     studies.make_sampler(tuning.sampler, 0)
-    chosen = [o for o in studies.OPTIMIZERS if o in wanted or o == base["optimizer"]]
+    chosen = [o for o in OPTIMIZERS if o in wanted or o == base["optimizer"]]
     if tuning.max_epochs < 1:
         raise UsageError(f"--max-epochs must be at least 1, not {tuning.max_epochs}")
     return {"base": base, "trials": tuning.trials, "time_budget": tuning.time_budget,
@@ -113,8 +111,8 @@ def recipe_params(base: dict[str, Any], tuning: TuneOptions, optimizers: list[st
 
 
 def _upgrade_plan(plan: dict[str, Any]) -> dict[str, Any]:
-    """A stored plan with the keys its base config lacks (ct.trainer.compat): a round begun
-    before they existed is still continued."""
+    """A stored plan with the keys its base config lacks (ct.trainer.config.with_added_keys): a
+    round begun before they existed is still continued."""
     if not isinstance(plan.get("base"), dict):  # not a plan: it matches none, as before
         return plan
     return {**plan, "base": with_added_keys(plan["base"])}

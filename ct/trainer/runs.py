@@ -1,0 +1,231 @@
+"""The workspace as the trainer sees it (`Workspace`): its run folders, which one an invocation
+runs in (a new one, or the unfinished one it continues), each run's clock and log, its inputs
+(the dataset, the lineage), and publishing its results.
+
+A run lives in <workspace>/runs/<kind>-<UTC time>-<config hash>/ (file names: ct.workspace). It is
+resumable until its metrics.json exists: running the same config again continues it from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ct import atomic
+from ct import workspace as names
+from ct.trainer import stopping
+from ct.trainer.config import config_hash
+from ct.trainer.data import Cifar, dataset_sha256, download, load_cifar
+from ct.trainer.engine import Compute
+from ct.trainer.errors import UsageError
+from ct.trainer.lineage import run_lineage
+
+CODE_DIR = Path(__file__).resolve().parents[2]  # the checkout train.py runs from
+LogLine = Callable[[str], None]  # a Log, or anything else that takes one line
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a run happens (train.py's "where and how" flags), not what it learns."""
+
+    data_dir: Path | None = None  # None: <workspace>/data
+    download: bool = False
+    dry_run: bool = False  # a few batches; the workspace's results untouched
+    resume: bool = False  # continue the latest unfinished run, whatever its config
+    fresh: bool = False  # start over even if a run of the same config is unfinished
+
+
+@dataclass
+class Workspace:
+    """The folder train.py writes into (--out): run folders, the data cache, the latest results."""
+
+    root: Path
+
+    @property
+    def runs(self) -> Path:
+        return self.root / names.RUNS_DIR
+
+    def check_writable(self) -> None:
+        try:
+            self.runs.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.runs / ".write-test", "ok\n")
+            (self.runs / ".write-test").unlink()
+        except OSError as exc:
+            raise UsageError(f"cannot write to --out {self.root} ({exc.strerror}); "
+                             "pick a writable folder") from exc
+
+    def new_run_dir(self, kind: str, cfg_hash: str) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = self.runs / f"{kind}-{stamp}-{cfg_hash}"
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = self.runs / f"{kind}-{stamp}-{cfg_hash}-{suffix}"
+        path.mkdir(parents=True)
+        return path
+
+    def unfinished_runs(self, kind: str) -> list[Path]:
+        """Run folders of this kind with a config but no final metrics, newest first."""
+        if not self.runs.is_dir():
+            return []
+        found = [d for d in self.runs.glob(f"{kind}-*")
+                 if (d / names.RUN_CONFIG).is_file() and not (d / names.RUN_METRICS).exists()]
+        return sorted(found, key=lambda d: d.name, reverse=True)
+
+    def commit(self) -> str | None:
+        return names.current_commit(self.root, CODE_DIR)
+
+
+def choose_run_dir(ws: Workspace, kind: str, state: dict[str, Any], opts: RunOptions,
+                   upgrade: Callable[[dict[str, Any]], dict[str, Any]]
+                   ) -> tuple[Path, dict[str, Any], bool]:
+    """Where this invocation runs, its state (a continued run keeps its stored state), and
+    whether it continues an earlier run. `upgrade` fills in the keys a stored state lacks when it
+    was recorded before they existed (ct.trainer.config.with_added_keys), so that such a run is
+    still found and continued."""
+    if not opts.fresh:
+        for run_dir in ws.unfinished_runs(kind):
+            stored = read_json(run_dir / names.RUN_CONFIG)
+            if isinstance(stored, dict):  # anything else matches no state
+                stored = upgrade(stored)
+            if opts.resume or stored == state:
+                return run_dir, stored, True
+    if opts.resume:
+        raise UsageError(f"no unfinished {kind} run in {ws.runs} to resume; "
+                         "run without --resume to start one")
+    with stopping.deferred():  # no run folder without its config
+        run_dir = ws.new_run_dir(kind, config_hash(state))
+        atomic.write_json(run_dir / names.RUN_CONFIG, state)
+    return run_dir, state, False
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is unreadable or not JSON ({exc}); "
+                         "delete that run folder or pass --fresh") from exc
+
+
+class Log:
+    """Plain lines to stdout (the Jenkins console) and to the run's train.log."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        line = f"{datetime.now(timezone.utc):%H:%M:%S} {message}"
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+
+
+def load_data(opts: RunOptions, ws: Workspace, log: LogLine) -> Cifar:
+    data_dir = opts.data_dir if opts.data_dir is not None else ws.root / names.DATA_DIR
+    if opts.download:
+        log(f"downloading CIFAR-10 into {data_dir}")
+        download(data_dir)
+    t0 = time.perf_counter()
+    data = load_cifar(data_dir, cache_dir=ws.root / names.DATA_DIR)
+    log(f"data {data.source}: {len(data.train_x)} train, {len(data.test_x)} test images "
+        f"({time.perf_counter() - t0:.1f}s)")
+    assert data.location is not None  # load_cifar always says what it read
+    t0 = time.perf_counter()
+    data.sha256, cached = dataset_sha256(data.location, cache_dir=ws.root / names.DATA_DIR)
+    how = "cached" if cached else f"hashed in {time.perf_counter() - t0:.1f}s"
+    log(f"dataset sha256 {data.sha256[:16]} ({how})")
+    return data
+
+
+def record_lineage(ws: Workspace, run_dir: Path, data: Cifar, cfg: dict[str, Any],
+                   compute: Compute) -> dict[str, Any]:
+    """The run's lineage (ct.trainer.lineage), once run_dir/model.pt is written."""
+    return run_lineage(dataset_sha256=data.sha256, dataset_location=data.location,
+                       seed=cfg["seed"], commit=ws.commit(), compute=compute,
+                       model_path=run_dir / names.RUN_MODEL)
+
+
+# --- the run's clock --------------------------------------------------------------------------
+
+
+@dataclass
+class RunClock:
+    """A run's wall time across restarts: what its earlier processes spent (run_dir/clock.json)
+    plus this process's time. Kept apart from the config and the RNGs, so timing cannot change
+    what a resumed run computes; one file per run also serves --tune, whose trials each have a
+    checkpoint of their own."""
+
+    path: Path
+    started: float  # time.monotonic() when this process began
+    before: float = 0.0
+    resumes: int = 0
+
+    @classmethod
+    def begin(cls, run_dir: Path, started: float, resumed: bool) -> RunClock:
+        clock = cls(run_dir / names.RUN_CLOCK, started)
+        if resumed:
+            saved = _read_clock(clock.path)
+            clock.before = float(saved.get("wall_seconds", 0.0))
+            clock.resumes = int(saved.get("resumes", 0)) + 1
+            clock.save()  # counts this restart even if it is stopped before its first checkpoint
+        return clock
+
+    def total(self) -> float:
+        return self.before + time.monotonic() - self.started
+
+    def save(self) -> None:
+        atomic.write_json(self.path, {"wall_seconds": round(self.total(), 3),
+                                      "resumes": self.resumes})
+
+    @contextmanager
+    def saved_on_stop(self) -> Iterator[None]:
+        """A stopped process's time counts too, although its last epoch will be trained again."""
+        try:
+            yield
+        except stopping.Stopped:
+            self.save()
+            raise
+
+
+def _read_clock(path: Path) -> dict[str, Any]:
+    # Timing is for the record only: a missing or damaged clock must not block a resume.
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+# --- publishing -------------------------------------------------------------------------------
+
+
+def run_summary(ws: Workspace, run_dir: Path, compute: Compute, clock: RunClock, mode: str,
+                accuracy: float, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "accuracy": round(accuracy, 2), "mode": mode, "run_id": run_dir.name,
+        "run_dir": str(run_dir.relative_to(ws.root)),
+        "model": str((run_dir / names.RUN_MODEL).relative_to(ws.root)),
+        "wall_time_s": round(clock.total(), 2), "resumes": clock.resumes,
+        "device": compute.describe(),
+        "torch": torch.__version__, "commit": ws.commit(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
+    }
+
+
+def publish(ws: Workspace, run_dir: Path, summary: dict[str, Any], dry_run: bool) -> None:
+    """Top-level results first, the run's own metrics.json (its "finished" mark) last."""
+    stopping.finishing()
+    if not dry_run:
+        atomic.write_text(ws.root / names.ACCURACY_FILE, f"{summary['accuracy']:.2f}\n")
+        atomic.write_json(ws.root / names.METRICS_FILE, summary)
+    atomic.write_json(run_dir / names.RUN_METRICS, summary)
