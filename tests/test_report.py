@@ -4,16 +4,18 @@ opened by a real headless browser (Debian chromium) from file://, without a serv
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from ct.pipeline import gate, report
+from ct.pipeline import gate, promote, report
 from tests.test_gate import COMMIT, make_workspace, run_module, write_run
 
 DATASET_SHA = "d" * 64
@@ -82,9 +84,9 @@ def build_workspace(root: Path, n_runs: int = 4) -> Path:
         mode = "tune" if i == 1 else "train"
         run_id = f"{mode}-2025010{i + 2}-000000-{i:04x}"
         add_run(ws, run_id, accuracy, mode=mode)
-        assert gate.main(["check", "--workspace", str(ws), "--threshold", "80",
+        assert gate.main(["--workspace", str(ws), "--threshold", "80",
                           "--build-id", str(i + 1)]) == 0
-        assert gate.main(["promote", "--workspace", str(ws)]) == 0
+        assert promote.main(["--workspace", str(ws)]) == 0
     missing = ws / "runs" / "train-20250201-000000-dead"
     missing.mkdir()
     (missing / "checkpoint.pt").write_bytes(b"ckpt")
@@ -208,7 +210,61 @@ def test_a_report_folder_in_the_way_is_exit_2_and_the_old_page_stays(tmp_path: P
     assert report.main(["--workspace", str(ws)]) == 0
     after = (ws / "report" / "index.html").read_bytes()
     assert after.endswith(b"</html>\n") and len(after) > len(before) // 2  # whole, never partial
-    assert not [p for p in (ws / "report").iterdir() if p.name != "index.html"]
+    assert sorted(p.name for p in (ws / "report").iterdir()) == ["index.html", report.STYLESHEET]
+
+
+# ---------------------------------------------------------------- under Jenkins' CSP
+# Jenkins serves the page with a Content-Security-Policy that allows style sheets from its own
+# server only: no <style>, no style attributes, no scripts (tests/test_report_browser.py loads it
+# under that policy in a real browser).
+
+STYLESHEET_SOURCE = Path(report.__file__).with_name(report.STYLESHEET)
+
+
+def test_the_page_links_its_style_sheet_written_beside_it(tmp_path: Path) -> None:
+    ws = build_workspace(tmp_path / "ws", n_runs=1)
+    assert report.main(["--workspace", str(ws)]) == 0
+    page = (ws / "report" / "index.html").read_text()
+    assert "<style" not in page and "style=" not in page and "<script" not in page
+    assert page.count(f'<link rel="stylesheet" href="{report.STYLESHEET}">') == 1
+    css = (ws / "report" / report.STYLESHEET).read_bytes()
+    assert css == STYLESHEET_SOURCE.read_bytes() and b"body {" in css
+
+
+def test_the_chart_carries_its_own_colours(tmp_path: Path) -> None:
+    """An SVG shape whose fill nobody set is filled black: every shape says fill (and a line its
+    stroke) itself, so the chart draws right even when the style sheet is blocked."""
+    ws = build_workspace(tmp_path / "ws", n_runs=2)
+    assert report.main(["--workspace", str(ws)]) == 0
+    page = (ws / "report" / "index.html").read_text()
+    svg = page.split('<svg id="accuracy-chart"', 1)[1].split("</svg>", 1)[0]
+    shapes = re.findall(r"<(rect|polyline|circle|text|line)\b([^>]*)>", svg)
+    assert {kind for kind, _ in shapes} == {"rect", "polyline", "circle", "text", "line"}
+    for kind, attrs in shapes:
+        if kind != "line":  # a line has no inside to fill
+            assert re.search(r' fill="(none|#[0-9a-f]{3,6})"', attrs), (kind, attrs)
+        if kind in ("polyline", "line", "rect"):
+            assert re.search(r' stroke="#[0-9a-f]{3,6}"', attrs), (kind, attrs)
+    assert re.findall(r'<polyline[^>]* fill="([^"]*)"', svg) == ["none", "none"]
+    assert "svg " not in STYLESHEET_SOURCE.read_text(), "the chart's colours have one owner"
+
+
+def test_a_checkout_without_the_style_sheet_is_exit_2_and_keeps_the_old_page(
+        tmp_path: Path) -> None:
+    ws = build_workspace(tmp_path / "ws", n_runs=1)
+    assert report.main(["--workspace", str(ws)]) == 0
+    before = (ws / "report" / "index.html").read_bytes()
+    checkout = tmp_path / "checkout"  # this project's code, less the style sheet
+    shutil.copytree(Path(report.__file__).parents[2] / "ct", checkout / "ct",
+                    ignore=shutil.ignore_patterns("__pycache__", report.STYLESHEET))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CT_")}
+    proc = subprocess.run(  # from the checkout, so that `-m` finds its ct first
+        [sys.executable, "-m", "ct.pipeline.report", "--workspace", str(ws)], cwd=checkout,
+        env=env | {"PYTHONPATH": str(checkout)}, capture_output=True, text=True, timeout=60,
+        check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"cannot read the report's style sheet {report.STYLESHEET}" in proc.stderr
+    assert (ws / "report" / "index.html").read_bytes() == before
 
 
 # ---------------------------------------------------------------- a real browser, from disk

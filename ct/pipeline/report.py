@@ -7,7 +7,9 @@ Writes W/report/index.html atomically (a reader sees the old page or the new one
 accuracy-history.csv), the newest N runs (default 50) with their training curves
 (<img src="../runs/<id>/curves.png">), the tuning rounds (trials, best parameters, trials.png)
 and job6's restarts (status/train.properties, status/tune.properties). No JavaScript, no server:
-it opens from disk, and Jenkins' HTML Publisher shows it as "CT report" (job4, job5).
+it opens from disk, and Jenkins' HTML Publisher shows it as "CT report" (job4, job5). Jenkins
+serves it under a Content-Security-Policy that allows no inline styles, so its styles come from
+report.css, written beside it in the same change.
 
 Input is read leniently: a run whose metrics.json is missing or damaged is listed as unreadable,
 with the reason, and the page is still written. Exit 0 when written; 2 (one line on stderr) for
@@ -25,6 +27,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -32,11 +35,12 @@ from urllib.parse import quote
 
 from ct import atomic
 from ct import workspace as names
-from ct.pipeline import gate, lineage
+from ct.pipeline import lineage, records, report_chart
 
 DEFAULT_RUNS = 50
 MAX_TUNE_ROUNDS = 20
 MAX_CHART_POINTS = 500
+STYLESHEET = "report.css"  # ct/pipeline/report.css, copied to report/ beside index.html
 _STAMP = re.compile(r"-(\d{8}-\d{6})-")  # runs/<kind>-<UTC time>-<config hash>[-n]
 
 
@@ -65,7 +69,9 @@ class Run:
 
 
 @dataclass
-class Workspace:
+class ReportInputs:
+    """What the page shows, read from one workspace."""
+
     root: Path
     best: dict[str, Any] | None = None
     best_problem: str = ""
@@ -82,7 +88,7 @@ def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str]:
     except FileNotFoundError:
         return None, f"no {path.name}"
     except (OSError, UnicodeDecodeError) as err:
-        return None, f"{path.name} cannot be read ({gate.os_reason(err)})"
+        return None, f"{path.name} cannot be read ({records.os_reason(err)})"
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
@@ -107,7 +113,7 @@ def read_run(path: Path) -> Run:
     if metrics is None and problem == f"no {names.RUN_METRICS}":
         started = (path / names.RUN_CHECKPOINT).exists() or (path / names.RUN_EPOCHS).exists()
         problem += " (not finished: still running, stopped or crashed)" if started else ""
-    elif metrics is not None and not gate.is_percentage(metrics.get("accuracy")):
+    elif metrics is not None and not records.is_percentage(metrics.get("accuracy")):
         problem = f"{names.RUN_METRICS} has accuracy {metrics.get('accuracy')!r}, not a percentage"
         metrics = None
     return Run(path.name, path, metrics, problem, (path / names.RUN_CURVES).is_file(),
@@ -135,22 +141,22 @@ def _number(text: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def collect(root: Path) -> Workspace:
-    ws = Workspace(root)
+def collect(root: Path) -> ReportInputs:
+    inputs = ReportInputs(root)
     best, problem = read_json_object(root / names.BEST_FILE)
-    ws.best, ws.best_problem = best, ("" if problem == f"no {names.BEST_FILE}" else problem)
-    ws.history, ws.history_problem = read_history(root / names.HISTORY_FILE)
+    inputs.best, inputs.best_problem = best, ("" if problem == f"no {names.BEST_FILE}" else problem)
+    inputs.history, inputs.history_problem = read_history(root / names.HISTORY_FILE)
     try:
         folders = [p for p in (root / names.RUNS_DIR).iterdir() if p.is_dir()]
     except OSError:
         folders = []
     folders.sort(key=run_sort_key, reverse=True)
-    ws.runs = [read_run(p) for p in folders]
+    inputs.runs = [read_run(p) for p in folders]
     for role, name in (("training", names.TRAIN_STATUS), ("tuning", names.TUNE_STATUS)):
-        props = gate.read_properties(root / name)
+        props = records.read_properties(root / name)
         if props:
-            ws.status[role] = props
-    return ws
+            inputs.status[role] = props
+    return inputs
 
 
 # ---------------------------------------------------------------- HTML pieces
@@ -164,7 +170,7 @@ def esc(value: Any) -> str:
 
 
 def pct(value: Any) -> str:
-    return f"{gate.fmt_number(value)}%" if gate.is_percentage(value) else esc(None)
+    return f"{records.fmt_number(value)}%" if records.is_percentage(value) else esc(None)
 
 
 def short(sha: Any, n: int = 12) -> str:
@@ -196,14 +202,15 @@ def dl(rows: Sequence[tuple[str, str]]) -> str:
     return "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
 
 
-def best_card(ws: Workspace) -> str:
-    if ws.best is None:
-        why = f"best.json is unreadable: {html.escape(ws.best_problem)}" if ws.best_problem \
+def best_card(inputs: ReportInputs) -> str:
+    if inputs.best is None:
+        problem = inputs.best_problem
+        why = f"best.json is unreadable: {html.escape(problem)}" if problem \
             else "no model has been promoted yet (no best.json)"
         return f'<section id="best" class="card"><h2>Best model</h2><p>{why}</p></section>'
-    best = ws.best
+    best = inputs.best
     run_id = best.get("run_id")
-    source = next((r for r in ws.runs if r.run_id == run_id and r.metrics), None)
+    source = next((r for r in inputs.runs if r.run_id == run_id and r.metrics), None)
     summary = source.metrics if source else None
 
     def pick(name: str) -> Any:
@@ -235,70 +242,26 @@ def best_card(ws: Workspace) -> str:
             f"{curves}</section>")
 
 
-def history_chart(rows: list[dict[str, str]]) -> str:
-    """Accuracy per judged run (x: in order, labelled by commit) and the threshold, as SVG."""
-    rows = rows[-MAX_CHART_POINTS:]
-    width, height, left, right, top, bottom = 900, 280, 48, 16, 16, 56
-    points = [(_number(r.get("accuracy")) or 0.0, _number(r.get("threshold"))) for r in rows]
-    values = [a for a, _ in points] + [t for _, t in points if t is not None]
-    low = max(0.0, math.floor((min(values) - 5) / 10) * 10) if values else 0.0
-    high = 100.0
-    span_x = width - left - right
-    span_y = height - top - bottom
-
-    def x(i: int) -> float:
-        return left + (span_x * (i + 0.5) / len(points) if points else 0)
-
-    def y(v: float) -> float:
-        return top + span_y * (high - v) / (high - low)
-
-    parts = [f'<svg id="accuracy-chart" xmlns="http://www.w3.org/2000/svg" role="img" '
-             f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
-             "<title>Test accuracy per judged run, with the threshold</title>",
-             f'<rect x="{left}" y="{top}" width="{span_x}" height="{span_y}" class="plot"/>']
-    step = 10 if high - low > 30 else 5
-    tick = high
-    while tick >= low:
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" '
-                     f'y2="{y(tick):.1f}" class="grid"/><text x="{left - 6}" '
-                     f'y="{y(tick) + 4:.1f}" class="ylab">{tick:g}</text>')
-        tick -= step
-    if points:
-        thresholds = [(i, t) for i, (_, t) in enumerate(points) if t is not None]
-        if thresholds:
-            path = " ".join(f"{x(i) - span_x / len(points) / 2:.1f},{y(t):.1f} "
-                            f"{x(i) + span_x / len(points) / 2:.1f},{y(t):.1f}"
-                            for i, t in thresholds)
-            parts.append(f'<polyline id="threshold-line" class="threshold" points="{path}">'
-                         f"<title>threshold {thresholds[-1][1]:g}%</title></polyline>")
-        line = " ".join(f"{x(i):.1f},{y(a):.1f}" for i, (a, _) in enumerate(points))
-        parts.append(f'<polyline class="accuracy" points="{line}"/>')
-        every = max(1, math.ceil(len(points) / 12))
-        for i, ((acc, thr), row) in enumerate(zip(points, rows, strict=True)):
-            passed = row.get("passed") == "true" or (thr is not None and acc >= thr)
-            commit = (row.get("commit") or "")[:7] or "?"
-            tip = (f"{acc:g}% at {commit}, build {row.get('build') or '?'}, "
-                   f"{row.get('time') or ''}, threshold {'' if thr is None else f'{thr:g}%'}")
-            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(acc):.1f}" r="3.5" '
-                         f'class="{"pass" if passed else "fail"}"><title>'
-                         f"{html.escape(tip)}</title></circle>")
-            if i % every == 0 or i == len(points) - 1:
-                parts.append(f'<text x="{x(i):.1f}" y="{height - bottom + 16}" class="xlab" '
-                             f'transform="rotate(30 {x(i):.1f} {height - bottom + 16})">'
-                             f"{html.escape(commit)}</text>")
-    else:
-        parts.append(f'<text x="{width / 2}" y="{height / 2}" class="empty">no gate results '
-                     "yet</text>")
-    parts.append("</svg>")
-    return "".join(parts)
+def chart_points(rows: list[dict[str, str]]) -> list[report_chart.Point]:
+    """The newest MAX_CHART_POINTS rows of accuracy-history.csv, as the chart's points."""
+    points = []
+    for row in rows[-MAX_CHART_POINTS:]:
+        acc, thr = _number(row.get("accuracy")) or 0.0, _number(row.get("threshold"))
+        commit = (row.get("commit") or "")[:7] or "?"
+        tip = (f"{acc:g}% at {commit}, build {row.get('build') or '?'}, "
+               f"{row.get('time') or ''}, threshold {'' if thr is None else f'{thr:g}%'}")
+        passed = row.get("passed") == "true" or (thr is not None and acc >= thr)
+        points.append(report_chart.Point(acc, thr, passed, commit, tip))
+    return points
 
 
-def history_section(ws: Workspace) -> str:
-    note = f'<p class="note">{html.escape(ws.history_problem)}</p>' if ws.history_problem else ""
-    shown = len(ws.history[-MAX_CHART_POINTS:])
-    return (f'<section id="history"><h2>Accuracy over commits</h2><p>{shown} judged run(s) '
+def history_section(inputs: ReportInputs) -> str:
+    problem = inputs.history_problem
+    note = f'<p class="note">{html.escape(problem)}</p>' if problem else ""
+    points = chart_points(inputs.history)
+    return (f'<section id="history"><h2>Accuracy over commits</h2><p>{len(points)} judged run(s) '
             f'from {html.escape(names.HISTORY_FILE)}; the red line is the threshold.</p>'
-            f"{note}{history_chart(ws.history)}</section>")
+            f"{note}{report_chart.history_chart(points)}</section>")
 
 
 def run_row(run: Run) -> str:
@@ -324,11 +287,11 @@ def curves_cell(run: Run) -> str:
             f'{html.escape(run.run_id)}" src="{src}"></a>')
 
 
-def runs_section(ws: Workspace, limit: int) -> str:
-    shown = ws.runs[:limit]
-    unreadable = sum(1 for r in ws.runs if r.metrics is None)
-    more = len(ws.runs) - len(shown)
-    head = (f"<p>{len(ws.runs)} run(s) in {names.RUNS_DIR}/, newest first"
+def runs_section(inputs: ReportInputs, limit: int) -> str:
+    shown = inputs.runs[:limit]
+    unreadable = sum(1 for r in inputs.runs if r.metrics is None)
+    more = len(inputs.runs) - len(shown)
+    head = (f"<p>{len(inputs.runs)} run(s) in {names.RUNS_DIR}/, newest first"
             + (f"; the {more} oldest are not shown" if more > 0 else "")
             + (f"; {unreadable} unreadable" if unreadable else "") + ".</p>")
     if not shown:
@@ -339,8 +302,8 @@ def runs_section(ws: Workspace, limit: int) -> str:
             + "".join(run_row(r) for r in shown) + "</tbody></table></section>")
 
 
-def tuning_section(ws: Workspace) -> str:
-    rounds = [r for r in ws.runs if r.mode == "tune"][:MAX_TUNE_ROUNDS]
+def tuning_section(inputs: ReportInputs) -> str:
+    rounds = [r for r in inputs.runs if r.mode == "tune"][:MAX_TUNE_ROUNDS]
     if not rounds:
         return '<section id="tuning"><h2>Tuning rounds</h2><p>no tuning runs.</p></section>'
     rows = []
@@ -373,15 +336,15 @@ def tuning_section(ws: Workspace) -> str:
             + "</tbody></table></section>")
 
 
-def restarts_section(ws: Workspace) -> str:
-    if not ws.status:
+def restarts_section(inputs: ReportInputs) -> str:
+    if not inputs.status:
         return ('<section id="restarts"><h2>Restarts (job6)</h2><p>no training or tuning '
                 "process recorded yet (status/*.properties).</p></section>")
     keys = ("RESTARTS", "STATUS", "EXIT_CODE", "GAVE_UP")
     rows = "".join(
         f'<tr class="status-{html.escape(role)}"><td>{html.escape(role)}</td>'
         + "".join(f"<td>{esc(props.get(k))}</td>" for k in keys) + "</tr>"
-        for role, props in ws.status.items())
+        for role, props in inputs.status.items())
     return ('<section id="restarts"><h2>Restarts (job6)</h2><table><thead><tr><th>process</th>'
             + "".join(f"<th>{k}</th>" for k in keys) + f"</tr></thead><tbody>{rows}</tbody>"
             "</table></section>")
@@ -393,25 +356,7 @@ PAGE = Template("""<!DOCTYPE html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>CT report: CIFAR-10 continuous training</title>
-<style>
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1200px; }
-h1 { font-size: 1.5em; margin: 0 0 .2em; } h2 { font-size: 1.15em; margin: 1.4em 0 .4em; }
-.card { border: 1px solid #ccc; border-radius: 6px; padding: .2em 1em 1em; background: #fafafa; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: .2em 1em; margin: .5em 0; }
-dt { color: #666; } dd { margin: 0; } .big { font-size: 1.4em; color: #1a7f37; }
-table { border-collapse: collapse; width: 100%; } th, td { border-bottom: 1px solid #ddd;
-  padding: .25em .5em; text-align: left; vertical-align: middle; } th { background: #f0f0f0; }
-td.num { text-align: right; } tr.unreadable td { background: #fff4f4; color: #8a1c1c; }
-img.curves, img.trials { height: 64px; width: auto; border: 1px solid #ddd; background: #fff; }
-.card img.curves { height: 220px; } .na { color: #999; } .note { color: #8a5a00; }
-svg .plot { fill: #fff; stroke: #bbb; } svg .grid { stroke: #eee; }
-svg .accuracy { fill: none; stroke: #1f6feb; stroke-width: 2; }
-svg .threshold { fill: none; stroke: #d1242f; stroke-width: 2; stroke-dasharray: 6 4; }
-svg .pass { fill: #1a7f37; } svg .fail { fill: #d1242f; }
-svg text { font: 11px system-ui, sans-serif; fill: #555; } svg .ylab { text-anchor: end; }
-svg .empty { text-anchor: middle; font-size: 14px; }
-footer { margin-top: 2em; color: #777; font-size: .9em; }
-</style>
+<link rel="stylesheet" href="$stylesheet">
 </head>
 <body>
 <h1>CIFAR-10 continuous training</h1>
@@ -422,26 +367,39 @@ $history
 $runs
 $tuning
 $restarts
-<footer>Static page: no JavaScript; pictures are read from ../runs/ next to this folder.</footer>
+<footer>Static page: no JavaScript; styles in $stylesheet beside it; pictures read from
+../runs/ next to this folder.</footer>
 </body>
 </html>
 """)
 
 
-def render(ws: Workspace, limit: int = DEFAULT_RUNS) -> str:
+def render(inputs: ReportInputs, limit: int = DEFAULT_RUNS) -> str:
     return PAGE.substitute(
-        workspace=html.escape(str(ws.root)), written=html.escape(gate.utc_now()),
-        best=best_card(ws), history=history_section(ws), runs=runs_section(ws, limit),
-        tuning=tuning_section(ws), restarts=restarts_section(ws),
+        stylesheet=STYLESHEET, workspace=html.escape(str(inputs.root)),
+        written=html.escape(records.utc_now()),
+        best=best_card(inputs), history=history_section(inputs), runs=runs_section(inputs, limit),
+        tuning=tuning_section(inputs), restarts=restarts_section(inputs),
     )
 
 
-def write_report(root: Path, limit: int = DEFAULT_RUNS) -> Path:
-    ws = collect(root)
-    page = render(ws, limit)
-    target = root / names.REPORT_INDEX
+def stylesheet() -> bytes:
+    """The page's CSS, kept as a file of this package (one copy, written beside each page)."""
     try:
-        atomic.write_files({target: page.encode("utf-8")})
+        return resources.files(__package__).joinpath(STYLESHEET).read_bytes()
+    except OSError as err:
+        raise ReportError(f"cannot read the report's style sheet {STYLESHEET} in {__package__} "
+                          f"({err.strerror or err}); restore it from the repository") from None
+
+
+def write_report(root: Path, limit: int = DEFAULT_RUNS) -> Path:
+    inputs = collect(root)
+    page = render(inputs, limit)
+    target = root / names.REPORT_INDEX
+    # One change, the style sheet first: a reader never gets a page without its styles.
+    files = {target.with_name(STYLESHEET): stylesheet(), target: page.encode("utf-8")}
+    try:
+        atomic.write_files(files)
     except atomic.WriteError as err:
         raise ReportError(
             f"cannot write {err.target} ({err.reason}); make {root / names.REPORT_DIR} writable "
