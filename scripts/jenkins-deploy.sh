@@ -62,7 +62,7 @@ write_includes() {
     [[ "${!var}" != *$'\n'* && -n "${!var}" ]] || die "$var must be one non-empty line"
   done
   if is_local_repo "$repo_url" && [[ "${CT_ALLOW_LOCAL_CHECKOUT:-false}" != true ]]; then
-    die "CT_REPO_URL=$repo_url is a local repository, which the git plugin refuses to check out (SECURITY-2478): use an https:// or ssh URL, or set CT_ALLOW_LOCAL_CHECKOUT=true here and for docker-compose (README, 'Run it in Jenkins')"
+    die "CT_REPO_URL=$repo_url is a local repository, which the git plugin refuses to check out (SECURITY-2478): use an https:// or ssh URL, or set CT_ALLOW_LOCAL_CHECKOUT=true here and for docker-compose (docs/jenkins.md)"
   fi
   printf '%s' "$token" >"$1/ct-trigger-token"
   printf '%s' "$repo_url" >"$1/ct-repo-url"
@@ -91,7 +91,7 @@ main() {
   jjb=$(jenkins_jobs_program)
   if [[ "$mode" == update ]]; then
     for var in JENKINS_URL JENKINS_USER JENKINS_API_TOKEN CT_TRIGGER_TOKEN CT_REPO_URL; do
-      [[ -n "${!var:-}" ]] || die "$var is not set (see README, 'Run it in Jenkins')"
+      [[ -n "${!var:-}" ]] || die "$var is not set (see docs/jenkins.md)"
     done
   fi
 

@@ -130,7 +130,8 @@ def snapshot(workspace: Path) -> dict[str, bytes]:
 )
 def test_check_writes_properties(tmp_path: Path, accuracy: float, passed: str, line: str) -> None:
     ws = make_workspace(tmp_path / "ws", accuracy)
-    result = run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", "80", "--build-id", "12")
+    result = run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", "80",
+                        "--build-id", "12")
     assert result.returncode == 0, result.stderr
     assert result.stdout == line + "\n"
     assert result.stderr == ""
@@ -283,7 +284,8 @@ def test_bad_flags_are_argparse_errors(module: str, args: list[str]) -> None:
 
 
 def test_missing_workspace_is_clear(tmp_path: Path) -> None:
-    result = run_module("ct.pipeline.gate", "--workspace", str(tmp_path / "nope"), "--threshold", "80")
+    result = run_module("ct.pipeline.gate", "--workspace", str(tmp_path / "nope"),
+                        "--threshold", "80")
     assert result.returncode == 2
     assert "is not a directory" in result.stderr
 
@@ -612,7 +614,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
 
 
 def check_cli(ws: Path) -> subprocess.CompletedProcess[str]:
-    return run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", "80", "--build-id", "2")
+    return run_module("ct.pipeline.gate", "--workspace", str(ws), "--threshold", "80",
+                      "--build-id", "2")
 
 
 @pytest.mark.parametrize(

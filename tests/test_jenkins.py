@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ct.pipeline import process, records
+from ct.pipeline.records import GATE_RECORD
 from tests import test_jenkins_checks as jc
 
 REPO = jc.REPO
@@ -225,8 +227,8 @@ def test_job4_hands_over_to_job5_only_below_the_threshold(rendered):
     condition = step.find("condition")
     assert condition.get("class") == "org.jenkins_ci.plugins.run_condition.core." \
                                      "StringsMatchCondition"
-    assert condition.findtext("arg1") == '${PROPFILE,file="gate.properties",property="PASSED"}'
-    assert condition.findtext("arg2") == "false"
+    assert condition.findtext("arg1") == '${PROPFILE,file="gate.properties",property="TUNE"}'
+    assert condition.findtext("arg2") == "true"
     assert condition.findtext("ignoreCase") == "false"
     assert step.find("runner").get("class").endswith("BuildStepRunner$Fail")
     trigger = step.find("buildStep")
@@ -254,7 +256,7 @@ def test_accuracy_and_commit_pass_downstream_as_parameters(rendered):
     for job in ["job2", "job3", "job4"]:
         assert "COMMIT" in declared(job), job
     # job5 declares what gate.properties carries (Jenkins drops undeclared parameters).
-    assert {"ACCURACY", "THRESHOLD", "PASSED", "COMMIT", "RUN_DIR"} <= declared("job5")
+    assert set(GATE_RECORD.required) <= declared("job5")
 
 
 def test_chain_order_equals_the_local_chain_runner(rendered):
@@ -357,7 +359,7 @@ def test_job4_and_job5_publish_the_report_from_the_shared_workspace(rendered):
 # ------------------------------------------------------------------ self-healing hand-over
 
 
-def test_job6_hands_a_restarted_run_to_job4_with_its_commit_and_run_folder(rendered):
+def test_job6_hands_a_restarted_run_to_job4_with_its_commit_and_run_folder(rendered, tmp_path):
     """parameterized-trigger 859.vb_e3907a_07a_16: FileBuildParameters.extractAllValues() reads
     the properties file from the build's archived artifacts, then the workspace; when it is
     missing and failTriggerOnMissing is set it throws DontTriggerException, which
@@ -376,9 +378,10 @@ def test_job6_hands_a_restarted_run_to_job4_with_its_commit_and_run_folder(rende
     assert "handover.properties" in {a.strip() for a in archived.split(",")}
     # the keys job6 writes are parameters job4 declares (Jenkins drops undeclared ones), and
     # job4 hands RUN_DIR to its script
-    job6 = (REPO / "scripts" / "job6-monitor.sh").read_text()
-    written = set(re.findall(r"^(\w+)=\$", job6.split("write_file", 1)[1], re.M))
-    written |= set(re.findall(r'"(\w+)=\$\(props_get', job6))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    process.write_handover(ws, {"COMMIT": "0123abc"})
+    written = set(records.parse_properties((ws / "handover.properties").read_text()))
     assert written == {"COMMIT", "RUN_DIR"}, written
     declared = {p.findtext("name") for p in rendered["job4"].iter(
         "hudson.model.StringParameterDefinition")}
