@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ct import workspace as names
-from ct.pipeline import gate
+from ct.pipeline import promote
 from tests.test_gate import COMMIT, make_workspace, run_module
 from tests.test_report import add_run
 
@@ -31,7 +31,7 @@ def workspace_with_data(root: Path, form: str = "archive") -> Path:
     text = json.dumps(metrics)
     (ws / "runs" / metrics["run_id"] / "metrics.json").write_text(text)
     (ws / "metrics.json").write_text(text)
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert promote.main(["--workspace", str(ws)]) == 0
     return ws
 
 
@@ -108,7 +108,7 @@ def test_dataset_sha256_is_the_files_one_after_the_other(tmp_path: Path) -> None
 
 def test_old_records_without_lineage(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path / "ws", 81.0, run_id="r1")
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert promote.main(["--workspace", str(ws)]) == 0
     assert "lineage" not in json.loads((ws / "best.json").read_text())
     proc = lineage(ws)
     assert proc.returncode == 0 and "no lineage recorded" in proc.stdout

@@ -19,7 +19,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
-from ct.pipeline import gate, notify
+from ct.pipeline import gate, notify, promote
 from tests import test_gate
 from tests.test_gate import (
     COMMIT,
@@ -110,8 +110,8 @@ def mailbox() -> Iterator[Mailbox]:
 def workspace(tmp_path: Path) -> Path:
     """A workspace after a passing job4: gate checked, model promoted."""
     ws = make_workspace(tmp_path / "ws", 81.27)
-    assert gate.main(["check", "--workspace", str(ws), "--threshold", "80"]) == 0
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert gate.main(["--workspace", str(ws), "--threshold", "80"]) == 0
+    assert promote.main(["--workspace", str(ws)]) == 0
     return ws
 
 
@@ -385,7 +385,7 @@ def test_notify_on_a_read_only_workspace(
     readonly_workspace: Path, other_user: tuple[str, ...]
 ) -> None:
     ws = make_workspace(readonly_workspace, 81.27)
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert promote.main(["--workspace", str(ws)]) == 0
     make_read_only(ws)
     before = snapshot(ws)
 
@@ -399,7 +399,7 @@ def test_unreadable_attachment_is_one_line(
     readonly_workspace: Path, other_user: tuple[str, ...]
 ) -> None:
     ws = make_workspace(readonly_workspace, 81.27)
-    assert gate.main(["promote", "--workspace", str(ws)]) == 0
+    assert promote.main(["--workspace", str(ws)]) == 0
     (ws / "best.json").chmod(0o000)
 
     result = notify_cli(ws, "--dry-run", user=other_user)

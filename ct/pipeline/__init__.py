@@ -1,11 +1,20 @@
 """The Jenkins side: run by the job scripts (scripts/) with the host's plain python3 around the
 training container. Standard library only: nothing here, nor anything it imports, needs torch.
+The job scripts invoke; the decisions about what follows from recorded state are made here.
 
-- `gate`: `python3 -m ct.pipeline.gate check|promote`: the accuracy gate (job4) and model
-  promotion (job4, job5).
+- `after_run`: `python3 -m ct.pipeline.after_run judge|handed-to-tuning`: what follows every
+  finished run (job4, job5, job6 --follow): judge, promote, mail, report, or hand to tuning,
+  once per run.
+- `process`: `python3 -m ct.pipeline.process ...`: a training/tuning process's record and what
+  to do about it (job3, job5, job6): running, finished, restart within the budget, give up.
+- `gate`: `python3 -m ct.pipeline.gate`: the accuracy gate, its verdict and history.
+- `promote`: `python3 -m ct.pipeline.promote`: keep the run's model when it beats the best.
 - `notify`: `python3 -m ct.pipeline.notify`: the mail (best model, tuning result, failure).
 - `report`: `python3 -m ct.pipeline.report`: the static HTML report, W/report/index.html (job4,
-  job5; Jenkins' HTML Publisher shows it).
+  job5; Jenkins' HTML Publisher shows it); `report_chart` draws its chart.
 - `lineage`: `python3 -m ct.pipeline.lineage [best|RUN_ID] [--verify]`: where a model came from
   (commit, image, data, config, run, model sha256), and whether its files still match.
+- `records`: the one reader and writer of the workspace's records (properties, JSON), checked
+  against their schemas; `python3 -m ct.pipeline.records get|set` for the job scripts.
+- `cli`: what every command line here shares (--workspace, one line for bad input).
 """
