@@ -28,10 +28,11 @@ weekly() {
   # /build of a parameterized job with HTTP 400 "This page expects a form submission"
   # (tests/test_scripts_fast.py cites the core source).
   local url="${JENKINS_URL%/}/job/$CT_RETRAIN_JOB/buildWithParameters" status
-  # Credentials go to curl on stdin, not on its command line (which other users can read).
-  status="$(printf 'user = "%s:%s"\n' "$JENKINS_USER" "$JENKINS_API_TOKEN" |
-    curl -sS -K - -o /dev/null -w '%{http_code}' --max-time 30 -X POST -G \
-      --data-urlencode "token=$CT_TRIGGER_TOKEN" "$url")" ||
+  # Credentials and the trigger token go to curl on stdin, not on its command line (which other
+  # users can read).
+  status="$(printf 'user = "%s:%s"\ndata-urlencode = "token=%s"\n' \
+    "$JENKINS_USER" "$JENKINS_API_TOKEN" "$CT_TRIGGER_TOKEN" |
+    curl -sS -K - -o /dev/null -w '%{http_code}' --max-time 30 -X POST -G "$url")" ||
     die "weekly retrain: cannot reach $url"
   [[ "$status" =~ ^2 ]] || die "weekly retrain: $url answered HTTP $status"
   log "weekly retrain requested: POST $url -> HTTP $status"
