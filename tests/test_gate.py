@@ -410,7 +410,7 @@ def test_best_without_its_model_is_replaced(tmp_path: Path) -> None:
 
 
 
-# ---------------------------------------------------------------- promotion is atomic (issue 8 A)
+# ---------------------------------------------------------------- promotion is atomic
 
 
 def sha256(path: Path) -> str:
@@ -462,7 +462,7 @@ def fail_replace_onto(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def immutable() -> Iterator[list[Path]]:
-    """Files to `chattr +i` (what issue 8 saw on best.json); cleared again after the test."""
+    """Files to `chattr +i` (a best.json that cannot be replaced); cleared again after the test."""
     paths: list[Path] = []
     yield paths
     for path in paths:
@@ -601,7 +601,7 @@ def test_a_record_naming_a_path_outside_the_workspace_is_refused(tmp_path: Path)
     assert snapshot(ws) == before
 
 
-# ---------------------------------------------------------------- I/O errors: one line (issue 8 B)
+# ---------------------------------------------------------------- I/O errors: one line
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:

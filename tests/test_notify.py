@@ -350,7 +350,7 @@ def test_bad_flags_exit_2(workspace: Path, args: list[str]) -> None:
     assert stop.value.code == 2
 
 
-# ---------------------------------------------------------------- I/O errors: one line (issue 8 B)
+# ---------------------------------------------------------------- I/O errors: one line
 
 
 def notify_cli(ws: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:

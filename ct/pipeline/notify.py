@@ -8,8 +8,8 @@ SMTP_STARTTLS (true/false or 1/0), SMTP_USER, SMTP_PASSWORD, NOTIFY_FROM, NOTIFY
 Without SMTP_HOST, or when sending fails, the message is kept in W/outbox/ as an .eml file.
 Attached: metrics.json, best.json and the reported run's runs/<run id>/curves.png, when present.
 Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input or a
-file that cannot be read or written (one line on stderr naming it). Its messages call it
-`ct.notify`, the name the job logs have always shown.
+file that cannot be read or written (one line on stderr naming it), each line starting with
+`ct.notify:`.
 """
 
 from __future__ import annotations

@@ -107,16 +107,35 @@ def is_workspace_file(name: Any) -> bool:
 # ---------------------------------------------------------------- JSON
 
 
-def load_json_object(path: Path, what_to_do: str) -> dict[str, Any]:
-    """Read a JSON object; anything else is a PipelineError naming the file and the remedy."""
-    text = read_text(path, what_to_do)
+def parse_json_object(text: str) -> tuple[dict[str, Any] | None, str]:
+    """(object, "") or (None, what is wrong) for text that should hold a JSON object."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        raise PipelineError(f"{path} is not valid JSON ({err}); {what_to_do}") from None
+        return None, f"is not valid JSON ({err})"
     if not isinstance(obj, dict):
-        raise PipelineError(f"{path} holds a {type(obj).__name__}, not a JSON object; {what_to_do}")
+        return None, f"holds a {type(obj).__name__}, not a JSON object"
+    return obj, ""
+
+
+def load_json_object(path: Path, what_to_do: str) -> dict[str, Any]:
+    """Read a JSON object; anything else is a PipelineError naming the file and the remedy."""
+    obj, problem = parse_json_object(read_text(path, what_to_do))
+    if obj is None:
+        raise PipelineError(f"{path} {problem}; {what_to_do}")
     return obj
+
+
+def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """For display (the report): (object, "") or (None, why not), never an exception."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, f"no {path.name}"
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"{path.name} cannot be read ({os_reason(err)})"
+    obj, problem = parse_json_object(text)
+    return obj, f"{path.name} {problem}" if problem else ""
 
 
 def load_metrics(workspace: Path) -> dict[str, Any]:

@@ -81,23 +81,6 @@ class ReportInputs:
     status: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """(object, "") or (None, why not) for a file that should hold a JSON object."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None, f"no {path.name}"
-    except (OSError, UnicodeDecodeError) as err:
-        return None, f"{path.name} cannot be read ({records.os_reason(err)})"
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        return None, f"{path.name} is not valid JSON ({err})"
-    if not isinstance(obj, dict):
-        return None, f"{path.name} holds a {type(obj).__name__}, not a JSON object"
-    return obj, ""
-
-
 def run_sort_key(path: Path) -> tuple[str, float, str]:
     """Newest first: the UTC time in the run's name, else its folder's modification time."""
     match = _STAMP.search(path.name)
@@ -109,7 +92,7 @@ def run_sort_key(path: Path) -> tuple[str, float, str]:
 
 
 def read_run(path: Path) -> Run:
-    metrics, problem = read_json_object(path / names.RUN_METRICS)
+    metrics, problem = records.read_json_object(path / names.RUN_METRICS)
     if metrics is None and problem == f"no {names.RUN_METRICS}":
         started = (path / names.RUN_CHECKPOINT).exists() or (path / names.RUN_EPOCHS).exists()
         problem += " (not finished: still running, stopped or crashed)" if started else ""
@@ -143,7 +126,7 @@ def _number(text: Any) -> float | None:
 
 def collect(root: Path) -> ReportInputs:
     inputs = ReportInputs(root)
-    best, problem = read_json_object(root / names.BEST_FILE)
+    best, problem = records.read_json_object(root / names.BEST_FILE)
     inputs.best, inputs.best_problem = best, ("" if problem == f"no {names.BEST_FILE}" else problem)
     inputs.history, inputs.history_problem = read_history(root / names.HISTORY_FILE)
     try:
