@@ -320,7 +320,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         if size is not None and size != inputs.shape[-1]:
             inputs = downscale(inputs, size)
         inputs = normalise(inputs)
-        if use_aug and cfg["cutout"]:  # drawn after the crops and flips: older runs draw as before
+        # Drawn last, so the crops and flips draw the same numbers whatever cutout is.
+        if use_aug and cfg["cutout"]:
             inputs = cutout(inputs, gen, int(cfg["cutout"]))
         with compute.autocast():
             logits = model(inputs)

@@ -113,7 +113,7 @@ def recipe_params(base: dict[str, Any], tuning: TuneOptions, optimizers: list[st
 def _upgrade_plan(plan: dict[str, Any]) -> dict[str, Any]:
     """A stored plan with the keys its base config lacks (ct.trainer.config.with_added_keys): a
     round begun before they existed is still continued."""
-    if not isinstance(plan.get("base"), dict):  # not a plan: it matches none, as before
+    if not isinstance(plan.get("base"), dict):  # not a plan: left as it is, it matches none
         return plan
     return {**plan, "base": with_added_keys(plan["base"])}
 
