@@ -117,8 +117,10 @@ look_at() {
   if [[ -z "$name" ]]; then
     return 0
   elif [[ "$CT_RUNTIME" == docker ]]; then
-    if read -r state code oom < <(docker inspect -f \
-      '{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}' "$name" 2>/dev/null); then
+    local seen
+    if seen="$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}' \
+      "$name" 2>/dev/null)"; then
+      read -r state code oom <<<"$seen"
       case "$state" in
         running | restarting | created) SEEN=(--seen running) ;;
         *) SEEN=(--seen ended --exit-code "$code" --oom "$oom") ;;

@@ -11,7 +11,8 @@ The job scripts invoke; the decisions about what follows from recorded state are
 - `promote`: `python3 -m ct.pipeline.promote`: keep the run's model when it beats the best.
 - `notify`: `python3 -m ct.pipeline.notify`: the mail (best model, tuning result, failure).
 - `report`: `python3 -m ct.pipeline.report`: the static HTML report, W/report/index.html (job4,
-  job5; Jenkins' HTML Publisher shows it); `report_chart` draws its chart.
+  job5; Jenkins' HTML Publisher shows it); `report_inputs` reads what it shows,
+  `report_chart` draws its chart.
 - `lineage`: `python3 -m ct.pipeline.lineage [best|RUN_ID] [--verify]`: where a model came from
   (commit, image, data, config, run, model sha256), and whether its files still match.
 - `records`: the one reader and writer of the workspace's records (properties, JSON), checked

@@ -99,10 +99,10 @@ def classify_end(exit_code: int, oom: str, memory: str, in_training: bool) -> En
     input: both are final. Anything else (killed, crashed) is worth a restart."""
     limit = f"CT_MEMORY={memory or 'unset'}"
     if oom == "true" and not in_training:
-        return End("final", f"OOM-killed while loading the data, before any epoch (exit code "
-                            f"{exit_code}, {limit}): the batch size does not matter there; "
-                            "raise CT_MEMORY (a full run peaks at about 1.5 GB), then run job3 "
-                            "again")
+        return End("final", f"OOM-killed before its first epoch, while starting and loading "
+                            f"the data (exit code {exit_code}, {limit}): the batch size does not "
+                            "matter there; raise CT_MEMORY (a full run peaks at about 1.5 GB), "
+                            "then run job3 again")
     if oom == "true":
         return End("final", f"OOM-killed (exit code {exit_code}, {limit}): raise CT_MEMORY or "
                             "lower --batch-size in CT_TRAIN_ARGS/CT_TUNE_ARGS, then run job3 again")

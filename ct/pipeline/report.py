@@ -19,14 +19,10 @@ a workspace that is not a folder or a page that cannot be written.
 from __future__ import annotations
 
 import argparse
-import csv
 import html
 import json
-import math
-import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -36,110 +32,16 @@ from urllib.parse import quote
 from ct import atomic
 from ct import workspace as names
 from ct.pipeline import lineage, records, report_chart
+from ct.pipeline.report_inputs import ReportInputs, Run, collect, number
 
 DEFAULT_RUNS = 50
 MAX_TUNE_ROUNDS = 20
 MAX_CHART_POINTS = 500
 STYLESHEET = "report.css"  # ct/pipeline/report.css, copied to report/ beside index.html
-_STAMP = re.compile(r"-(\d{8}-\d{6})-")  # runs/<kind>-<UTC time>-<config hash>[-n]
 
 
 class ReportError(Exception):
     """The report cannot be made; its text is the one line printed on stderr (exit 2)."""
-
-
-# ---------------------------------------------------------------- what the workspace holds
-
-
-@dataclass
-class Run:
-    run_id: str
-    path: Path
-    metrics: dict[str, Any] | None
-    problem: str  # why metrics is None
-    has_curves: bool
-    has_trials_plot: bool
-
-    @property
-    def mode(self) -> str:
-        mode = (self.metrics or {}).get("mode")
-        if isinstance(mode, str) and mode:
-            return mode
-        return self.run_id.split("-", 1)[0] if "-" in self.run_id else "?"
-
-
-@dataclass
-class ReportInputs:
-    """What the page shows, read from one workspace."""
-
-    root: Path
-    best: dict[str, Any] | None = None
-    best_problem: str = ""
-    history: list[dict[str, str]] = field(default_factory=list)
-    history_problem: str = ""
-    runs: list[Run] = field(default_factory=list)  # newest first, all of them
-    status: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
-def run_sort_key(path: Path) -> tuple[str, float, str]:
-    """Newest first: the UTC time in the run's name, else its folder's modification time."""
-    match = _STAMP.search(path.name)
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        mtime = 0.0
-    return (match.group(1) if match else "", mtime, path.name)
-
-
-def read_run(path: Path) -> Run:
-    metrics, problem = records.read_json_object(path / names.RUN_METRICS)
-    if metrics is None and problem == f"no {names.RUN_METRICS}":
-        started = (path / names.RUN_CHECKPOINT).exists() or (path / names.RUN_EPOCHS).exists()
-        problem += " (not finished: still running, stopped or crashed)" if started else ""
-    elif metrics is not None and not records.is_percentage(metrics.get("accuracy")):
-        problem = f"{names.RUN_METRICS} has accuracy {metrics.get('accuracy')!r}, not a percentage"
-        metrics = None
-    return Run(path.name, path, metrics, problem, (path / names.RUN_CURVES).is_file(),
-               (path / names.RUN_TRIALS_PLOT).is_file())
-
-
-def read_history(path: Path) -> tuple[list[dict[str, str]], str]:
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except FileNotFoundError:
-        return [], ""
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        return [], f"{path.name} cannot be read ({err})"
-    good = [r for r in rows if _number(r.get("accuracy")) is not None]
-    skipped = len(rows) - len(good)
-    return good, f"{skipped} row(s) without a readable accuracy left out" if skipped else ""
-
-
-def _number(text: Any) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def collect(root: Path) -> ReportInputs:
-    inputs = ReportInputs(root)
-    best, problem = records.read_json_object(root / names.BEST_FILE)
-    inputs.best, inputs.best_problem = best, ("" if problem == f"no {names.BEST_FILE}" else problem)
-    inputs.history, inputs.history_problem = read_history(root / names.HISTORY_FILE)
-    try:
-        folders = [p for p in (root / names.RUNS_DIR).iterdir() if p.is_dir()]
-    except OSError:
-        folders = []
-    folders.sort(key=run_sort_key, reverse=True)
-    inputs.runs = [read_run(p) for p in folders]
-    for role, name in (("training", names.TRAIN_STATUS), ("tuning", names.TUNE_STATUS)):
-        props = records.read_properties(root / name)
-        if props:
-            inputs.status[role] = props
-    return inputs
 
 
 # ---------------------------------------------------------------- HTML pieces
@@ -174,10 +76,10 @@ def params_text(params: Any) -> str:
 
 
 def seconds(value: Any) -> str:
-    number = _number(value)
-    if number is None:
+    total = number(value)
+    if total is None:
         return esc(None)
-    minutes, secs = divmod(number, 60)
+    minutes, secs = divmod(total, 60)
     return f"{int(minutes)} min {secs:.0f} s" if minutes else f"{secs:.1f} s"
 
 
@@ -229,7 +131,7 @@ def chart_points(rows: list[dict[str, str]]) -> list[report_chart.Point]:
     """The newest MAX_CHART_POINTS rows of accuracy-history.csv, as the chart's points."""
     points = []
     for row in rows[-MAX_CHART_POINTS:]:
-        acc, thr = _number(row.get("accuracy")) or 0.0, _number(row.get("threshold"))
+        acc, thr = number(row.get("accuracy")) or 0.0, number(row.get("threshold"))
         commit = (row.get("commit") or "")[:7] or "?"
         tip = (f"{acc:g}% at {commit}, build {row.get('build') or '?'}, "
                f"{row.get('time') or ''}, threshold {'' if thr is None else f'{thr:g}%'}")

@@ -1,0 +1,108 @@
+"""What the report shows, read leniently from the workspace: the runs, the best model, the
+accuracy history and job6's restarts. A file that is missing or damaged is a reason shown on the
+page, never an exception. Standard library only."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ct import workspace as names
+from ct.pipeline import records
+
+_STAMP = re.compile(r"-(\d{8}-\d{6})-")  # runs/<kind>-<UTC time>-<config hash>[-n]
+
+
+@dataclass
+class Run:
+    run_id: str
+    path: Path
+    metrics: dict[str, Any] | None
+    problem: str  # why metrics is None
+    has_curves: bool
+    has_trials_plot: bool
+
+    @property
+    def mode(self) -> str:
+        mode = (self.metrics or {}).get("mode")
+        if isinstance(mode, str) and mode:
+            return mode
+        return self.run_id.split("-", 1)[0] if "-" in self.run_id else "?"
+
+
+@dataclass
+class ReportInputs:
+    """What the page shows, read from one workspace."""
+
+    root: Path
+    best: dict[str, Any] | None = None
+    best_problem: str = ""
+    history: list[dict[str, str]] = field(default_factory=list)
+    history_problem: str = ""
+    runs: list[Run] = field(default_factory=list)  # newest first, all of them
+    status: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def run_sort_key(path: Path) -> tuple[str, float, str]:
+    """Newest first: the UTC time in the run's name, else its folder's modification time."""
+    match = _STAMP.search(path.name)
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    return (match.group(1) if match else "", mtime, path.name)
+
+
+def read_run(path: Path) -> Run:
+    metrics, problem = records.read_json_object(path / names.RUN_METRICS)
+    if metrics is None and problem == f"no {names.RUN_METRICS}":
+        started = (path / names.RUN_CHECKPOINT).exists() or (path / names.RUN_EPOCHS).exists()
+        problem += " (not finished: still running, stopped or crashed)" if started else ""
+    elif metrics is not None and not records.is_percentage(metrics.get("accuracy")):
+        problem = f"{names.RUN_METRICS} has accuracy {metrics.get('accuracy')!r}, not a percentage"
+        metrics = None
+    return Run(path.name, path, metrics, problem, (path / names.RUN_CURVES).is_file(),
+               (path / names.RUN_TRIALS_PLOT).is_file())
+
+
+def read_history(path: Path) -> tuple[list[dict[str, str]], str]:
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError:
+        return [], ""
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        return [], f"{path.name} cannot be read ({err})"
+    good = [r for r in rows if number(r.get("accuracy")) is not None]
+    skipped = len(rows) - len(good)
+    return good, f"{skipped} row(s) without a readable accuracy left out" if skipped else ""
+
+
+def number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def collect(root: Path) -> ReportInputs:
+    inputs = ReportInputs(root)
+    best, problem = records.read_json_object(root / names.BEST_FILE)
+    inputs.best, inputs.best_problem = best, ("" if problem == f"no {names.BEST_FILE}" else problem)
+    inputs.history, inputs.history_problem = read_history(root / names.HISTORY_FILE)
+    try:
+        folders = [p for p in (root / names.RUNS_DIR).iterdir() if p.is_dir()]
+    except OSError:
+        folders = []
+    folders.sort(key=run_sort_key, reverse=True)
+    inputs.runs = [read_run(p) for p in folders]
+    for role, name in (("training", names.TRAIN_STATUS), ("tuning", names.TUNE_STATUS)):
+        props = records.read_properties(root / name)
+        if props:
+            inputs.status[role] = props
+    return inputs
