@@ -10,13 +10,13 @@ Standard library only: the trainer (in the container) writes these files, the ga
       data/                      CIFAR-10, and the trainer's caches of it (DATA_* names below)
       runs/<run-id>/             one training or tuning run (RUN_* names below)
       accuracy.txt, metrics.json the latest finished run: its accuracy, its summary
-      gate.properties            ct.pipeline.gate check: the verdict, for Jenkins' trigger
-      accuracy-history.csv       ct.pipeline.gate check: one row per judged run
-      plot/accuracy.csv          ct.pipeline.gate check: this build's value (Jenkins Plot plugin)
-      best.json                  ct.pipeline.gate promote: the best run, naming its stored model
-      models/                    ct.pipeline.gate promote: the stored best model(s)
-      best-model.pt              ct.pipeline.gate promote: a symlink to the model best.json names
-      promotion.properties       ct.pipeline.gate promote: promoted or not
+      gate.properties            ct.pipeline.gate: the verdict, for Jenkins' trigger (TUNE: job5)
+      accuracy-history.csv       ct.pipeline.gate: one row per judged run
+      plot/accuracy.csv          ct.pipeline.gate: this build's value (Jenkins Plot plugin)
+      best.json                  ct.pipeline.promote: the best run, naming its stored model
+      models/                    ct.pipeline.promote: the stored best model(s)
+      best-model.pt              ct.pipeline.promote: a symlink to the model best.json names
+      promotion.properties       ct.pipeline.promote: promoted or not
       outbox/                    ct.pipeline.notify: messages kept instead of (or before) mailing
       report/index.html          ct.pipeline.report: the static HTML report (Jenkins' "CT report")
       status/                    ct.pipeline.process: each training/tuning process's record;

@@ -496,6 +496,7 @@ def reference_levers(tmp_path_factory: pytest.TempPathFactory, tiny_cifar_root: 
     return ws
 
 
+@pytest.mark.slow  # the plain recipe's resume test covers the mechanism in the fast suite
 def test_killed_run_with_airbench_levers_resumes_to_the_same_result(
         tmp_path: Path, tiny_cifar_root: Path, reference_levers: Path) -> None:
     """Killed after epoch 2 of 4: the lookahead average (started in epoch 1: 32 steps an epoch,

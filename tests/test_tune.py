@@ -128,6 +128,7 @@ def test_selection_uses_a_validation_split_not_the_test_set(
     assert log.count("test accuracy") == 0, "trials are never scored on the test set"
 
 
+@pytest.mark.slow  # two whole tuning rounds
 def test_two_rounds_grow_one_study_and_a_changed_problem_starts_another(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE, "--trials", "2"]
@@ -156,6 +157,7 @@ def the_study_named(storage: optuna.storages.BaseStorage, name: str) -> optuna.S
     return optuna.load_study(study_name=name, storage=storage)
 
 
+@pytest.mark.slow  # a round that runs for its time budget
 def test_time_budget_bounds_the_round(tmp_path: Path, tiny_cifar_root: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--data-dir", tiny_cifar_root, *TUNE, "--epochs", "3"]
@@ -466,6 +468,7 @@ def test_a_trial_just_popped_by_another_worker_is_not_taken_for_lost(tmp_path: P
     assert [t.user_attrs["resume_from"] for t in retry] == [waiting.number]
 
 
+@pytest.mark.slow  # a round that runs for its time budget
 def test_a_trial_that_cannot_finish_in_the_budget_stops_early(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A sampled trial whose pace says it would end after the deadline stops at once (its time
