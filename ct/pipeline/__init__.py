@@ -17,5 +17,6 @@ The job scripts invoke; the decisions about what follows from recorded state are
   (commit, image, data, config, run, model sha256), and whether its files still match.
 - `records`: the one reader and writer of the workspace's records (properties, JSON), checked
   against their schemas; `python3 -m ct.pipeline.records get|set` for the job scripts.
-- `cli`: what every command line here shares (--workspace, one line for bad input).
+- `cli`: what every command line here shares (--workspace, one line for bad input);
+  `errors`: `PipelineError`, bad input (exit status 2).
 """

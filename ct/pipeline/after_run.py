@@ -30,7 +30,8 @@ from pathlib import Path
 from ct import atomic
 from ct import workspace as names
 from ct.pipeline import cli, gate, notify, promote, records, report
-from ct.pipeline.records import GATE_RECORD, VERDICT_FIELDS, PipelineError, Record
+from ct.pipeline.errors import PipelineError
+from ct.pipeline.records import GATE_RECORD, VERDICT_FIELDS, Record
 
 VERDICT_RECORD = Record(
     path=names.VERDICT_STATUS,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ct import workspace as names
-from ct.pipeline.records import PipelineError
+from ct.pipeline.errors import PipelineError
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:

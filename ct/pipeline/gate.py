@@ -23,10 +23,10 @@ from pathlib import Path
 
 from ct import workspace as names
 from ct.pipeline import cli
+from ct.pipeline.errors import PipelineError
 from ct.pipeline.records import (
     GATE_RECORD,
     RERUN_TRAINING,
-    PipelineError,
     csv_row,
     fix_workspace,
     fmt_number,

@@ -24,6 +24,7 @@ from typing import Any
 
 from ct import workspace as names
 from ct.pipeline import promote, records
+from ct.pipeline.errors import PipelineError
 
 
 class LineageError(Exception):
@@ -68,7 +69,7 @@ def load_subject(workspace: Path, which: str) -> Subject:
     if which == "best":
         try:
             best = promote.load_best(workspace)
-        except records.PipelineError as err:
+        except PipelineError as err:
             raise LineageError(str(err)) from None
         if best is None:
             raise LineageError(f"{workspace / names.BEST_FILE} is missing: no model has been "
@@ -83,7 +84,7 @@ def load_subject(workspace: Path, which: str) -> Subject:
     try:
         metrics = records.load_json_object(run_dir / names.RUN_METRICS,
                                         "the run did not finish, or its summary is damaged")
-    except records.PipelineError as err:
+    except PipelineError as err:
         raise LineageError(str(err)) from None
     return Subject(f"run {which}", metrics, run_dir / names.RUN_MODEL,
                    field(metrics, "model_sha256"))

@@ -31,6 +31,7 @@ from typing import Any
 from ct import atomic
 from ct import workspace as names
 from ct.pipeline import promote, records
+from ct.pipeline.errors import PipelineError
 
 SMTP_TIMEOUT_S = 30
 SMTP_SSL_PORT = 465
@@ -117,13 +118,13 @@ class Facts:
 def read_facts(workspace: Path, event: str | None, note: str) -> Facts:
     try:
         metrics, problem = records.load_metrics(workspace), ""
-    except records.PipelineError as err:
+    except PipelineError as err:
         if event != "failed":
             raise NotifyError(str(err)) from None
         metrics, problem = None, str(err)
     try:
         best = promote.load_best(workspace)
-    except records.PipelineError:
+    except PipelineError:
         best = None
     if event is None:
         event = "tuned" if metrics and metrics.get("mode") == "tune" else "best-model"

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ct import workspace as names
 from ct.pipeline import cli, records
+from ct.pipeline.errors import PipelineError
 from ct.pipeline.records import (
     ANY_TEXT,
     BOOL,
@@ -38,7 +39,6 @@ from ct.pipeline.records import (
     IMAGE,
     TIME,
     WHOLE,
-    PipelineError,
     Record,
 )
 

@@ -25,9 +25,9 @@ from typing import Any
 
 from ct import atomic
 from ct.pipeline import cli, records
+from ct.pipeline.errors import PipelineError
 from ct.pipeline.records import (
     RERUN_TRAINING,
-    PipelineError,
     fix_workspace,
     fmt_number,
     format_properties,

@@ -29,12 +29,10 @@ from typing import Any
 
 from ct import atomic
 from ct import workspace as names
+from ct.pipeline import cli
+from ct.pipeline.errors import PipelineError
 
 RERUN_TRAINING = "rerun job3 (training) to rewrite it"
-
-
-class PipelineError(Exception):
-    """A problem the operator must fix; its text is the one line printed on stderr (exit 2)."""
 
 
 # ---------------------------------------------------------------- small shared helpers
@@ -358,8 +356,6 @@ def update_record(workspace: Path, record: Record, changes: Mapping[str, str], w
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ct.pipeline import cli
-
     parser = cli.parser("ct.records", __doc__)
     cli.workspace_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
