@@ -15,7 +15,8 @@
 # These values are rendered into the XML as literals, never as ${VARIABLES}: the GitHub plugin
 # matches a push to job1 by its git URL expanded with job-level variables only, so a global one
 # would stay literal there and the push would trigger nothing. They are written to a private
-# temporary folder on JJB's include path (jobs.yaml reads them with !include-raw-verbatim) and
+# temporary folder on JJB's include path (jobs.yaml reads them with !include-raw-verbatim, and job1's
+# raw GitSCM XML with a Jinja2 include, XML-escaped) and
 # removed on exit; the API token reaches JJB through its JJB_PASSWORD environment variable, not the
 # command line.
 #
@@ -44,7 +45,8 @@ is_local_repo() {
   [[ ! "$1" =~ ^[A-Za-z][A-Za-z0-9+.-]*:// && ! "$1" =~ ^[^/]+@[^/]+: ]]
 }
 
-# write_includes DIR: the values jobs.yaml reads with !include-raw-verbatim, one file each, checked.
+# write_includes DIR: the values jobs.yaml reads (!include-raw-verbatim; job1's URL and branch through
+# a Jinja2 include, which would expand template syntax in them), one file each, checked.
 write_includes() {
   local token repo_url branch web_url var
   token=${CT_TRIGGER_TOKEN:-render-only-placeholder}
@@ -60,6 +62,10 @@ write_includes() {
   fi
   for var in token repo_url branch web_url; do
     [[ "${!var}" != *$'\n'* && -n "${!var}" ]] || die "$var must be one non-empty line"
+  done
+  for var in repo_url branch; do
+    [[ "${!var}" != *'{{'* && "${!var}" != *'{%'* && "${!var}" != *'{#'* ]] ||
+      die "$var must not contain {{, {% or {# (job1's XML reads it as a Jinja2 template)"
   done
   if is_local_repo "$repo_url" && [[ "${CT_ALLOW_LOCAL_CHECKOUT:-false}" != true ]]; then
     die "CT_REPO_URL=$repo_url is a local repository, which the git plugin refuses to check out (SECURITY-2478): use an https:// or ssh URL, or set CT_ALLOW_LOCAL_CHECKOUT=true here and for docker-compose (docs/jenkins.md)"

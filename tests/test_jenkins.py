@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ct import workspace as names
 from ct.pipeline import process, records
 from ct.pipeline.records import GATE_RECORD
 from tests import test_jenkins_checks as jc
@@ -684,3 +685,23 @@ def test_the_readme_fan_out_for_tuning_renders_and_does_not_block_job5(tmp_path:
     assert [c.findtext(f".//{PT}PredefinedBuildParameters/properties") for c in configs] == [
         "WORKER=1", "WORKER=2"]
     assert all(c.find("block") is None for c in configs), "job5 must not wait for its helpers"
+
+
+def test_the_workspace_files_the_jobs_read_are_named_by_their_one_owner(rendered):
+    """jobs.yaml cannot import ct/workspace.py, where the workspace's file names are written
+    once: every workspace file a job archives, attaches or reads a property from is one of them
+    (a renamed file fails here, not in Jenkins)."""
+    known = {value for key, value in vars(names).items()
+             if key.isupper() and isinstance(value, str)}
+    used: set[str] = set()
+    for root in rendered.values():
+        for tag in ("artifacts", "attachmentsPattern", "propertiesFile"):
+            for element in root.iter(tag):
+                used |= {part.strip() for part in (element.text or "").split(",")}
+        for element in root.iter():
+            used |= set(re.findall(r'\$\{(?:PROPFILE|FILE),(?:file|path)="([^"]+)"',
+                                   element.text or ""))
+    used = {path for path in used if path and "*" not in path
+            and not path.startswith(f"{names.ARTIFACTS_DIR}/")}
+    assert {names.GATE_PROPERTIES, names.HANDOVER_PROPERTIES, names.BEST_FILE} <= used
+    assert used <= known, used - known

@@ -123,3 +123,16 @@ def test_jjbs_git_module_would_write_legacy_fields(tmp_path: Path) -> None:
             "gitConfigName", "gitConfigEmail"} <= unsaved_fields(scm)
     assert unsaved_fields(scm) <= LEGACY_FIELDS
     assert scm.findtext(".//hudson.plugins.git.UserRemoteConfig/url") == jc.REPO_URL
+
+
+@pytest.mark.parametrize(("setting", "value"), [("CT_REPO_URL", "https://h/{{ x }}.git"),
+                                                 ("CT_BRANCH", "*/ma{%in"),
+                                                 ("CT_BRANCH", "*/{#main")])
+def test_template_syntax_in_the_repository_or_branch_is_refused(tmp_path: Path, setting: str,
+                                                                value: str) -> None:
+    """job1's XML reads them through a Jinja2 include, which would expand them: refused with one
+    line rather than rendered into something else."""
+    with pytest.raises(RuntimeError) as err:
+        jc.render(jc.JOBS_YAML, tmp_path / "out", TOKEN, {setting: value})
+    assert "Jinja2" in str(err.value)
+    assert not (tmp_path / "out" / "job1").exists()
