@@ -37,7 +37,7 @@ start_watchdog() {
     trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
     wait "$sleeper"
     log "tuning passed its hard deadline of ${deadline}s: stopping $name"
-    if [[ "$CT_RUNTIME" == docker ]]; then docker stop "$name" >/dev/null; else kill "${name#pid-}"; fi
+    stop_process "$name"
   ) &
   WATCHDOG=$!
 }
@@ -56,12 +56,8 @@ start_helpers() {
 stop_helpers() {
   local k name
   for ((k = 1; k < CT_TUNE_WORKERS; k++)); do
-    name="$(process_get "tune-w$k" CONTAINER)"
-    if [[ "$CT_RUNTIME" == docker ]]; then
-      docker stop "$name" >/dev/null 2>&1 || true
-    else
-      kill "${name#pid-}" 2>/dev/null || true
-    fi
+    name="$(process_get "tune-w$k" CONTAINER)" || exit $?
+    stop_process "$name" || true
   done
 }
 

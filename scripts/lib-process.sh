@@ -108,6 +108,16 @@ follow() {
   return "$rc"
 }
 
+# stop_process NAME: stop a process this workspace started (SIGTERM: train.py keeps its last
+# checkpoint); non-zero when it was not running.
+stop_process() {
+  if [[ "$CT_RUNTIME" == docker ]]; then
+    docker stop "$1" >/dev/null 2>&1
+  else
+    kill "${1#pid-}" 2>/dev/null
+  fi
+}
+
 # look_at ROLE: how the process looks right now, as flags of `ct.pipeline.process cycle` (SEEN).
 # shellcheck disable=SC2034 # SEEN is read by job6-monitor.sh
 look_at() {

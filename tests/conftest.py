@@ -139,12 +139,11 @@ def run_script(
 
 
 def read_props(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out[key] = value
-    return out
+    """A record as Jenkins reads it (java.util.Properties: escapes undone), through the pipeline's
+    one properties reader, whose escaping tests/test_gate.py checks against literal text."""
+    from ct.pipeline.records import parse_properties
+
+    return parse_properties(path.read_text(encoding="utf-8"))
 
 
 class _Inbox:

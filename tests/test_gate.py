@@ -293,6 +293,7 @@ def test_missing_workspace_is_clear(tmp_path: Path) -> None:
 def test_property_values_are_escaped() -> None:
     text = records.format_properties({"RUN_DIR": "runs/a=b:c\\d é"}, "c")
     assert text == "# c\nRUN_DIR=runs/a\\=b\\:c\\\\d \\u00e9\n"
+    assert records.parse_properties(text) == {"RUN_DIR": "runs/a=b:c\\d é"}
 
 
 # ---------------------------------------------------------------- promote
