@@ -143,9 +143,9 @@ def check_run_flags(args: argparse.Namespace) -> None:
 
 def tune(args: argparse.Namespace, cfg: dict[str, Any], ws: Workspace, compute: Compute,
          started: float) -> dict[str, Any] | None:
-    """--tune: optuna is imported here only, so the training image needs none of it."""
-    try:
-        from ct.trainer.tune import TuneOptions, tune_mode
+    try:  # optuna is imported here only, so the training image needs none of it
+        from ct.trainer.plan import TuneOptions
+        from ct.trainer.tune import tune_mode
     except ImportError as exc:
         raise UsageError(f"--tune needs {exc.name} (the tuning image installs it): "
                          "pip install -r requirements-tune.txt") from exc

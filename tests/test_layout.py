@@ -89,3 +89,13 @@ def test_package_docstrings_list_what_is_there() -> None:
     for package, modules in ((ct.trainer, TRAINER), (ct.pipeline, HOST_SIDE[len(SHARED):])):
         for name in modules:
             assert f"`{name.rsplit('.', 1)[1]}`" in (package.__doc__ or ""), name
+
+
+def test_train_py_is_the_command_line_and_no_module_is_a_hub():
+    """train.py parses flags and dispatches; every module of ct/ stays small enough to read in
+    one sitting (split along a seam when one grows past the limit)."""
+    assert len((REPO / "train.py").read_text().splitlines()) <= 200
+    sizes = {path.relative_to(REPO).as_posix(): len(path.read_text().splitlines())
+             for path in sorted((REPO / "ct").rglob("*.py"))}
+    assert len(sizes) > 20
+    assert {name: lines for name, lines in sizes.items() if lines > 400} == {}

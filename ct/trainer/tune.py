@@ -27,10 +27,10 @@ from ct import atomic
 from ct import workspace as names
 from ct.trainer import plots, stopping
 from ct.trainer import study as studies
-from ct.trainer.config import with_added_keys
 from ct.trainer.data import Cifar
-from ct.trainer.engine import OPTIMIZERS, Compute, evaluate_as_configured
+from ct.trainer.engine import Compute, evaluate_as_configured
 from ct.trainer.errors import UsageError
+from ct.trainer.plan import TuneOptions, config_of, make_plan, upgrade_plan, validation_images
 from ct.trainer.run import Split, make_split, train_config
 from ct.trainer.runs import (
     Log,
@@ -46,8 +46,6 @@ from ct.trainer.runs import (
 )
 from ct.trainer.state import load_model
 
-VAL_FRACTION = 10  # one tenth of the training images validate, at most MAX_VAL
-MAX_VAL = 5000
 POLL_S = 2.0  # how often an idle worker looks at the study again
 JOIN_POLL_S = 0.5  # how often a helper looks for its round: a short round must not pass it by
 JOIN_WAIT_S = 600.0  # how long a helper worker waits for the round it should join
@@ -59,21 +57,6 @@ class WontFinish(Exception):
     """A trial that, at its pace so far, would end after the round's deadline."""
 
 
-@dataclass(frozen=True)
-class TuneOptions:
-    """train.py's tuning flags."""
-
-    trials: int  # slots this round adds to the study
-    time_budget: float  # seconds for the round
-    optimizers: str  # comma list the search may pick from (the base config's is added)
-    max_epochs: int  # the longest trial the search may propose
-    sampler: str  # tpe or random
-    pruner: str  # ct.trainer.study.PRUNERS
-    worker: int  # 0: the round's owner; K > 0: a helper joining the open round
-    stale_after: float  # seconds without a heartbeat before a trial counts as lost
-    recipe: dict[str, Any] | None = None  # the default preset's config, tried second; None: not
-
-
 @dataclass
 class Outcome:
     best_params: dict[str, Any]
@@ -83,57 +66,9 @@ class Outcome:
     counts: dict[str, int]
 
 
-def make_plan(base: dict[str, Any], tuning: TuneOptions) -> dict[str, Any]:
-    wanted = [o.strip() for o in tuning.optimizers.split(",") if o.strip()]
-    unknown = [o for o in wanted if o not in OPTIMIZERS]
-    if not wanted or unknown:
-        raise UsageError(f"--optimizers takes a comma list of {', '.join(OPTIMIZERS)}, "
-                         f"not {tuning.optimizers!r}")
-    studies.make_pruner(tuning.pruner)  # a bad name fails here, before any work
-    studies.make_sampler(tuning.sampler, 0)
-    chosen = [o for o in OPTIMIZERS if o in wanted or o == base["optimizer"]]
-    if tuning.max_epochs < 1:
-        raise UsageError(f"--max-epochs must be at least 1, not {tuning.max_epochs}")
-    return {"base": base, "trials": tuning.trials, "time_budget": tuning.time_budget,
-            "optimizers": chosen, "max_epochs": tuning.max_epochs, "sampler": tuning.sampler,
-            "pruner": tuning.pruner, "recipe": recipe_params(base, tuning, chosen)}
-
-
-def recipe_params(base: dict[str, Any], tuning: TuneOptions, optimizers: list[str]
-                  ) -> dict[str, Any] | None:
-    """The default recipe's searched values (its epochs capped by --max-epochs), unless it is
-    not wanted, its optimizer is excluded, or the pushed config already is the recipe."""
-    if tuning.recipe is None or tuning.recipe["optimizer"] not in optimizers:
-        return None
-    recipe = {**tuning.recipe, "epochs": min(tuning.recipe["epochs"], tuning.max_epochs)}
-    params = studies.params_of(recipe, base)
-    return None if params == studies.params_of(base, base) else params
-
-
-def _upgrade_plan(plan: dict[str, Any]) -> dict[str, Any]:
-    """A stored plan with the keys its base config lacks (ct.trainer.config.with_added_keys): a
-    round begun before they existed is still continued."""
-    if not isinstance(plan.get("base"), dict):  # not a plan: left as it is, it matches none
-        return plan
-    return {**plan, "base": with_added_keys(plan["base"])}
-
-
 def trial_dir(run_dir: Path, number: int) -> Path:
     """Where the study's trial `number` keeps its resumable run."""
     return run_dir / f"trial-{number:03d}"
-
-
-def validation_images(base: dict[str, Any], data: Cifar) -> int:
-    n_train = base["subset"] or len(data.train_x)
-    return min(MAX_VAL, max(1, n_train // VAL_FRACTION))
-
-
-def config_of(params: dict[str, Any]) -> dict[str, Any]:
-    """A trial's config keys from its Optuna params (lr_<optimizer> -> lr, ...)."""
-    optimizer = params["optimizer"]
-    return {"optimizer": optimizer, "lr": params[f"lr_{optimizer}"],
-            "weight_decay": params[f"weight_decay_{optimizer}"], "epochs": params["epochs"],
-            **{key: params[key] for key in studies.SHARED if key in params}}
 
 
 @dataclass
@@ -354,7 +289,7 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
     if tuning.worker:
         _help(opts, plan, ws, compute, tuning)
         return None
-    run_dir, plan, resumed = choose_run_dir(ws, "tune", plan, opts, _upgrade_plan)
+    run_dir, plan, resumed = choose_run_dir(ws, "tune", plan, opts, upgrade_plan)
     base = plan["base"]  # a continued round keeps its own
     clock = RunClock.begin(run_dir, started, resumed)
     with clock.saved_on_stop():
