@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,16 @@ def test_train_py_is_the_command_line_and_no_module_is_a_hub():
              for path in sorted((REPO / "ct").rglob("*.py"))}
     assert len(sizes) > 20
     assert {name: lines for name, lines in sizes.items() if lines > 400} == {}
+
+
+def test_code_comments_and_test_names_cite_no_issue_numbers():
+    """Readers of the code have no issue tracker: comments say why the code is as it is now."""
+    issue = re.compile(r"\bissues?[\s_]*#?\s*\d+", re.I)
+    files = subprocess.run(["git", "ls-files", "*.py", "*.sh", "*.yaml", "*.yml", "*.css",
+                            "Makefile", "Dockerfile*", ".ci/run"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert "train.py" in files and "scripts/lib.sh" in files
+    hits = [f"{name}:{number}: {line.strip()}" for name in files
+            for number, line in enumerate((REPO / name).read_text().splitlines(), 1)
+            if issue.search(line)]
+    assert hits == []
