@@ -75,7 +75,8 @@ tune_args() {
 }
 
 # help_round K: only helper K of the open round (a Jenkins fan-out build on another agent; see
-# docs/jenkins.md, "Tuning on several agents"); no verdict, promotion or mail: the round's owner (job5) does those.
+# docs/jenkins.md, "Tuning on several agents"); no verdict, promotion or mail: the round's owner
+# (job5) does those.
 help_round() {
   local image code=0
   image="$(image_for tune)"

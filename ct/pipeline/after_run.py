@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 from ct import atomic
 from ct import workspace as names
@@ -41,20 +42,19 @@ VERDICT_RECORD = Record(
 )
 
 
-def latest_run(workspace: Path) -> dict[str, str]:
-    """run_id and run_dir of the workspace's latest finished run; "" each when metrics.json
-    cannot be read (the gate then says what is wrong with it)."""
+def latest_run(workspace: Path) -> dict[str, Any]:
+    """The workspace's latest finished run (its metrics.json); {} when that cannot be read (the
+    gate then says what is wrong with it)."""
     try:
-        metrics = records.load_metrics(workspace)
+        return records.load_metrics(workspace)
     except PipelineError:
-        return {"run_id": "", "run_dir": ""}
-    return {"run_id": metrics["run_id"], "run_dir": metrics["run_dir"]}
+        return {}
 
 
-def require_run(workspace: Path, wanted: str, latest: dict[str, str]) -> None:
+def require_run(workspace: Path, wanted: str, latest: dict[str, Any]) -> None:
     """job4 asked (by job6's hand-over) to judge one run judges nothing else."""
-    if wanted and latest["run_dir"] != wanted:
-        shown = latest["run_dir"] or f"unreadable (see {workspace / names.METRICS_FILE})"
+    if wanted and latest.get("run_dir") != wanted:
+        shown = latest.get("run_dir") or f"unreadable (see {workspace / names.METRICS_FILE})"
         raise PipelineError(f"asked to judge {wanted}, but the workspace's latest run is "
                             f"{shown}: nothing judged")
 
@@ -100,11 +100,10 @@ def mail(workspace: Path, event: str, outbox_only: bool) -> None:
                          f"{workspace / names.OUTBOX_DIR}/)")
 
 
-def write_report(workspace: Path, artifacts: Path | None) -> None:
+def write_report(workspace: Path, run_dir: str, artifacts: Path | None) -> None:
     """The report page, and the judged run's curves for this build's mail. A report that cannot
     be written is said, not fatal: the verdict is what the build is for."""
-    run_dir = latest_run(workspace)["run_dir"]
-    if run_dir and records.is_workspace_file(run_dir):
+    if records.is_workspace_file(run_dir):
         keep(artifacts, workspace / run_dir / names.RUN_CURVES)
     try:
         report.write_report(workspace)
@@ -118,7 +117,7 @@ def judge(workspace: Path, threshold: str | None, wanted: str, outbox_only: bool
     GATE_RECORD.file(workspace).unlink(missing_ok=True)
     latest = latest_run(workspace)
     require_run(workspace, wanted, latest)
-    if judged_already(workspace, latest["run_id"], artifacts):
+    if judged_already(workspace, latest.get("run_id", ""), artifacts):
         return "done"
     try:
         verdict, new = gate.check(workspace, threshold, build_id)
@@ -126,7 +125,8 @@ def judge(workspace: Path, threshold: str | None, wanted: str, outbox_only: bool
         raise PipelineError(f"{err}; nothing promoted") from None
     print(verdict.line(), flush=True)
     keep(artifacts, GATE_RECORD.file(workspace), *([workspace / names.PLOT_FILE] if new else []))
-    tuning_run = records.is_tuning_run(records.load_metrics(workspace))
+    # the gate judged accuracy.txt; what follows needs the run's metrics.json as well
+    tuning_run = records.is_tuning_run(latest or records.load_metrics(workspace))
     if not (tuning_run or verdict.passed):
         cli.say(f"below the threshold of {records.fmt_number(verdict.threshold)}%: preparing the "
                 "tuning image for job5")
@@ -138,27 +138,26 @@ def judge(workspace: Path, threshold: str | None, wanted: str, outbox_only: bool
     else:
         cli.say("the current best model stays (it is at least as good): no mail")
     save_verdict(workspace, verdict.properties(tune=False))
-    write_report(workspace, artifacts)
+    write_report(workspace, verdict.run_dir, artifacts)
     return "done"
 
 
 def handed_to_tuning(workspace: Path, artifacts: Path | None) -> str:
     """The tuning image is ready: this build's verdict now hands the run to job5."""
     values = records.load_record(workspace, GATE_RECORD)
-    if values["RUN_ID"] != latest_run(workspace)["run_id"] or values["PASSED"] != "false":
+    if values["RUN_ID"] != latest_run(workspace).get("run_id") or values["PASSED"] != "false":
         raise PipelineError(f"{GATE_RECORD.file(workspace)} is not this run's verdict below the "
                             "threshold; run job4 (the gate) again")
     values["TUNE"] = "true"
     emit(workspace, values, artifacts)
     save_verdict(workspace, values)
-    write_report(workspace, artifacts)
+    write_report(workspace, values["RUN_DIR"], artifacts)
     cli.say("handing over to job5 (gate.properties TUNE=true)")
     return "done"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.parser("ct.after_run", __doc__)
-    cli.workspace_argument(parser)
     parser.add_argument("--artifacts", type=Path,
                         default=os.environ.get("CT_ARTIFACTS_DIR") or None,
                         help="this build's artifacts folder (default: $CT_ARTIFACTS_DIR)")

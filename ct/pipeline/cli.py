@@ -19,11 +19,10 @@ from ct.pipeline.errors import PipelineError
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description.split("\n")[0])
-
-
-def workspace_argument(parser_: argparse.ArgumentParser) -> None:
-    names.add_workspace_argument(parser_)
+    """A host tool's parser, with --workspace (default: $CT_WORKSPACE): every tool has one."""
+    made = argparse.ArgumentParser(prog=prog, description=description.split("\n")[0])
+    names.add_workspace_argument(made)
+    return made
 
 
 def run(prog: str, action: Callable[[], int]) -> int:

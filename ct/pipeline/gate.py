@@ -198,7 +198,6 @@ def check(workspace: Path, threshold_text: str | None, build_id: str) -> tuple[V
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.parser("ct.gate", __doc__)
-    cli.workspace_argument(parser)
     parser.add_argument("--threshold", default=os.environ.get("CT_THRESHOLD"),
                         help="percentage in (0, 100] (default: $CT_THRESHOLD)")
     parser.add_argument("--build-id", default=os.environ.get("BUILD_NUMBER", ""),

@@ -13,7 +13,6 @@ file that cannot be hashed; 2: bad input (no such workspace, run or record).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -23,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ct import workspace as names
-from ct.pipeline import promote, records
+from ct.pipeline import cli, promote, records
 from ct.pipeline.errors import PipelineError
 
 
-class LineageError(Exception):
+class LineageError(PipelineError):
     """Bad input; its text is the one line printed on stderr (exit 2)."""
 
 
@@ -163,31 +162,24 @@ def dataset_to_hash(workspace: Path, form: Any) -> Path | None:
     return names.dataset_source(data)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ct.lineage", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.parser("ct.lineage", __doc__)
     parser.add_argument("which", nargs="?", default="best",
                         help="'best' (default: the promoted model) or a run id under runs/")
-    names.add_workspace_argument(parser)
     parser.add_argument("--verify", action="store_true",
                         help="hash the model and the dataset again and compare with the record")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     args = parser.parse_args(argv)
-    workspace = names.workspace_of(parser, args.workspace)
-    if workspace is None:
-        return 2
-    try:
-        subject = load_subject(workspace, args.which)
-        print("\n".join(chain_lines(workspace, subject)))
-        if not args.verify:
-            return 0
-        problems = verify(workspace, subject)
-    except LineageError as err:
-        print(f"ct.lineage: {err}", file=sys.stderr)
-        return 2
+    workspace = cli.workspace_or_exit(parser, args.workspace)
+    return cli.run("ct.lineage", lambda: show(workspace, args.which, args.verify))
+
+
+def show(workspace: Path, which: str, check: bool) -> int:
+    """Print the chain; with `check`, what no longer matches (exit 1) or that all does."""
+    subject = load_subject(workspace, which)
+    print("\n".join(chain_lines(workspace, subject)))
+    if not check:
+        return 0
+    problems = verify(workspace, subject)
     for problem in problems:
         print(f"ct.lineage: MISMATCH {problem}")
     if problems:

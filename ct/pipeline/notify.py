@@ -30,7 +30,7 @@ from typing import Any
 
 from ct import atomic
 from ct import workspace as names
-from ct.pipeline import promote, records
+from ct.pipeline import cli, promote, records
 from ct.pipeline.errors import PipelineError
 
 SMTP_TIMEOUT_S = 30
@@ -48,7 +48,7 @@ EVENTS = {
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
-class NotifyError(Exception):
+class NotifyError(PipelineError):
     """Bad settings or input; its text is the one line printed on stderr (exit 2)."""
 
 
@@ -349,8 +349,7 @@ def deliver(workspace: Path, msg: EmailMessage, facts: Facts, settings: SmtpSett
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ct.notify", description=__doc__.split("\n")[0])
-    names.add_workspace_argument(parser)
+    parser = cli.parser("ct.notify", __doc__)
     parser.add_argument(
         "--event",
         choices=sorted(EVENTS),
@@ -371,10 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    workspace = names.workspace_of(parser, args.workspace)
-    if workspace is None:
-        return 2
-    try:
+    workspace = cli.workspace_or_exit(parser, args.workspace)
+
+    def action() -> int:
         settings = SmtpSettings.from_env(os.environ)
         facts = read_facts(workspace, args.event, args.note)
         msg = build_message(workspace, facts, settings)
@@ -382,14 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(msg.as_string())
             return 0
         return deliver(workspace, msg, facts, settings, args.outbox_only)
-    except NotifyError as err:
-        print(f"ct.notify: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        # A safety net: every known read and write has its own message; an unforeseen one is
-        # still one line naming the path, not a traceback.
-        print(f"ct.notify: {err}; fix that path's permissions, then rerun", file=sys.stderr)
-        return 2
+
+    return cli.run("ct.notify", action)
 
 
 if __name__ == "__main__":

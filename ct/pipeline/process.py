@@ -13,10 +13,9 @@ the process (docker or a local child) and ask this module once per decision:
     python3 -m ct.pipeline.process handed-over --role R
     python3 -m ct.pipeline.process tune-round --commit X --max-rounds N
 
-`cycle` is job6's decision for one role; it prints one action word (ACTIONS) and explains it on
-stderr. A record that fails its check is one line naming it and what to do, exit 2, and no
-action. The runtime is the settings' (CT_RUNTIME, passed in), never a record's: a record that a
-process of the other runtime wrote is refused, not acted on.
+`cycle` is job6's decision for one role: one action word (ACTIONS) on stdout, why on stderr. A
+record that fails its check is one line naming it and what to do, exit 2, and no action. The
+runtime is the settings' (CT_RUNTIME), never a record's: another runtime's record is refused.
 """
 
 from __future__ import annotations
@@ -285,8 +284,9 @@ def cmd_ended(workspace: Path, args: Namespace) -> int:
     oom = args.oom or "false"
     save(workspace, args.role, {**record, "STATUS": "exited", "EXIT_CODE": str(args.exit_code),
                                 "OOM_KILLED": oom, "FINISHED_AT": records.utc_now()})
-    in_training = trained_since(workspace, args.role, record["STARTED_AT"])
-    end = classify_end(args.exit_code, oom, args.memory, in_training)
+    end = classify_end(args.exit_code, oom, args.memory,
+                       in_training=oom != "true" or trained_since(workspace, args.role,
+                                                                  record["STARTED_AT"]))
     if end.kind == "ok":
         return 0
     cli.say(f"error: {ended_line(args.role, end)}")
@@ -299,10 +299,14 @@ def cmd_cycle(workspace: Path, args: Namespace) -> int:
         return 0
     record = load(workspace, args.role, args.runtime)
     seen = Seen(args.seen, args.exit_code, args.oom or "")
+    started = record["STARTED_AT"]
+    # each fact costs a look into the workspace: taken only where the decision can turn on it
+    ended = seen.state != "running"
+    oom_killed = "true" in (seen.oom, record.get("OOM_KILLED"))
     decision = decide(
         record, seen, max_restarts=args.max_restarts, follow=args.follow,
-        finished_well=finished_since(workspace, args.role, record["STARTED_AT"]),
-        memory=args.memory, in_training=trained_since(workspace, args.role, record["STARTED_AT"]))
+        finished_well=ended and finished_since(workspace, args.role, started), memory=args.memory,
+        in_training=not oom_killed or trained_since(workspace, args.role, started))
     if decision.action == "handed-over":
         write_handover(workspace, record)
     if decision.changes:
@@ -346,7 +350,6 @@ COMMANDS = {"start": cmd_start, "get": cmd_get, "ended": cmd_ended, "cycle": cmd
 
 def build_parser() -> ArgumentParser:
     parser = cli.parser("ct.process", __doc__)
-    cli.workspace_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name) for name in COMMANDS}
     for name, command in commands.items():

@@ -288,7 +288,6 @@ def prune_models(workspace: Path, keep: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.parser("ct.promote", __doc__)
-    cli.workspace_argument(parser)
     args = parser.parse_args(argv)
     workspace = cli.workspace_or_exit(parser, args.workspace)
 

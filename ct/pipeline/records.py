@@ -357,7 +357,6 @@ def update_record(workspace: Path, record: Record, changes: Mapping[str, str], w
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.parser("ct.records", __doc__)
-    cli.workspace_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("get", help="print one value of a record (empty when absent)")
     get.add_argument("record", choices=sorted(RECORDS))

@@ -18,7 +18,6 @@ a workspace that is not a folder or a page that cannot be written.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import sys
@@ -31,7 +30,8 @@ from urllib.parse import quote
 
 from ct import atomic
 from ct import workspace as names
-from ct.pipeline import lineage, records, report_chart
+from ct.pipeline import cli, lineage, records, report_chart
+from ct.pipeline.errors import PipelineError
 from ct.pipeline.report_inputs import ReportInputs, Run, collect, number
 
 DEFAULT_RUNS = 50
@@ -40,7 +40,7 @@ MAX_CHART_POINTS = 500
 STYLESHEET = "report.css"  # ct/pipeline/report.css, copied to report/ beside index.html
 
 
-class ReportError(Exception):
+class ReportError(PipelineError):
     """The report cannot be made; its text is the one line printed on stderr (exit 2)."""
 
 
@@ -295,32 +295,20 @@ def write_report(root: Path, limit: int = DEFAULT_RUNS) -> Path:
 # ---------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ct.report", description=__doc__.split("\n")[0])
-    names.add_workspace_argument(parser)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.parser("ct.report", __doc__)
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
                         help=f"how many of the newest runs to list (default {DEFAULT_RUNS})")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    workspace = names.workspace_of(parser, args.workspace)
-    if workspace is None:
-        return 2
-    try:
-        path = write_report(workspace, args.runs)
-    except ReportError as err:
-        print(f"ct.report: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"ct.report: {err}; fix that path's permissions, then rerun", file=sys.stderr)
-        return 2
-    print(f"ct.report: wrote {path}")
-    return 0
+    workspace = cli.workspace_or_exit(parser, args.workspace)
+
+    def action() -> int:
+        print(f"ct.report: wrote {write_report(workspace, args.runs)}")
+        return 0
+
+    return cli.run("ct.report", action)
 
 
 if __name__ == "__main__":
