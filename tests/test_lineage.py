@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ct import workspace as names
 from ct.pipeline import promote
-from tests.test_gate import COMMIT, make_workspace, run_module
+from tests.gate_workspace import COMMIT, make_workspace, run_module
 from tests.test_report import add_run
 
 

@@ -20,21 +20,20 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
 from ct.pipeline import gate, notify, promote
-from tests import test_gate
-from tests.test_gate import (
+from tests.gate_workspace import (
     COMMIT,
     REPO,
     assert_one_line_error,
     make_read_only,
     make_workspace,
+    other_user,
+    readonly_workspace,
     run_module,
     snapshot,
     write_run,
 )
 
-# the fixtures for a workspace this user cannot write (tests/test_gate.py)
-readonly_workspace = test_gate.readonly_workspace
-other_user = test_gate.other_user
+__all__ = ["other_user", "readonly_workspace"]  # fixtures, used by name
 
 SUBJECT = "[CT] the best model is being created: 81.27% at a1b2c3d"
 USER, PASSWORD = "ci-bot", "s3cret-pw"

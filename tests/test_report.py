@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ct.pipeline import gate, promote, report
-from tests.test_gate import COMMIT, make_workspace, run_module, write_run
+from tests.gate_workspace import COMMIT, make_workspace, run_module, write_run
 
 DATASET_SHA = "d" * 64
 
