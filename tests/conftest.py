@@ -7,6 +7,8 @@ import os
 import shutil
 import socket
 import subprocess
+import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from email import message_from_bytes
@@ -202,3 +204,15 @@ def postgres_url():
 
     yield from real_service(pg.postgres_server, pg.PostgresUnavailable, "PostgreSQL server",
                             "CT_REQUIRE_POSTGRES")
+
+
+@pytest.fixture(scope="session")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ET.Element]:
+    """jenkins/jobs.yaml rendered once per session by the real Jenkins Job Builder."""
+    from tests.jenkins_render import render_jobs
+
+    start = time.monotonic()
+    xml = render_jobs(tmp_path_factory.mktemp("jjb") / "out")
+    elapsed = time.monotonic() - start
+    assert elapsed < 5, f"jenkins-jobs test took {elapsed:.1f} s (target: under 5 s)"
+    return xml

@@ -1,7 +1,7 @@
 """Checks on the Jenkins job XML that Jenkins Job Builder renders from jenkins/jobs.yaml (no tests
-here: the helpers of tests/test_jenkins.py, named so because that is where Jenkins checks live).
+here: the helpers of tests/test_jenkins*.py, named so because that is where Jenkins checks live).
 
-Used by tests/test_jenkins.py on the real definitions and on deliberately broken copies, so that a
+Used by tests/test_jenkins*.py on the real definitions and on deliberately broken copies, so that a
 job naming a missing script or an unlisted plugin is caught.
 """
 

@@ -1,0 +1,53 @@
+"""jenkins/jobs.yaml rendered by the real Jenkins Job Builder, and what the Jenkins tests read off
+its XML. The session fixture `rendered` (tests/conftest.py) renders it once. Not a test module."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from tests import test_jenkins_checks as jc
+
+REPO = jc.REPO
+JENKINS = jc.JENKINS
+TOKEN = "test-only-token-7f3a"  # what the fixture puts on JJB's include path, never in jenkins/
+JOBS = ["job1", "job2", "job3", "job4", "job5", "job6"]
+VIEW = "CT pipeline"
+PT = "hudson.plugins.parameterizedtrigger."
+
+
+def render_jobs(out: Path) -> dict[str, ET.Element]:
+    return jc.render(jc.JOBS_YAML, out, TOKEN)
+
+
+def downstream_publishers(root: ET.Element) -> list[ET.Element]:
+    """Parameterized-trigger publisher configs (not build steps)."""
+    publishers = root.find("publishers")
+    assert publishers is not None
+    return list(publishers.iter(PT + "BuildTriggerConfig"))
+
+
+def chain_from(xml: dict[str, ET.Element], first: str) -> list[str]:
+    chain, job = [first], first
+    while True:
+        nxt = [c.findtext("projects") for c in downstream_publishers(xml[job])]
+        if not nxt:
+            return chain
+        assert len(nxt) == 1, f"{job} triggers several jobs: {nxt}"
+        job = nxt[0]
+        assert job not in chain, f"cycle at {job}"
+        chain.append(job)
+
+
+def job_script(root: ET.Element) -> str:
+    (command,) = jc.shell_commands(root)
+    (script,) = jc.SCRIPT_CALL.findall(command)
+    return Path(script).stem
+
+
+def gated_trigger(root: ET.Element) -> ET.Element:
+    """job4's conditional step that triggers job5."""
+    steps = list(root.iter("org.jenkinsci.plugins.conditionalbuildstep.singlestep."
+                           "SingleConditionalBuilder"))
+    assert len(steps) == 1
+    return steps[0]
