@@ -1,13 +1,11 @@
-"""The chain end to end through scripts/pipeline.sh and the job scripts, on both runtimes:
-real git repositories, a real SMTP server (aiosmtpd), a real Docker engine (tests/docker_engine.py).
-"""
+"""The chain end to end through scripts/pipeline.sh and the job scripts on the docker runtime: real
+git repositories, a real SMTP server (aiosmtpd), a real Docker engine (tests/docker_engine.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 import subprocess
 import time
 import uuid
@@ -15,30 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.chain_checks import assert_passed_and_promoted, assert_tuned
 from tests.conftest import SCRIPTS, git, read_props, run_script
-from tests.test_report import WRAPPER, chromium
-
-
-def _mail_checks(inbox, ws: Path, commit: str) -> None:
-    assert len(inbox.messages) == 1
-    msg = inbox.messages[0]
-    best = json.loads((ws / "best.json").read_text())
-    assert commit[:7] in msg["Subject"]
-    assert f"{best['accuracy']:g}" in msg["Subject"] or str(best["accuracy"]) in msg["Subject"]
-    assert msg["To"] == "team@example.com"
-
-
-def _assert_passed_and_promoted(ws: Path, inbox) -> None:
-    commit = (ws / "commit.txt").read_text().strip()
-    gate = read_props(ws / "gate.properties")
-    assert gate["PASSED"] == "true"
-    best = json.loads((ws / "best.json").read_text())
-    metrics = json.loads((ws / "metrics.json").read_text())
-    assert best["accuracy"] == metrics["accuracy"] >= 80
-    assert best["commit"] == commit
-    assert (ws / "best-model.pt").stat().st_size > 0
-    assert read_props(ws / "status" / "train.properties")["EXIT_CODE"] == "0"
-    _mail_checks(inbox, ws, commit)
 
 
 @pytest.fixture
@@ -59,92 +35,6 @@ def docker_env(script_env, docker_engine):
     images = docker_engine.docker("images", "-q", "--filter", f"reference={prefix}-*")
     if images.split():
         docker_engine.docker("rmi", "-f", *set(images.split()), check=False)
-
-
-# ------------------------------------------------------------------------------ local runtime
-
-
-def test_local_chain_passes_promotes_and_mails(source_repo, script_env, smtp_server, browser,
-                                              tmp_path):
-    smtp, inbox = smtp_server
-    env = {**script_env, **smtp}
-    proc = run_script("pipeline.sh", env, str(source_repo))
-    ws = Path(env["CT_WORKSPACE"])
-    _assert_passed_and_promoted(ws, inbox)
-    assert "job5" not in proc.stderr  # no tuning above the threshold
-    assert read_props(ws / "status" / "train.properties")["RUNTIME"] == "local"
-    # the mail carries the run's curves, and job4 wrote the report of this real run
-    metrics = json.loads((ws / "metrics.json").read_text())
-    attached = [part.get_filename() for part in inbox.messages[0].iter_attachments()]
-    assert "curves.png" in attached
-    index = ws / "report" / "index.html"
-    dom = chromium("--dump-dom", index.as_uri(), cwd=tmp_path).stdout
-    best = dom.split('id="best"', 1)[1].split("</section>", 1)[0]
-    assert f"{metrics['accuracy']:g}%" in best and metrics["lineage"]["dataset_sha256"] in best
-    assert len(re.findall(r'<tr class="run[^"]*" id="run-', dom)) == 1
-    wrapper = tmp_path / "wrapper.html"
-    wrapper.write_text(WRAPPER.replace("REPORT", index.as_uri()))
-    out = chromium("--allow-file-access-from-files", "--virtual-time-budget=5000", "--dump-dom",
-                   wrapper.as_uri(), cwd=tmp_path).stdout
-    images = json.loads(re.search(r'<pre id="out">(.*?)</pre>', out, re.S).group(1)
-                        .replace("&quot;", '"'))
-    curves = [i for i in images if i[0] == f"../{metrics['run_dir']}/curves.png"]
-    assert curves and all(complete and width > 0 for _, complete, width in curves), images
-
-
-@pytest.mark.slow
-def test_local_chain_below_threshold_tunes_once(source_repo, script_env, smtp_server):
-    smtp, inbox = smtp_server
-    env = {**script_env, **smtp, "CT_THRESHOLD": "100"}
-    env["CT_TRAIN_ARGS"] = "--batch-size 64 --epochs 1 --lr 0.01 --seed 1"  # well below 100 %
-    run_script("pipeline.sh", env, str(source_repo), timeout=900)
-    ws = Path(env["CT_WORKSPACE"])
-    assert read_props(ws / "gate.properties")["PASSED"] == "false"
-    _assert_tuned(ws, inbox)
-    # a second job5 for the same commit does not tune again
-    again = run_script("job5-tune.sh", env)
-    assert "not tuning again" in again.stderr
-    assert len(inbox.messages) == 1
-
-
-@pytest.mark.slow
-def test_local_job5_with_two_workers_shares_one_round(source_repo, script_env, smtp_server):
-    """CT_TUNE_WORKERS=2 on the local runtime: a helper process beside the round's owner."""
-    optuna = pytest.importorskip("optuna")
-    smtp, inbox = smtp_server
-    env = {**script_env, **smtp, "CT_THRESHOLD": "100", "CT_TUNE_WORKERS": "2",
-           "CT_TUNE_TRIALS": "4", "CT_RUNTIME": "local"}
-    env["CT_TRAIN_ARGS"] = "--batch-size 64 --epochs 1 --lr 0.01 --seed 1"  # well below 100 %
-    run_script("pipeline.sh", env, str(source_repo), timeout=900)
-    ws = Path(env["CT_WORKSPACE"])
-    helper = read_props(ws / "status" / "tune-w1.properties")
-    assert helper["RUNTIME"] == "local" and helper["CONTAINER"].startswith("pid-")
-    assert "worker 1 done" in (ws / "status" / "tune-w1.log").read_text()
-    storage = optuna.storages.journal.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(ws / "studies" / "optuna.journal")))
-    (name,) = optuna.get_all_study_names(storage)
-    trials = optuna.load_study(study_name=name, storage=storage).trials
-    assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-    assert {t.user_attrs["worker"] for t in trials} == {"w0", "w1"}
-    _assert_tuned(ws, inbox, trials=4)
-
-
-def _assert_tuned(ws: Path, inbox, trials: int = 2) -> None:
-    metrics = json.loads((ws / "metrics.json").read_text())
-    assert metrics["mode"] == "tune"
-    assert metrics["trials"] <= trials
-    best = json.loads((ws / "best.json").read_text())
-    assert (ws / "best-model.pt").exists()
-    assert read_props(ws / "status" / "tune-rounds.properties")["ROUNDS"] == "1"
-    assert len(inbox.messages) == 1
-    body = inbox.messages[0].get_body(("plain",)).get_content()
-    assert "tun" in inbox.messages[0]["Subject"].lower()
-    for key in ("lr", "optimizer"):
-        assert key in body
-    assert best["accuracy"] >= 0
-
-
-# ------------------------------------------------------------------------------ docker runtime
 
 
 @pytest.mark.docker
@@ -290,7 +180,7 @@ def test_docker_chain_passes_promotes_and_mails(
     env = {**docker_env, **smtp}
     run_script("pipeline.sh", env, str(source_repo))
     ws = Path(env["CT_WORKSPACE"])
-    _assert_passed_and_promoted(ws, inbox)
+    assert_passed_and_promoted(ws, inbox)
     state = read_props(ws / "status" / "train.properties")
     assert state["RUNTIME"] == "docker"
     name = state["CONTAINER"]
@@ -314,7 +204,7 @@ def test_docker_chain_below_threshold_tunes(source_repo, docker_env, smtp_server
     state = read_props(ws / "status" / "tune.properties")
     assert state["RUNTIME"] == "docker" and state["EXIT_CODE"] == "0"
     assert state["IMAGE"].startswith(env["CT_IMAGE_PREFIX"] + "-tune:")
-    _assert_tuned(ws, inbox)
+    assert_tuned(ws, inbox)
     assert "not tuning again" in run_script("job5-tune.sh", env).stderr
 
 
