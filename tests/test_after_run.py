@@ -5,7 +5,8 @@ way the pinned plugins evaluate it.
 token-macro 400.v35420b_922dcb_ impl/PropertyFromFileMacro.java (ReadProperty.call): PROPFILE
 loads the workspace file as it is with java.util.Properties; a missing file expands to
 "<file> not found", a missing key to "". run-condition 1.7 core/StringsMatchCondition.java
-compares the expanded arg1 with arg2 (ignoreCase false).
+runPerform expands arg1 and arg2 with TokenMacro.expandAll and compares them with equals
+(ignoreCase false).
 """
 
 from __future__ import annotations

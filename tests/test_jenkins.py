@@ -208,7 +208,10 @@ def test_accuracy_and_commit_pass_downstream_as_parameters(rendered):
 
     for job in ["job2", "job3", "job4"]:
         assert "COMMIT" in declared(job), job
-    # job5 declares what gate.properties carries (Jenkins drops undeclared parameters).
+    # job5 declares every key gate.properties carries: parameterized-trigger 859.vb_e3907a_07a_16
+    # FileBuildParameters.getAction turns each entry of the loaded Properties into a
+    # StringParameterValue, and core jenkins-2.492.1 hudson/model/ParametersAction.filter() keeps
+    # only the names in the job's parameterDefinitionNames (unless keepUndefinedParameters).
     assert set(GATE_RECORD.required) <= declared("job5")
 
 
