@@ -6,7 +6,9 @@ Standard library only: the trainer (in the container) writes these files, the ga
 (`python3 -m ct.workspace commit`).
 
     <workspace>/
-      commit.txt                 job1: the commit checked out (its first word)
+      commit.txt                 job1: the latest pushed commit (its first word)
+      code/repo.git              job1: the git repository pushes are fetched into (bare)
+      code/<commit>/             job1: the commit's code, read-only, what its runs train
       data/                      CIFAR-10, and the trainer's caches of it (DATA_* names below)
       runs/<run-id>/             one training or tuning run (RUN_* names below)
       accuracy.txt, metrics.json the latest finished run: its accuracy, its summary
@@ -22,6 +24,7 @@ Standard library only: the trainer (in the container) writes these files, the ga
       status/                    ct.pipeline.process: each training/tuning process's record;
                                  ct.pipeline.after_run: the verdict of the last judged run
       handover.properties        ct.pipeline.process: a restarted run job6 hands to job4
+      next-push.properties       ct.pipeline.pushes: the queued push job6 hands to job2
       studies/optuna.journal     train.py --tune: the Optuna study every round continues
 """
 
@@ -39,6 +42,8 @@ from typing import Any
 
 # --- the workspace's top level
 COMMIT_FILE = "commit.txt"
+CODE_DIR = "code"  # one read-only snapshot per commit, and the git repository they come from
+CODE_REPO = "code/repo.git"
 DATA_DIR = "data"
 RUNS_DIR = "runs"
 ACCURACY_FILE = "accuracy.txt"
@@ -59,12 +64,19 @@ IMAGE_STATUS = "status/image.properties"  # job2 (and job4 for tuning): the fram
 VERDICT_STATUS = "status/after-run.properties"  # the last judged run and its verdict
 TUNE_ROUNDS_STATUS = "status/tune-rounds.properties"  # tuning rounds spent on the commit
 HANDOVER_PROPERTIES = "handover.properties"  # job6 -> job4: a restarted run that has finished
+NEXT_PUSH_PROPERTIES = "next-push.properties"  # job6 -> job2: the queued push to train next
+PUSHES_STATUS = "status/pushes.json"  # the pushes waiting to be trained, oldest first
 ARTIFACTS_DIR = "artifacts"  # Jenkins: artifacts/<job>/, what a build archives
 
 
 def process_status(role: str) -> str:
     """The record of a training/tuning process (job3, job5, job6): how it runs and ended."""
     return f"{STATUS_DIR}/{role}.properties"
+
+
+def snapshot_dir(commit: str) -> str:
+    """The read-only copy of a commit's tree that its runs train (job1 writes it)."""
+    return f"{CODE_DIR}/{commit}"
 
 
 TRAIN_STATUS = process_status("train")
@@ -76,6 +88,7 @@ DATA_ARCHIVE = "cifar-10-python.tar.gz"
 
 # --- inside a run folder, runs/<kind>-<UTC time>-<config hash>/
 RUN_CONFIG = "config.json"  # the run's config (a tuning run's: its plan); written first
+RUN_CODE = "code.json"  # the commit and code digest the run trains; a resume must match both
 RUN_EPOCHS = "epochs.jsonl"  # one line per finished epoch
 RUN_CHECKPOINT = "checkpoint.pt"  # the state after the last finished epoch: what a resume reads
 RUN_CLOCK = "clock.json"  # the wall time earlier processes spent on the run, and its restarts
@@ -94,8 +107,10 @@ DATA_HASH_CACHE = "cifar-10-sha256.json"  # the dataset's sha256 (lineage), keye
 # --- the `lineage` object in a run's metrics.json (copied into best.json on promotion)
 LINEAGE = "lineage"
 
-# The commit the trainer records when the pipeline passes it in (job3/job5 set it).
+# The commit the trainer records when the pipeline passes it in (job3/job5 set it), and the
+# digest of that commit's snapshot (code_sha256), which the run's lineage keeps.
 COMMIT_ENV = "CT_COMMIT"
+CODE_SHA256_ENV = "CT_CODE_SHA256"
 # The image a run's container was started from, for its lineage (the job scripts pass them in):
 # its tag (<prefix>-train:<hash>) and its id (sha256:...). Unset or LOCAL_IMAGE: no container.
 IMAGE_ENV = "CT_IMAGE"
@@ -185,6 +200,27 @@ def dataset_sha256(source: Path) -> str:
     return hash_files(dataset_files(source))
 
 
+def code_sha256(code_dir: Path) -> str:
+    """The digest of a snapshot's code: sha256 over every file's relative path and bytes, in
+    path order (symlinks by their target text, never followed; __pycache__ left out). The
+    launcher passes it to a run ($CT_CODE_SHA256) and `ct.pipeline.lineage --verify` recomputes
+    it. Raises OSError when the folder cannot be read."""
+    root = Path(code_dir)
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        entries += [Path(dirpath, name) for name in filenames]
+    digest = hashlib.sha256()
+    for path in sorted(entries, key=lambda p: p.relative_to(root).as_posix()):
+        rel = path.relative_to(root).as_posix().encode()
+        if path.is_symlink():
+            body = b"link:" + os.readlink(path).encode()
+        else:
+            body = b"file:" + hashlib.sha256(path.read_bytes()).hexdigest().encode()
+        digest.update(rel + b"\0" + body + b"\n")
+    return digest.hexdigest()
+
+
 def current_image(env: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
     """(tag, id) of the image this run's container runs: ("local", "local") outside a container
     ($CT_IMAGE unset or "local"); the id is None when $CT_IMAGE_ID is not passed in."""
@@ -220,10 +256,10 @@ def workspace_of(parser: argparse.ArgumentParser, given: Path | None) -> Path | 
 
 # What job1's checkout must never touch: the pipeline's state beside the code (git excludes it).
 STATE_PATHS = (
-    f"{DATA_DIR}/", f"{RUNS_DIR}/", f"{OUTBOX_DIR}/", f"{STATUS_DIR}/", "plot/",
+    f"{DATA_DIR}/", f"{CODE_DIR}/", f"{RUNS_DIR}/", f"{OUTBOX_DIR}/", f"{STATUS_DIR}/", "plot/",
     f"{ARTIFACTS_DIR}/", f"{MODELS_DIR}/", f"{REPORT_DIR}/", "studies/", ACCURACY_FILE,
     METRICS_FILE, BEST_FILE, BEST_MODEL, COMMIT_FILE, GATE_PROPERTIES, PROMOTION_PROPERTIES,
-    HISTORY_FILE, HANDOVER_PROPERTIES,
+    HISTORY_FILE, HANDOVER_PROPERTIES, NEXT_PUSH_PROPERTIES,
 )
 
 # The names scripts/lib.sh reads once (as CT_<NAME>), so that bash spells no file name itself.
@@ -231,6 +267,7 @@ SHELL_NAMES = {
     "COMMIT_FILE": COMMIT_FILE, "DATA_DIR": DATA_DIR, "RUNS_DIR": RUNS_DIR,
     "STATUS_DIR": STATUS_DIR, "DATA_FOLDER": DATA_FOLDER, "DATA_ARCHIVE": DATA_ARCHIVE,
     "OUTBOX_DIR": OUTBOX_DIR, "BEST_FILE": BEST_FILE, "HANDOVER_FILE": HANDOVER_PROPERTIES,
+    "NEXT_PUSH_FILE": NEXT_PUSH_PROPERTIES, "CODE_DIR": CODE_DIR, "CODE_REPO": CODE_REPO,
     "STATE_PATHS": " ".join(STATE_PATHS),
 }
 
