@@ -16,8 +16,8 @@ from network import build_model
 from tests.train_cli import QUICK, only_run_dir, run, unfinished_run
 
 SMALL = [*QUICK, "--subset", "300"]
-LINEAGE_KEYS = {"dataset_sha256", "dataset_form", "seed", "commit", "image", "image_id", "torch",
-                "device", "threads", "model_sha256"}
+LINEAGE_KEYS = {"dataset_sha256", "dataset_form", "seed", "commit", "code_sha256", "image",
+                "image_id", "torch", "device", "threads", "model_sha256"}
 
 
 def sha256_of(*paths: Path) -> str:
@@ -32,6 +32,7 @@ def test_lineage_is_recorded_and_the_dataset_hash_cached(
     monkeypatch.setenv("CT_IMAGE", "ct-cifar-train:0123abcd")
     monkeypatch.setenv("CT_IMAGE_ID", "sha256:feed")
     monkeypatch.setenv("CT_COMMIT", "c0ffee")
+    monkeypatch.setenv("CT_CODE_SHA256", "e" * 64)
     ws = tmp_path / "ws"
     args = ["--out", ws, "--data-dir", tiny_cifar_root, *SMALL, "--seed", "3"]
     status, out, _ = run(args, capsys)
@@ -45,7 +46,7 @@ def test_lineage_is_recorded_and_the_dataset_hash_cached(
     assert lineage["dataset_sha256"] == sha256_of(*(folder / n for n in names))
     assert lineage["dataset_form"] == "folder"
     assert lineage["model_sha256"] == sha256_of(ws / metrics["model"])
-    assert (lineage["seed"], lineage["commit"]) == (3, "c0ffee")
+    assert (lineage["seed"], lineage["commit"], lineage["code_sha256"]) == (3, "c0ffee", "e" * 64)
     assert (lineage["image"], lineage["image_id"]) == ("ct-cifar-train:0123abcd", "sha256:feed")
     assert lineage["torch"] == torch.__version__ and lineage["device"] == metrics["device"]
     assert lineage["threads"] == torch.get_num_threads()

@@ -6,6 +6,8 @@ reproduction (`train.py --reproduce RUN_ID`) compares with the run it repeats.
     dataset_form    "archive" or "folder": which of the two the digest covers
     seed            the config's seed
     commit          the code's commit (ct.workspace.current_commit), or null
+    code_sha256     the digest of that commit's snapshot folder (ct.workspace.code_sha256), as
+                    the pipeline passes it in ($CT_CODE_SHA256); null when not passed in
     image, image_id the container image's tag and id ($CT_IMAGE, $CT_IMAGE_ID); "local" for both
                     outside a container; image_id null when not passed in
     torch           torch.__version__
@@ -39,6 +41,7 @@ def run_lineage(*, dataset_sha256: str, dataset_location: Path | None, seed: int
         "archive" if dataset_location.is_file() else "folder")
     return {
         "dataset_sha256": dataset_sha256, "dataset_form": form, "seed": seed, "commit": commit,
+        "code_sha256": env.get(names.CODE_SHA256_ENV) or None,
         "image": image, "image_id": image_id, "torch": torch.__version__,
         "device": compute.describe(), "threads": torch.get_num_threads(),
         "model_sha256": names.hash_files([model_path]),

@@ -21,7 +21,7 @@ import torch
 from ct import atomic
 from ct import workspace as names
 from ct.trainer import plots, stopping
-from ct.trainer.config import PLAIN_RECIPE, check_config, config_hash, with_added_keys
+from ct.trainer.config import PLAIN_RECIPE, check_config, with_added_keys
 from ct.trainer.data import Cifar
 from ct.trainer.engine import Compute, evaluate, evaluate_as_configured
 from ct.trainer.errors import UsageError
@@ -38,6 +38,7 @@ from ct.trainer.runs import (
     read_json,
     record_lineage,
     run_summary,
+    start_run_dir,
 )
 from ct.trainer.state import TrainingState, load_checkpoint, save_checkpoint
 
@@ -205,8 +206,7 @@ def train_mode(opts: RunOptions, cfg: dict[str, Any], ws: Workspace, compute: Co
     """`train.py`: train `cfg` (or continue its unfinished run), test it, publish the results.
     A reproduction (`reproduces`: the run it repeats) leaves the top-level results alone."""
     if opts.dry_run:
-        run_dir, resumed = ws.new_run_dir("dry", config_hash(cfg)), False
-        atomic.write_json(run_dir / names.RUN_CONFIG, cfg)
+        run_dir, resumed = start_run_dir(ws, "dry", cfg), False
     else:
         run_dir, cfg, resumed = choose_run_dir(ws, "train", cfg, opts, with_added_keys)
     clock = RunClock.begin(run_dir, started, resumed)

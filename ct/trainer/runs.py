@@ -3,13 +3,14 @@ runs in (a new one, or the unfinished one it continues), each run's clock and lo
 (the dataset, the lineage), and publishing its results.
 
 A run lives in <workspace>/runs/<kind>-<UTC time>-<config hash>/ (file names: ct.workspace). It is
-resumable until its metrics.json exists: running the same config again continues it from its last
-checkpoint.
+resumable until its metrics.json exists: running the same config of the same code again (the same
+commit and code digest, its code.json) continues it from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ class RunOptions:
     data_dir: Path | None = None  # None: <workspace>/data
     download: bool = False
     dry_run: bool = False  # a few batches; the workspace's results untouched
-    resume: bool = False  # continue the latest unfinished run, whatever its config
+    resume: bool = False  # continue the latest unfinished run of this code, whatever its config
     fresh: bool = False  # start over even if a run of the same config is unfinished
 
 
@@ -85,27 +86,78 @@ class Workspace:
         return names.current_commit(self.root, CODE_DIR)
 
 
+def code_record(ws: Workspace) -> dict[str, str | None]:
+    """What a run started now trains (its code.json): the commit and the digest of the commit's
+    snapshot ($CT_CODE_SHA256, ct.workspace.code_sha256); None for what is not known."""
+    return {"commit": ws.commit(), "code_sha256": os.environ.get(names.CODE_SHA256_ENV) or None}
+
+
+def stored_code(run_dir: Path) -> dict[str, Any]:
+    """A run's code.json; a run from before code.json (or with anything but an object in it)
+    trains commit None and code None."""
+    path = run_dir / names.RUN_CODE
+    stored = read_json(path) if path.exists() else None
+    stored = stored if isinstance(stored, dict) else {}
+    return {"commit": stored.get("commit"), "code_sha256": stored.get("code_sha256")}
+
+
+def code_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why a run of `stored` code is not one of `current` code (one phrase); None: the same."""
+    def which(code: dict[str, Any], key: str, what: str) -> str:
+        return f"{what} {code[key]}" if code[key] is not None else f"no recorded {what}"
+
+    if stored["commit"] != current["commit"]:
+        return (f"it trains {which(stored, 'commit', 'commit')}, this is "
+                f"{which(current, 'commit', 'commit')}")
+    if stored["code_sha256"] != current["code_sha256"]:
+        return (f"it trains {which(stored, 'code_sha256', 'code sha256')}, this is "
+                f"{which(current, 'code_sha256', 'code sha256')}")
+    return None
+
+
+def start_run_dir(ws: Workspace, kind: str, state: dict[str, Any]) -> Path:
+    """A new run folder with its config.json and code.json, never one without them."""
+    with stopping.deferred():
+        run_dir = ws.new_run_dir(kind, config_hash(state))
+        atomic.write_json(run_dir / names.RUN_CONFIG, state)
+        atomic.write_json(run_dir / names.RUN_CODE, code_record(ws))
+    return run_dir
+
+
 def choose_run_dir(ws: Workspace, kind: str, state: dict[str, Any], opts: RunOptions,
                    upgrade: Callable[[dict[str, Any]], dict[str, Any]]
                    ) -> tuple[Path, dict[str, Any], bool]:
     """Where this invocation runs, its state (a continued run keeps its stored state), and
-    whether it continues an earlier run. `upgrade` fills in the keys a stored state lacks when it
-    was recorded before they existed (ct.trainer.config.with_added_keys), so that such a run is
-    still found and continued."""
+    whether it continues an earlier run: the latest unfinished one of the same state (any state
+    with --resume) whose code.json names this invocation's commit and code digest. `upgrade`
+    fills in the keys a stored state lacks when it was recorded before they existed
+    (ct.trainer.config.with_added_keys), so that such a run is still found and continued. Each
+    run passed over for its code alone gets one line in the log."""
+    code = code_record(ws)
+    skipped: list[str] = []
+    chosen: tuple[Path, dict[str, Any], bool] | None = None
     if not opts.fresh:
         for run_dir in ws.unfinished_runs(kind):
             stored = read_json(run_dir / names.RUN_CONFIG)
             if isinstance(stored, dict):  # anything else matches no state
                 stored = upgrade(stored)
-            if opts.resume or stored == state:
-                return run_dir, stored, True
-    if opts.resume:
-        raise UsageError(f"no unfinished {kind} run in {ws.runs} to resume; "
-                         "run without --resume to start one")
-    with stopping.deferred():  # no run folder without its config
-        run_dir = ws.new_run_dir(kind, config_hash(state))
-        atomic.write_json(run_dir / names.RUN_CONFIG, state)
-    return run_dir, state, False
+            if not (opts.resume or stored == state):
+                continue
+            why = code_difference(stored_code(run_dir), code)
+            if why is None:
+                chosen = run_dir, stored, True
+                break
+            skipped.append(f"not continuing {names.RUNS_DIR}/{run_dir.name}: {why}")
+    if chosen is None and opts.resume:
+        raise UsageError(f"no unfinished {kind} run of this code in {ws.runs} to resume"
+                         + (f" ({skipped[0]})" if skipped else "")
+                         + "; run without --resume to start one")
+    if chosen is None:
+        chosen = start_run_dir(ws, kind, state), state, False
+    log = Log(chosen[0] / names.RUN_LOG)
+    for line in skipped:
+        log(line)
+    return chosen
 
 
 def read_json(path: Path) -> Any:
