@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from ct import workspace as names
@@ -13,8 +14,9 @@ from tests.gate_workspace import COMMIT, make_workspace, run_module
 from tests.test_report import add_run
 
 
-def workspace_with_data(root: Path, form: str = "archive") -> Path:
-    """A promoted run whose lineage names the dataset in W/data, hashed as the trainer does."""
+def workspace_with_data(root: Path, form: str = "archive", code: bool = False) -> Path:
+    """A promoted run whose lineage names the dataset in W/data, hashed as the trainer does;
+    with `code`, also the snapshot W/code/<commit>/ of its commit and that folder's digest."""
     ws = make_workspace(root, 70.0, run_id="train-20250101-000000-aaaa")
     data = ws / "data"
     if form == "archive":
@@ -28,11 +30,24 @@ def workspace_with_data(root: Path, form: str = "archive") -> Path:
             (source / name).write_bytes(bytes([i]) * 1000)
     metrics = add_run(ws, "train-20250102-000000-bbbb", 84.5)
     metrics["lineage"] |= {"dataset_sha256": names.dataset_sha256(source), "dataset_form": form}
+    if code:
+        metrics["lineage"]["code_sha256"] = names.code_sha256(snapshot(ws))
     text = json.dumps(metrics)
     (ws / "runs" / metrics["run_id"] / "metrics.json").write_text(text)
     (ws / "metrics.json").write_text(text)
     assert promote.main(["--workspace", str(ws)]) == 0
     return ws
+
+
+def snapshot(ws: Path) -> Path:
+    """The commit's code as job1 leaves it: a few files, a subfolder, a link inside it."""
+    folder = ws / names.snapshot_dir(COMMIT)
+    if not folder.exists():
+        (folder / "ct").mkdir(parents=True)
+        (folder / "train.py").write_text("print('train')\n")
+        (folder / "ct" / "engine.py").write_text("STEP = 1\n")
+        (folder / "ct" / "link.py").symlink_to("engine.py")
+    return folder
 
 
 def lineage(ws: Path, *args: str):
@@ -124,3 +139,62 @@ def test_bad_input_is_exit_2_with_one_line(tmp_path: Path) -> None:
                  ["--workspace", str(tmp_path), "../etc"]):
         proc = run_module("ct.pipeline.lineage", *args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+
+
+def test_verify_checks_the_commits_code_snapshot(tmp_path: Path) -> None:
+    ws = workspace_with_data(tmp_path / "ws", code=True)
+    best = json.loads((ws / "best.json").read_text())
+    assert best["lineage"]["code_sha256"] == names.code_sha256(snapshot(ws))
+    proc = lineage(ws, "--verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verified: the model, the dataset and the code match the record" in proc.stdout
+    assert f"code sha256 {best['lineage']['code_sha256']}" in proc.stdout.splitlines()[1]
+    assert "not checked" not in proc.stdout
+
+    engine = snapshot(ws) / "ct" / "engine.py"
+    engine.write_text("STEP = 2\n")
+    proc = lineage(ws, "train-20250102-000000-bbbb", "--verify")
+    assert proc.returncode == 1
+    (problem,) = [x for x in proc.stdout.splitlines() if "MISMATCH" in x]
+    assert problem.startswith("ct.lineage: MISMATCH code:") and "snapshot changed" in problem
+    assert best["lineage"]["code_sha256"] in problem
+
+    engine.write_text("STEP = 1\n")
+    (snapshot(ws) / "ct" / "link.py").unlink()
+    (snapshot(ws) / "ct" / "link.py").symlink_to("/etc/passwd")  # a link's target counts
+    proc = lineage(ws, "--verify")
+    assert proc.returncode == 1 and "MISMATCH code:" in proc.stdout
+
+
+def test_verify_says_when_the_code_is_not_checked(tmp_path: Path) -> None:
+    ws = workspace_with_data(tmp_path / "ws", code=True)
+    shutil.rmtree(snapshot(ws))
+    proc = lineage(ws, "--verify")
+    assert proc.returncode == 0, proc.stdout
+    assert f"ct.lineage: code not checked: snapshot of {COMMIT} removed" in proc.stdout
+    assert "verified: the model and the dataset match the record" in proc.stdout
+
+    proc = lineage(workspace_with_data(tmp_path / "older"), "--verify")  # no code_sha256
+    assert proc.returncode == 0 and "code not checked: not recorded" in proc.stdout
+
+
+def test_verify_follows_no_snapshot_out_of_the_workspace(tmp_path: Path) -> None:
+    ws = workspace_with_data(tmp_path / "ws", code=True)
+    elsewhere = tmp_path / "elsewhere"
+    snapshot(ws).rename(elsewhere)  # the same files, the same digest, outside the workspace
+    assert names.code_sha256(elsewhere) == json.loads(
+        (ws / "best.json").read_text())["lineage"]["code_sha256"]
+    (ws / names.snapshot_dir(COMMIT)).symlink_to(elsewhere)
+    proc = lineage(ws, "--verify")
+    assert proc.returncode == 1
+    (problem,) = [x for x in proc.stdout.splitlines() if "MISMATCH" in x]
+    assert "is a symlink" in problem and "not followed" in problem
+
+    (ws / names.snapshot_dir(COMMIT)).unlink()
+    shutil.rmtree(ws / names.CODE_DIR)
+    (ws / names.CODE_DIR).symlink_to(tmp_path)  # code/ itself leads out
+    elsewhere.rename(tmp_path / COMMIT)
+    proc = lineage(ws, "--verify")
+    assert proc.returncode == 1
+    (problem,) = [x for x in proc.stdout.splitlines() if "MISMATCH" in x]
+    assert "leads out of the workspace" in problem

@@ -5,9 +5,11 @@
 Prints the chain for the best model (best.json, default) or for a run (runs/RUN_ID/metrics.json),
 from the `lineage` object the trainer writes into metrics.json and the gate copies into best.json
 on promotion. `--verify` hashes the model file again (the one best.json names, or
-runs/RUN_ID/model.pt) and the dataset (W/data: the cifar-10-batches-py folder, else
-cifar-10-python.tar.gz, hashed by ct.workspace.dataset_sha256 as the trainer does) and says what
-no longer matches. Exit 0: printed (and, with --verify, everything matches); 1: a mismatch or a
+runs/RUN_ID/model.pt), the dataset (W/data: the cifar-10-batches-py folder, else
+cifar-10-python.tar.gz, hashed by ct.workspace.dataset_sha256 as the trainer does) and the code
+(the commit's snapshot W/code/<commit>/, hashed by ct.workspace.code_sha256, when the record has
+a code_sha256 and the snapshot is still there; said when not checked) and says what no longer
+matches. Exit 0: printed (and, with --verify, everything checked matches); 1: a mismatch or a
 file that cannot be hashed; 2: bad input (no such workspace, run or record).
 """
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -105,9 +109,11 @@ def chain_lines(workspace: Path, subject: Subject) -> list[str]:
     if field(record, "image_id"):
         image += f" ({field(record, 'image_id')})"
     run_dir = record.get("run_dir") or f"{names.RUNS_DIR}/{record.get('run_id')}"
+    code = field(record, "code_sha256")
     return [
         f"lineage of the {subject.what}{lineage_note}:",
-        f"  commit  {shown(field(record, 'commit'))}",
+        f"  commit  {shown(field(record, 'commit'))}"
+        + (f"  code sha256 {code}" if code else ""),
         f"  image   {image}",
         f"  data    sha256 {shown(field(record, 'dataset_sha256'))}"
         + (f" ({field(record, 'dataset_form')})" if field(record, "dataset_form") else ""),
@@ -120,8 +126,9 @@ def chain_lines(workspace: Path, subject: Subject) -> list[str]:
     ]
 
 
-def verify(workspace: Path, subject: Subject) -> list[str]:
-    """What no longer matches the record: one line per problem, [] when all match."""
+def verify(workspace: Path, subject: Subject) -> tuple[list[str], str | None]:
+    """What no longer matches the record (one line per problem, [] when all match), and why the
+    code was not checked (None: it was)."""
     problems = []
     try:
         actual = names.hash_files([subject.model])
@@ -149,7 +156,43 @@ def verify(workspace: Path, subject: Subject) -> list[str]:
             if actual != expected:
                 problems.append(f"data: {source} has sha256 {actual}, the record says "
                                 f"{expected}: the dataset changed")
-    return problems
+    problem, unchecked = verify_code(workspace, subject.record)
+    return problems + ([problem] if problem else []), unchecked
+
+
+_COMMIT_ID = re.compile(r"[0-9a-f]{7,64}")  # as ct.workspace reads commit.txt
+
+
+def verify_code(workspace: Path, record: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(the problem, why the code was not checked): the commit's snapshot W/code/<commit>/ must
+    hash (ct.workspace.code_sha256) to the recorded code_sha256. A snapshot that is a symlink,
+    or that leads out of the workspace, is refused, not followed; one that is gone, or a record
+    without code_sha256 (older runs, runs outside the pipeline), is not checked."""
+    expected, commit = field(record, "code_sha256"), field(record, "commit")
+    if not expected:
+        return None, "not recorded"
+    if not commit:
+        return None, "the record names no commit"
+    if not isinstance(commit, str) or not _COMMIT_ID.fullmatch(commit):
+        return None, f"the record's commit {commit!r} is not a commit id"
+    snapshot = workspace / names.snapshot_dir(commit)
+    if snapshot.is_symlink():
+        return (f"code: {snapshot} is a symlink, not a snapshot folder; not followed", None)
+    if not os.path.lexists(snapshot):
+        return None, f"snapshot of {commit} removed"
+    if not snapshot.is_dir():
+        return f"code: {snapshot} is not a folder", None
+    real, inside = snapshot.resolve(), workspace.resolve()
+    if real != inside and inside not in real.parents:
+        return (f"code: {snapshot} leads out of the workspace (to {real}); not followed", None)
+    try:
+        actual = names.code_sha256(snapshot)
+    except OSError as err:
+        return f"code: cannot hash {snapshot} ({records.os_reason(err)})", None
+    if actual != expected:
+        return (f"code: {snapshot} has sha256 {actual}, the record says {expected}: the "
+                "commit's snapshot changed"), None
+    return None, None
 
 
 def dataset_to_hash(workspace: Path, form: Any) -> Path | None:
@@ -167,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("which", nargs="?", default="best",
                         help="'best' (default: the promoted model) or a run id under runs/")
     parser.add_argument("--verify", action="store_true",
-                        help="hash the model and the dataset again and compare with the record")
+                        help="hash the model, the dataset and the code again and compare "
+                             "with the record")
     args = parser.parse_args(argv)
     workspace = cli.workspace_or_exit(parser, args.workspace)
     return cli.run("ct.lineage", lambda: show(workspace, args.which, args.verify))
@@ -179,12 +223,15 @@ def show(workspace: Path, which: str, check: bool) -> int:
     print("\n".join(chain_lines(workspace, subject)))
     if not check:
         return 0
-    problems = verify(workspace, subject)
+    problems, unchecked = verify(workspace, subject)
+    if unchecked:
+        print(f"ct.lineage: code not checked: {unchecked}")
     for problem in problems:
         print(f"ct.lineage: MISMATCH {problem}")
     if problems:
         return 1
-    print("ct.lineage: verified: the model and the dataset match the record")
+    what = "the model and the dataset" if unchecked else "the model, the dataset and the code"
+    print(f"ct.lineage: verified: {what} match the record")
     return 0
 
 
