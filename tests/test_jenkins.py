@@ -169,6 +169,50 @@ def test_chain_job1_to_job4_on_success(rendered):
         assert config.findtext("condition") == "SUCCESS", job
 
 
+def test_job3_with_nothing_to_train_is_unstable_and_does_not_trigger_job4(rendered):
+    """Core jenkins-2.492.1, core/src/main/java/hudson/tasks/CommandInterpreter.java perform():
+    when isErrorlevelForUnstableBuild(exit code), the build is set UNSTABLE and the step passes
+    (r = 0); any other non-zero code fails it (FAILURE). Shell.java there: that is `unstableReturn
+    != null && exitCode != 0 && unstableReturn.equals(exitCode)`, so exit 0 is always success and
+    an unstableReturn of 0 is inert (getUnstableReturn() reads it as unset), as in the other jobs.
+    The step execs the script: its exit code is the step's. parameterized-trigger
+    859.vb_e3907a_07a_16, ResultCondition.java: SUCCESS.isMet is `result == Result.SUCCESS`."""
+    codes = {job: [s.findtext("unstableReturn") for s in rendered[job].iter("hudson.tasks.Shell")]
+             for job in JOBS}
+    assert codes == {job: ["3" if job == "job3" else "0"] for job in JOBS}
+    (command,) = jc.shell_commands(rendered["job3"])
+    assert re.search(r"^exec scripts/job3-train\.sh\s*$", command, re.M)
+    (config,) = downstream_publishers(rendered["job3"])
+    assert (config.findtext("projects"), config.findtext("condition")) == ("job4", "SUCCESS")
+    # one owner: the script line lives in the ct-script macro only, job3 passes its code to it
+    assert jc.JOBS_YAML.read_text().count("exec scripts/") == 1
+
+
+def test_jenkins_queue_holds_a_second_job3_and_keeps_different_commits_apart(rendered):
+    """Why pushes are also queued by the pipeline. Core jenkins-2.492.1, core/src/main/java/
+    hudson/model/:
+    - AbstractProject.java getCauseOfBlockage(): a project that is not concurrentBuild is blocked
+      (BlockedBecauseOfBuildInProgress) while its last build runs, post-production included
+      (isLogUpdated); Queue.java getCauseOfBlockageForItem() also keeps a second item of such a
+      task out of buildables/pendings. So a second job3 waits, and starts as soon as the running
+      job3 build ends, whatever job4/job5/job6 are still to do for its run.
+    - Queue.java schedule2() -> scheduleInternal(): a new item is folded into a queued one
+      (liveGetItems: waiting, blocked, buildable) unless a QueueAction of either shouldSchedule;
+      ParametersAction.java shouldSchedule(): true when the parameter sets differ
+      (StringParameterValue.equals: name and value). So waiting job3 builds with different
+      COMMITs are all kept, identical ones folded into one (CauseAction is a FoldableAction only).
+    parameterized-trigger 859.vb_e3907a_07a_16: job2's publisher trigger (CurrentBuildParameters)
+    adds only a ParametersAction; the DifferentiatingAction that keeps every item apart comes from
+    BlockableBuildTriggerConfig.schedule() (blocking build steps) only."""
+    root = rendered["job3"]
+    assert root.findtext("concurrentBuild") == "false"
+    assert "COMMIT" in {p.findtext("name") for p in root.iter(
+        "hudson.model.StringParameterDefinition")}
+    (config,) = downstream_publishers(rendered["job2"])  # to job3 (test_chain_job1_to_job4...)
+    assert [c.tag for c in config.find("configs")] == [f"{PT}CurrentBuildParameters"]
+    assert rendered["job2"].find(f".//{PT}BlockableBuildTriggerConfig") is None
+
+
 def test_job4_hands_over_to_job5_only_below_the_threshold(rendered):
     """The XML is read back by the classes at the pinned tags: conditional-buildstep-1.5.0
     singlestep/SingleConditionalBuilder.java (fields buildStep, condition, runner) and
@@ -221,8 +265,12 @@ def test_chain_order_equals_the_local_chain_runner(rendered):
     pipeline = REPO / "scripts" / "pipeline.sh"
     assert pipeline.is_file(), "scripts/pipeline.sh (the local chain runner) is missing"
     code = "\n".join(line.split("#", 1)[0] for line in pipeline.read_text().splitlines())
+    functions = dict(re.findall(r"^(\w+)\(\)\s*\{[^\n]*\n(.*?)^\}", code, re.M | re.S))
+    main = functions.pop("main", code)
+    for name, body in functions.items():  # the functions main calls, read where it calls them
+        main = re.sub(rf"\b{name}\b", lambda _, b=body: b, main)
     local_order: list[str] = []
-    for name in re.findall(r"\bjob[1-5]-[a-z]+\b", code):
+    for name in re.findall(r"\bjob[1-5]-[a-z]+\b", main):
         if name not in local_order:
             local_order.append(name)
     assert local_order == jenkins_order
@@ -276,7 +324,6 @@ def test_job5_mail_attaches_each_file_once(rendered):
     assert mail.get("plugin", "").startswith("email-ext")
 
 
-
 def test_job5_mail_attaches_the_reported_runs_curves_once(rendered):
     mail = rendered["job5"].find("publishers/hudson.plugins.emailext.ExtendedEmailPublisher")
     patterns = [mail.findtext("attachmentsPattern"),
@@ -323,8 +370,7 @@ def test_job6_hands_a_restarted_run_to_job4_with_its_commit_and_run_folder(rende
     dependency-graph path) catch: nothing is triggered and the build result is untouched.
     ResultCondition.ALWAYS triggers whatever job6's result."""
     root = rendered["job6"]
-    (config,) = downstream_publishers(root)
-    assert config.findtext("projects") == "job4"
+    config = job6_trigger(root, "job4")
     assert config.findtext("condition") == "ALWAYS"
     params = config.find(f"configs/{PT}FileBuildParameters")
     assert params.findtext("propertiesFile") == "handover.properties"
@@ -346,6 +392,35 @@ def test_job6_hands_a_restarted_run_to_job4_with_its_commit_and_run_folder(rende
     assert re.search(r'scripts/job4-gate\.sh "\$RUN_DIR"', command)
 
 
+def job6_trigger(root, project: str):
+    configs = {c.findtext("projects"): c for c in downstream_publishers(root)}
+    assert set(configs) == {"job4", "job2"}, "job6 hands over to job4 and starts job2, nothing else"
+    return configs[project]
+
+
+def test_job6_starts_the_next_queued_push_with_job2(rendered):
+    """The same parameterized-trigger facts as the hand-over to job4 (859.vb_e3907a_07a_16,
+    FileBuildParameters / DontTriggerException, above): no next-push.properties, no job2 and
+    job6's result untouched; ALWAYS whatever job6's result. The two configs are independent: the
+    plugin's BuildTrigger.buildDependencyGraph() adds one ParameterizedDependency per config and
+    project, and core jenkins-2.492.1 core/src/main/java/hudson/model/DependencyGraph.java add()
+    groups dependencies only between the same two projects; hudson/tasks/BuildTrigger.java
+    execute() asks every downstream dependency's shouldTriggerBuild() in turn: a missing
+    handover.properties does not stop the next push, nor the other way round."""
+    root = rendered["job6"]
+    config = job6_trigger(root, "job2")
+    assert config.findtext("condition") == "ALWAYS"
+    (params,) = config.find("configs")
+    assert params.tag == f"{PT}FileBuildParameters"
+    assert params.findtext("propertiesFile") == names.NEXT_PUSH_PROPERTIES
+    assert params.findtext("failTriggerOnMissing") == "true"
+    archived = root.find("publishers/hudson.tasks.ArtifactArchiver").findtext("artifacts")
+    assert names.NEXT_PUSH_PROPERTIES in {a.strip() for a in archived.split(",")}
+    # the file holds COMMIT=<id>, which job2 declares and passes on to job3 (and job3 to job4:
+    # test_accuracy_and_commit_pass_downstream_as_parameters)
+    assert chain_from(rendered, "job2") == ["job2", "job3", "job4"]
+
+
 def test_the_workspace_files_the_jobs_read_are_named_by_their_one_owner(rendered):
     """jobs.yaml cannot import ct/workspace.py, where the workspace's file names are written
     once: every workspace file a job archives, attaches or reads a property from is one of them
@@ -362,5 +437,6 @@ def test_the_workspace_files_the_jobs_read_are_named_by_their_one_owner(rendered
                                    element.text or ""))
     used = {path for path in used if path and "*" not in path
             and not path.startswith(f"{names.ARTIFACTS_DIR}/")}
-    assert {names.GATE_PROPERTIES, names.HANDOVER_PROPERTIES, names.BEST_FILE} <= used
+    assert {names.GATE_PROPERTIES, names.HANDOVER_PROPERTIES, names.NEXT_PUSH_PROPERTIES,
+            names.BEST_FILE} <= used
     assert used <= known, used - known
