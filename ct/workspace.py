@@ -208,7 +208,10 @@ def code_sha256(code_dir: Path) -> str:
     root = Path(code_dir)
     entries = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        # a link to a folder is listed among the folders; it counts by its target text
+        entries += [Path(dirpath, name) for name in dirnames if Path(dirpath, name).is_symlink()]
+        dirnames[:] = sorted(d for d in dirnames
+                             if d != "__pycache__" and not Path(dirpath, d).is_symlink())
         entries += [Path(dirpath, name) for name in filenames]
     digest = hashlib.sha256()
     for path in sorted(entries, key=lambda p: p.relative_to(root).as_posix()):

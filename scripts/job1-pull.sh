@@ -1,45 +1,26 @@
 #!/usr/bin/env bash
-# job1 pull: put the pushed commit's code into the workspace with git; keep the pipeline's state.
+# job1 pull: fetch the pushed commit, keep its code as a read-only snapshot and queue it.
 #
 #   scripts/job1-pull.sh [REPO [REF]]     (defaults: CT_REPO_URL, CT_GIT_REF)
 #
-# The workspace is a git checkout (detached at the commit); data/, runs/, outbox/, the best model
-# and the other state files are untracked and listed in .git/info/exclude, so checkout never
-# touches them. Writes commit.txt (the commit id) and prints it.
+# The commit is fetched (shallow) into the workspace's own git repository, code/repo.git, and its
+# tree is written to code/<commit>/, read-only: the code every run of that commit trains. The
+# push then waits in the queue (ct.pipeline.pushes: job3 trains it once no other commit's chain
+# is under way), and snapshots nothing refers to any more are removed. The pipeline's state
+# (data/, runs/, the best model, ...) is never touched. Writes commit.txt (the latest push) and
+# prints the commit id.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-# The workspace's top folder may belong to the container user (see lib.sh container_user).
-ws_git() { git -c safe.directory='*' -C "$CT_WORKSPACE" "$@"; }
-
-# set_origin REPO: a git checkout in the workspace whose origin is REPO, with the pipeline's state
-# excluded from git.
-set_origin() {
-  mkdir -p "$CT_WORKSPACE"
-  if [[ ! -d "$CT_WORKSPACE/.git" ]]; then
-    ws_git init -q
-    log "new workspace checkout in $CT_WORKSPACE"
-  fi
-  if ws_git remote get-url origin >/dev/null 2>&1; then
-    ws_git remote set-url origin "$1"
-  else
-    ws_git remote add origin "$1"
-  fi
-  local state=()
-  read -ra state <<<"$WS_STATE_PATHS"
-  printf '%s\n' "# pipeline state (ct/workspace.py STATE_PATHS): never tracked, never cleaned" \
-    "${state[@]/#//}" >"$CT_WORKSPACE/.git/info/exclude"
-}
-
 # fetch_commit REPO REF: fetch just the one commit (shallow) and print its id; a commit id the
 # server will not serve by id is found by fetching its branches instead.
 fetch_commit() {
-  if ws_git fetch -q --depth 1 --no-tags origin "$2" 2>/dev/null; then
-    ws_git rev-parse --verify 'FETCH_HEAD^{commit}'
+  if repo_git fetch -q --depth 1 --no-tags -- "$1" "$2" 2>/dev/null; then
+    repo_git rev-parse --verify 'FETCH_HEAD^{commit}'
   elif [[ "$2" =~ ^[0-9a-f]{7,40}$ ]] &&
-    ws_git fetch -q --no-tags origin '+refs/heads/*:refs/remotes/origin/*' &&
-    ws_git rev-parse --verify "$2^{commit}" 2>/dev/null; then
+    repo_git fetch -q --no-tags -- "$1" '+refs/heads/*:refs/remotes/origin/*' &&
+    repo_git rev-parse --verify "$2^{commit}" 2>/dev/null; then
     :
   else
     die "cannot fetch '$2' from $1" 2
@@ -50,14 +31,22 @@ main() {
   local repo="${1:-$CT_REPO_URL}" ref="${2:-$CT_GIT_REF}" commit
   (($# <= 2)) || die "usage: job1-pull.sh [REPO [REF]]" 2
   [[ -n "$repo" ]] || die "no repository: give one as argument or set CT_REPO_URL" 2
+  # a repository or ref starting with "-" would be read by git as an option
+  [[ "$repo" != -* && "$ref" != -* && -n "$ref" ]] ||
+    die "the repository and ref must not be empty or start with '-' (got '$repo' '$ref')" 2
   # A local path is made absolute: the workspace's remote must not depend on the current folder.
   if [[ -d "$repo" ]]; then repo="$(cd "$repo" && pwd -P)"; fi
-  set_origin "$repo"
+  mkdir -p "$CT_WORKSPACE/$WS_CODE_DIR"
+  if [[ ! -d "$CT_WORKSPACE/$WS_CODE_REPO" ]]; then
+    git init -q --bare "$CT_WORKSPACE/$WS_CODE_REPO"
+  fi
   commit="$(fetch_commit "$repo" "$ref")"
-  ws_git -c advice.detachedHead=false checkout -q --force --detach "$commit"
+  ensure_snapshot "$commit"
   write_file "$CT_WORKSPACE/$WS_COMMIT_FILE" "$commit"
   keep_artifact "$CT_WORKSPACE/$WS_COMMIT_FILE"
-  log "workspace $CT_WORKSPACE at commit $commit ($repo $ref)"
+  log "commit $commit of $repo $ref"
+  pushes add --commit "$commit" --ref "$ref" >/dev/null || exit $?
+  ct_py ct.pipeline.snapshots --workspace "$CT_WORKSPACE" prune >&2 || exit $?
   echo "$commit"
 }
 

@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# job3 train: run the training image (or, on the local runtime, train.py on the host) on the
-# workspace, stream its log, and record how it ended (exit code, OOM-killed) in the training
-# process's record (ct.pipeline.process). Exit 0 when training finished; 1 when it failed, saying
-# whether job6 restarts it (not for bad input, exit 2, or an OOM kill: a restart would only
-# repeat them).
+# job3 train: take the oldest queued push and train its code (the commit's read-only snapshot) in
+# the training image (or, on the local runtime, with train.py on the host) on the workspace,
+# stream its log, and record how it ended (exit code, OOM-killed) in the training process's record
+# (ct.pipeline.process).
 #
 #   scripts/job3-train.sh            (extra train.py flags: CT_TRAIN_ARGS)
+#
+# Exit 0 when training finished; 1 when it failed, saying whether job6 restarts it (not for bad
+# input, exit 2, or an OOM kill: a restart would only repeat them); 3 when it trained nothing now:
+# another commit's chain is under way (the push stays queued and trains after it) or no push waits
+# (ct.pipeline.pushes decides and says which).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 main() {
-  local image args
+  local commit image args
   (($# == 0)) || die "usage: job3-train.sh (extra train.py flags: CT_TRAIN_ARGS)" 2
-  require_workspace_code
+  require_uint CT_MAX_RESTARTS "$CT_MAX_RESTARTS"
   resolve_runtime
+  commit="$(pushes take)" || exit $?
+  [[ -n "$commit" ]] || exit 3
+  use_commit "$commit"
   ensure_data
-  image="$(image_for train)"
+  image="$(select_image train)"
   read -ra args <<<"$CT_TRAIN_ARGS"
   args+=("${DATA_FLAGS[@]}")
-  start_process train "$image" "${args[@]}"
+  start_process train "$image" "$commit" "${args[@]}"
   follow train || exit 1
-  log "training finished"
+  log "training of commit $commit finished"
 }
 
 main "$@"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# job5 tune: run the tuning image (train.py --tune) on the workspace within the tuning budget,
+# job5 tune: tune the code of the commit whose run job4 handed over (its snapshot, train.py --tune)
+# in the tuning image on the workspace within the tuning budget,
 # then what follows every run (lib.sh after_run): promote the best model when it beats the current
 # best, and mail the best accuracy and params.
 # At most CT_MAX_TUNE_ROUNDS rounds per commit: the chain never loops.
@@ -17,13 +18,20 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-# tuning_rounds_left: false when this commit was tuned CT_MAX_TUNE_ROUNDS times already; else
-# counts this round and sets ROUND.
+# tuning_rounds_left: a round is left for the commit (sets ROUND); otherwise that commit's chain
+# ends here (after_run tuning-skipped), so the next queued push may train.
 tuning_rounds_left() {
+  ROUND="$(ct_process tune-round --commit "$COMMIT" --max-rounds "$CT_MAX_TUNE_ROUNDS")" || exit $?
+  [[ "$ROUND" != none ]] && return 0
+  ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" tuning-skipped >/dev/null || exit $?
+  return 1
+}
+
+# use_tuning_commit: the commit of the run handed to tuning; its snapshot is what tuning trains.
+use_tuning_commit() {
   local commit
-  commit="$(current_commit)"
-  ROUND="$(ct_process tune-round --commit "$commit" --max-rounds "$CT_MAX_TUNE_ROUNDS")" || exit $?
-  [[ "$ROUND" != none ]]
+  commit="$(ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" tuning-commit)" || exit $?
+  use_commit "$commit"
 }
 
 # start_watchdog NAME BUDGET: stop the tuning process well past its budget. train.py honours
@@ -47,7 +55,7 @@ start_helpers() {
   local image="$1" k
   shift
   for ((k = 1; k < CT_TUNE_WORKERS; k++)); do
-    start_process "tune-w$k" "$image" "$@" --worker "$k"
+    start_process "tune-w$k" "$image" "$COMMIT" "$@" --worker "$k"
   done
 }
 
@@ -61,13 +69,12 @@ stop_helpers() {
   done
 }
 
-# tune_args IMAGE: train.py's tuning flags for this job (sets ARGS): the same for every worker,
-# since a helper finds the round by the study those flags name.
+# tune_args: train.py's tuning flags for this job (sets ARGS): the same for every worker, since a
+# helper finds the round by the study those flags name. --tune on every runtime: the snapshot's
+# train.py runs, not the image's entry point.
 tune_args() {
   local extra
-  ARGS=()
-  # the tuning image's entry point adds --tune by itself; the local runtime runs train.py
-  [[ "$1" != local ]] || ARGS=(--tune)
+  ARGS=(--tune)
   [[ -z "$CT_TUNE_TRIALS" ]] || ARGS+=(--trials "$CT_TUNE_TRIALS")
   [[ -z "$CT_TUNE_BUDGET" ]] || ARGS+=(--time-budget "$CT_TUNE_BUDGET")
   read -ra extra <<<"$CT_TUNE_ARGS"
@@ -79,9 +86,9 @@ tune_args() {
 # (job5) does those.
 help_round() {
   local image code=0
-  image="$(image_for tune)"
-  tune_args "$image"
-  start_process "tune-w$1" "$image" "${ARGS[@]}" --worker "$1"
+  image="$(select_image tune)"
+  tune_args
+  start_process "tune-w$1" "$image" "$COMMIT" "${ARGS[@]}" --worker "$1"
   follow "tune-w$1" || code=$?
   ((code == 0)) || die "tuning worker $1 did not finish; the round's owner retries its trial"
 }
@@ -103,8 +110,8 @@ main() {
   ((CT_TUNE_WORKERS >= 1 && CT_TUNE_WORKERS <= 64)) ||
     die "CT_TUNE_WORKERS must be in 1..64, not $CT_TUNE_WORKERS" 2
   require_uint CT_MAX_TUNE_ROUNDS "$CT_MAX_TUNE_ROUNDS"
-  require_workspace_code
   resolve_runtime
+  use_tuning_commit
   if [[ "$helper" == true ]]; then
     ensure_data
     help_round "$worker"
@@ -113,9 +120,9 @@ main() {
   tuning_rounds_left || exit 0
   ensure_data
 
-  image="$(image_for tune)"
-  tune_args "$image"
-  start_process tune "$image" "${ARGS[@]}"
+  image="$(select_image tune)"
+  tune_args
+  start_process tune "$image" "$COMMIT" "${ARGS[@]}"
   start_helpers "$image" "${ARGS[@]}"
   WATCHDOG=
   if [[ -n "$CT_TUNE_BUDGET" ]]; then
@@ -127,7 +134,7 @@ main() {
   ((code == 0)) || exit 1
 
   after_run "${delivery[@]}"
-  log "tuning round $ROUND of $CT_MAX_TUNE_ROUNDS for commit $(current_commit) done"
+  log "tuning round $ROUND of $CT_MAX_TUNE_ROUNDS for commit $COMMIT done"
 }
 
 main "$@"

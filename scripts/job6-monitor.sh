@@ -13,7 +13,11 @@
 #       run's COMMIT and RUN_DIR to $CT_WORKSPACE/handover.properties, and job6's parameterized
 #       trigger hands them to job4, which runs it. Every build of job6 first removes an earlier
 #       build's hand-over. What to do about each process is ct.pipeline.process's decision (cycle);
-#       a damaged record is one line and exit 2, with nothing done.
+#       a damaged record is one line and exit 2, with nothing done. A restart runs the same
+#       commit's snapshot; with CT_PUSH_ORDER=newest a failed run of an older commit is not
+#       restarted while a newer push waits (it says so). Without --follow, a cycle that finds the
+#       workspace idle and a push waiting hands that push to job3 ($CT_WORKSPACE/next-push.properties,
+#       job6's second trigger); with --follow, scripts/pipeline.sh trains the waiting pushes itself.
 #   scripts/job6-monitor.sh weekly
 #       Retrain: POST $JENKINS_URL/job/$CT_RETRAIN_JOB/buildWithParameters?token=$CT_TRIGGER_TOKEN
 #       with the API credentials JENKINS_USER / JENKINS_API_TOKEN (all from the environment).
@@ -66,7 +70,8 @@ monitor_role() {
 
 main() {
   local mode="${1:-monitor}" follow_flag=0 arg rc=0 role
-  rm -f "$CT_WORKSPACE/$WS_HANDOVER_FILE" # a hand-over is for the build that wrote it only
+  # a hand-over is for the build that wrote it only
+  rm -f "$CT_WORKSPACE/$WS_HANDOVER_FILE" "$CT_WORKSPACE/$WS_NEXT_PUSH_FILE"
   for arg in "${@:2}"; do
     case "$arg" in
       --follow) follow_flag=1 ;;
@@ -79,6 +84,7 @@ main() {
       require_uint CT_MAX_RESTARTS "$CT_MAX_RESTARTS"
       resolve_runtime
       for role in train tune; do monitor_role "$role" "$follow_flag" || rc=1; done
+      if ((follow_flag == 0)); then pushes dispatch >/dev/null || exit $?; fi
       return "$rc"
       ;;
     *) die "usage: job6-monitor.sh [monitor [--follow] | weekly]" 2 ;;

@@ -29,13 +29,18 @@ prepare_workspace_for() { # USER (uid:gid)
   fi
 }
 
-# launch ROLE IMAGE ARGS...: start the process detached (docker: a named, labelled container;
-# local: python in the background of this shell) and set LAUNCHED to its container name / pid-N.
+# launch ROLE IMAGE COMMIT ARGS...: start train.py of COMMIT's snapshot detached (docker: a named,
+# labelled container that sees the snapshot read-only at /code and the workspace at /workspace,
+# with the other snapshots hidden; local: python in the background of this shell) and set
+# LAUNCHED to its container name / pid-N.
 launch() {
-  local role="$1" image="$2" name user commit
-  shift 2
+  local role="$1" image="$2" commit="$3" name user code digest
+  shift 3
   name="$(container_name "$role")"
-  commit="$(current_commit)"
+  ensure_snapshot "$commit"
+  code="$(snapshot_path "$commit")"
+  digest="$(ct_py ct.pipeline.snapshots --workspace "$CT_WORKSPACE" digest --commit "$commit")" ||
+    exit $?
   mkdir -p "$CT_WORKSPACE/$WS_STATUS_DIR"
   if [[ "$CT_RUNTIME" == docker ]]; then
     if [[ "$(docker inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" == true ]]; then
@@ -46,41 +51,46 @@ launch() {
     prepare_workspace_for "$user"
     # --init: a tiny init (docker-init) is PID 1 and passes SIGTERM on to train.py, so `docker stop`
     # and Jenkins' abort stop it at once (train.py keeps its last checkpoint).
-    # CT_IMAGE, CT_IMAGE_ID: the run's lineage names the image it ran in
+    # --entrypoint: the code is the snapshot's, whatever the commit's Dockerfile says.
+    # CT_IMAGE, CT_IMAGE_ID, CT_COMMIT, CT_CODE_SHA256: the run's lineage names what it ran.
     local run=(docker run -d --init --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
       --label "ct.commit=$commit" --user "$user" -e HOME=/tmp -e "CT_COMMIT=$commit"
+      -e "CT_CODE_SHA256=$digest" -e PYTHONDONTWRITEBYTECODE=1
       -e "CT_IMAGE=$image" -e "CT_IMAGE_ID=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null)"
-      --shm-size 1g -v "$CT_WORKSPACE:/workspace" -w /workspace)
+      --shm-size 1g -v "$CT_WORKSPACE:/workspace" -v "$code:/code:ro"
+      --mount "type=tmpfs,destination=/workspace/$WS_CODE_DIR,tmpfs-mode=0555"
+      -w /workspace --entrypoint python)
     [[ -n "$CT_GPUS" ]] && run+=(--gpus "$CT_GPUS")
     # the study's URL holds a password: passed by name, so it is in no argument list or record
     [[ -n "$CT_TUNE_STORAGE" ]] && run+=(-e CT_TUNE_STORAGE)
     # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time
     [[ -n "$CT_MEMORY" ]] && run+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")
-    "${run[@]}" "$image" "$@" >/dev/null || die "docker run of $image failed"
+    "${run[@]}" "$image" /code/train.py "$@" >/dev/null || die "docker run of $image failed"
     LAUNCHED="$name"
   else
     local logf="$CT_WORKSPACE/$WS_STATUS_DIR/$role.log"
     if [[ -f "$logf" ]]; then mv -f "$logf" "$logf.prev"; fi
-    (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" CT_IMAGE=local CT_IMAGE_ID=local \
-      exec "$CT_PYTHON" train.py "$@") >"$logf" 2>&1 &
+    (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" CT_CODE_SHA256="$digest" CT_IMAGE=local \
+      CT_IMAGE_ID=local PYTHONDONTWRITEBYTECODE=1 exec "$CT_PYTHON" "$code/train.py" "$@") \
+      >"$logf" 2>&1 &
     LAUNCHED="pid-$!"
   fi
 }
 
 args_file() { printf '%s/%s/%s.args' "$CT_WORKSPACE" "$WS_STATUS_DIR" "$1"; } # ROLE
 
-# start_process ROLE IMAGE ARGS...: launch, record it (RESTARTS=0) and keep its arguments for a
-# restart.
+# start_process ROLE IMAGE COMMIT ARGS...: launch, record it (RESTARTS=0) and keep its arguments
+# for a restart.
 start_process() {
-  local role="$1" image="$2" tmp
-  shift 2
-  launch "$role" "$image" "$@"
+  local role="$1" image="$2" commit="$3" tmp
+  shift 3
+  launch "$role" "$image" "$commit" "$@"
   tmp="$(mktemp "$(args_file "$role").XXXXXX.tmp")"
   if (($#)); then printf '%s\0' "$@" >"$tmp"; fi
   mv -f "$tmp" "$(args_file "$role")"
   ct_process start --role "$role" --runtime "$CT_RUNTIME" --container "$LAUNCHED" \
-    --image "$image" --commit "$(current_commit)"
-  log "$role started: $LAUNCHED ($image) $*"
+    --image "$image" --commit "$commit"
+  log "$role started: $LAUNCHED ($image, commit $commit) $*"
 }
 
 # follow ROLE [SINCE]: stream the log until the process ends and record how it ended; non-zero,
@@ -141,13 +151,35 @@ look_at() {
   fi
 }
 
-# restart ROLE: start the same run again (train.py resumes from its last checkpoint) on the
-# runtime of the settings; sets SINCE. Runs in this shell, not in $(...): a local process must
+# seen_spec ROLE: look_at as one word for ct.pipeline.pushes: ROLE=running|missing|ended:CODE:OOM.
+seen_spec() {
+  local state
+  look_at "$1"
+  state="${SEEN[1]}"
+  [[ "$state" != ended ]] || state+=":${SEEN[3]}:${SEEN[5]}"
+  printf '%s=%s' "$1" "$state"
+}
+
+# pushes COMMAND [ARGS...]: ct.pipeline.pushes on this workspace; take and dispatch are given what
+# the train and tune processes look like now.
+pushes() {
+  local seen=() train tune
+  if [[ "$1" == take || "$1" == dispatch ]]; then
+    train="$(seen_spec train)" || exit $?
+    tune="$(seen_spec tune)" || exit $?
+    seen=(--max-restarts "$CT_MAX_RESTARTS" --seen "$train" --seen "$tune")
+  fi
+  ct_py ct.pipeline.pushes --workspace "$CT_WORKSPACE" "$@" "${seen[@]}"
+}
+
+# restart ROLE: start the same run again (train.py resumes from its last checkpoint: same commit,
+# same snapshot, same flags) on the runtime of the settings; sets SINCE. Runs in this shell, not in $(...): a local process must
 # stay this shell's child to be followed.
 restart() {
-  local role="$1" name image args=()
+  local role="$1" name image commit args=()
   name="$(process_get "$role" CONTAINER)" || exit $?
   image="$(process_get "$role" IMAGE)" || exit $?
+  commit="$(process_get "$role" COMMIT)" || exit $?
   # shellcheck disable=SC2034 # job6-monitor.sh follows the restarted run's log from here
   SINCE="$(date -u +%FT%TZ)"
   if [[ "$CT_RUNTIME" == docker ]] && docker inspect "$name" >/dev/null 2>&1; then
@@ -155,7 +187,7 @@ restart() {
     LAUNCHED="$name"
   else
     mapfile -d '' -t args <"$(args_file "$role")"
-    launch "$role" "$image" "${args[@]}"
+    launch "$role" "$image" "$commit" "${args[@]}"
   fi
   ct_process restarted --role "$role" --container "$LAUNCHED" || exit $?
 }

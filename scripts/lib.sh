@@ -26,6 +26,10 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
                                           # empty: the journal file in the workspace (studies/)
 : "${CT_MAX_TUNE_ROUNDS:=1}"              # tuning rounds per commit
 : "${CT_MAX_RESTARTS:=3}"                 # job6: restarts of one failed container
+: "${CT_PUSH_ORDER:=}"                    # all | newest; empty: ct.pipeline.push_queue's (all)
+: "${CT_PUSH_QUEUE_MAX:=}"                # pushes that may wait; empty: ct.pipeline.push_queue's (20)
+: "${CT_KEEP_SNAPSHOTS:=}"                # unreferenced code snapshots kept; empty:
+                                          # ct.pipeline.snapshots' (5)
 : "${CT_BASE_IMAGE:=}"                    # BASE_IMAGE build arg; empty: the Dockerfiles' default
 : "${CT_IMAGE_PREFIX:=ct-cifar}"          # images are <prefix>-train:<hash>, <prefix>-tune:<hash>
 : "${CT_GPUS:=}"                          # docker run --gpus value (e.g. all); empty: no GPU
@@ -47,6 +51,7 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${DOCKER_BUILDKIT:=0}"                 # the classic builder: no BuildKit needed on the host
 export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR CT_TRAIN_ARGS \
   CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_TUNE_WORKERS CT_TUNE_STORAGE CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS CT_BASE_IMAGE \
+  CT_PUSH_ORDER CT_PUSH_QUEUE_MAX CT_KEEP_SNAPSHOTS \
   CT_IMAGE_PREFIX CT_GPUS CT_MEMORY CT_CONTAINER_USER CT_PYTHON SMTP_HOST SMTP_PORT SMTP_STARTTLS \
   SMTP_USER SMTP_PASSWORD NOTIFY_FROM NOTIFY_TO JENKINS_URL JENKINS_USER JENKINS_API_TOKEN \
   CT_TRIGGER_TOKEN CT_RETRAIN_JOB DOCKER_BUILDKIT
@@ -85,10 +90,6 @@ require_uint() { # NAME VALUE
   [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a whole number, not '$2'" 2
 }
 
-require_workspace_code() {
-  [[ -f "$CT_WORKSPACE/train.py" ]] ||
-    die "no train.py in CT_WORKSPACE=$CT_WORKSPACE: run job1 (scripts/job1-pull.sh) first" 2
-}
 
 workspace_id() { # short, stable id of the workspace path: names its containers
   printf '%s' "$(cd "$CT_WORKSPACE" && pwd -P)" | sha256sum | cut -c1-12
@@ -141,6 +142,40 @@ unset ws_names ws_key ws_value
 
 current_commit() { ct_py ct.workspace commit --workspace "$CT_WORKSPACE"; }
 
+# ----------------------------------------------------------------------------------- code
+# Each commit's code is a read-only snapshot, code/<commit>/, taken from the git repository job1
+# fetches pushes into (code/repo.git; hooks off). Runs train their snapshot, so a later push never
+# changes the code under a running or resumable run.
+repo_git() { git -c core.hooksPath=/dev/null --git-dir "$CT_WORKSPACE/$WS_CODE_REPO" "$@"; }
+
+snapshot_path() { printf '%s/%s/%s' "$CT_WORKSPACE" "$WS_CODE_DIR" "$1"; } # COMMIT
+
+# ensure_snapshot COMMIT: code/<commit>/ exists (made from the repository when it is missing).
+ensure_snapshot() {
+  local dir tmp
+  [[ "$1" =~ ^([0-9a-f]{40}|[0-9a-f]{64})$ ]] || die "'$1' is not a full commit id" 2
+  dir="$(snapshot_path "$1")"
+  [[ -L "$dir" ]] && die "$dir is a symlink, not a snapshot: remove it, then run job1 again" 2
+  [[ -d "$dir" ]] && return 0
+  repo_git cat-file -e "$1^{commit}" 2>/dev/null ||
+    die "no snapshot of commit $1 and the repository lacks it: run job1 for that commit again" 2
+  tmp="$(mktemp -d "$dir.XXXXXX.tmp")"
+  repo_git archive --format=tar "$1" | tar -x --no-same-owner -C "$tmp" ||
+    die "cannot write the snapshot of commit $1 into $tmp"
+  chmod -R a-w "$tmp"
+  mv -T "$tmp" "$dir"
+  log "code of commit $1 in $dir (read-only)"
+}
+
+# use_commit COMMIT: the commit this job works on: COMMIT, and CODE, its snapshot (job2
+# inspects it, docker builds from it, runs train it).
+use_commit() {
+  ensure_snapshot "$1"
+  COMMIT="$1"
+  CODE="$(snapshot_path "$1")"
+  [[ -f "$CODE/train.py" ]] || die "commit $1 has no train.py: nothing to train" 2
+}
+
 # Atomic writes: temp file in the same folder, then rename.
 write_file() { # PATH TEXT
   local tmp
@@ -176,11 +211,12 @@ ensure_data() {
 }
 
 # ----------------------------------------------------------------------------------- images
-# detect_framework: print pytorch|tensorflow|sklearn from the workspace's network.py/train.py.
+# detect_framework: print pytorch|tensorflow|sklearn from the commit's network.py/train.py
+# (use_commit sets CODE).
 detect_framework() {
   local files=() f
-  for f in network.py train.py; do [[ -f "$CT_WORKSPACE/$f" ]] && files+=("$CT_WORKSPACE/$f"); done
-  ((${#files[@]})) || die "no network.py or train.py in $CT_WORKSPACE to inspect" 2
+  for f in network.py train.py; do [[ -f "$CODE/$f" ]] && files+=("$CODE/$f"); done
+  ((${#files[@]})) || die "no network.py or train.py in commit $COMMIT to inspect" 2
   if grep -Eq '^\s*(import torch|from torch[ .])|torch\.nn|nn\.Conv2d' "${files[@]}"; then
     echo pytorch
   elif grep -Eq '^\s*(import|from) (tensorflow|keras)|tf\.keras|keras\.layers' "${files[@]}"; then
@@ -192,11 +228,11 @@ detect_framework() {
   fi
 }
 
-# dockerfile_for FRAMEWORK ROLE: the Dockerfile (relative to the workspace) for that framework.
+# dockerfile_for FRAMEWORK ROLE: the Dockerfile (relative to the commit's code) for that framework.
 dockerfile_for() {
   local name
   if [[ "$1" == pytorch ]]; then name="Dockerfile.$2"; else name="Dockerfile.$1.$2"; fi
-  [[ -f "$CT_WORKSPACE/$name" ]] ||
+  [[ -f "$CODE/$name" ]] ||
     die "framework $1 detected, but the commit has no $name to build its $2 image (PyTorch uses Dockerfile.train / Dockerfile.tune)" 2
   printf '%s' "$name"
 }
@@ -204,7 +240,7 @@ dockerfile_for() {
 # image_tag ROLE DOCKERFILE: tag by the content of what goes into the image.
 image_tag() {
   local hash
-  hash="$(cd "$CT_WORKSPACE" && {
+  hash="$(cd "$CODE" && {
     printf 'base=%s\n' "$CT_BASE_IMAGE"
     for f in "$2" requirements.txt requirements-tune.txt .dockerignore; do
       printf '%s\n' "$f"
@@ -227,7 +263,7 @@ ensure_image() {
     log "framework $framework: building $tag from $dockerfile"
     [[ -n "$CT_BASE_IMAGE" ]] && build+=(--build-arg "BASE_IMAGE=$CT_BASE_IMAGE")
     docker build "${build[@]}" --label "ct.role=$role" --label "ct.framework=$framework" \
-      -f "$CT_WORKSPACE/$dockerfile" -t "$tag" "$CT_WORKSPACE" >&2 ||
+      -f "$CODE/$dockerfile" -t "$tag" "$CODE" >&2 ||
       die "docker build of $dockerfile failed"
   fi
   record_set image FRAMEWORK "$framework" "${role^^}_IMAGE" "$tag" \
@@ -250,14 +286,14 @@ after_run() {
   fi
 }
 
-prepare_tuning_image() {
-  require_workspace_code
+prepare_tuning_image() { # for the commit of the run this build judged
   resolve_runtime
+  use_commit "$(record_get gate COMMIT)"
   select_image tune >/dev/null
 }
 
-# select_image ROLE: job2's choice for ROLE (train|tune), printed and recorded in
-# the image record: on docker the image of the detected framework, built when its tag is new;
+# select_image ROLE: the image for ROLE (train|tune) of the commit in CODE (use_commit), printed
+# and recorded in the image record: on docker the image of the detected framework, built when its tag is new;
 # on the local runtime "local", after checking that this host's python can run the code.
 select_image() {
   local role="$1" framework
@@ -274,20 +310,6 @@ select_image() {
     die "cannot record the image (see the line above)" 2
   log "framework $framework: local runtime, no image ($CT_PYTHON)"
   printf 'local'
-}
-
-# image_for ROLE: the image job2 (or job4, for tuning) selected, selecting it again when it is
-# missing (never selected, or removed from the engine since).
-image_for() {
-  local image
-  image="$(record_get image "${1^^}_IMAGE")"
-  if [[ "$CT_RUNTIME" == local ]]; then
-    printf 'local'
-  elif [[ -n "$image" && "$image" != local ]] && docker image inspect "$image" >/dev/null 2>&1; then
-    printf '%s' "$image"
-  else
-    ensure_image "$1"
-  fi
 }
 
 # ----------------------------------------------------------------------------------- processes

@@ -128,10 +128,12 @@ def script_env(tmp_path: Path, tiny_cifar_root: Path) -> dict[str, str]:
 
 
 def run_script(
-    name: str, env: dict[str, str], *args: str, timeout: float = 600, check: bool = True
+    name: str, env: dict[str, str], *args: str, timeout: float = 600, check: bool = True,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [str(SCRIPTS / name), *args], env=env, capture_output=True, text=True, timeout=timeout
+        [str(SCRIPTS / name), *args], env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

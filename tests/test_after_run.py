@@ -50,12 +50,15 @@ def starts_job5(workspace: Path, condition: tuple[str, str]) -> bool:
 
 def finished_run(ws: Path, accuracy: float, run_id: str = "train-1") -> None:
     """A workspace whose latest run has finished, as train.py leaves it; network.py and train.py
-    stand in for the commit's code, which job4 only inspects (the framework) before tuning."""
+    in the commit's snapshot stand in for its code, which job4 only inspects (the framework)
+    before tuning."""
     run = ws / "runs" / run_id
     run.mkdir(parents=True, exist_ok=True)
     (run / "model.pt").write_bytes(f"model {run_id}".encode())
-    (ws / "network.py").write_text("import torch\n")
-    (ws / "train.py").write_text("import torch\n")
+    code = ws / "code" / COMMIT
+    code.mkdir(parents=True, exist_ok=True)
+    (code / "network.py").write_text("import torch\n")
+    (code / "train.py").write_text("import torch\n")
     (ws / "commit.txt").write_text(COMMIT + "\n")
     metrics = {"accuracy": accuracy, "run_id": run_id, "run_dir": f"runs/{run_id}",
                "model": f"runs/{run_id}/model.pt", "mode": "train", "commit": COMMIT}

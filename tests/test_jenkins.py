@@ -394,13 +394,13 @@ def test_job6_hands_a_restarted_run_to_job4_with_its_commit_and_run_folder(rende
 
 def job6_trigger(root, project: str):
     configs = {c.findtext("projects"): c for c in downstream_publishers(root)}
-    assert set(configs) == {"job4", "job2"}, "job6 hands over to job4 and starts job2, nothing else"
+    assert set(configs) == {"job4", "job3"}, "job6 hands over to job4 and starts job3, nothing else"
     return configs[project]
 
 
-def test_job6_starts_the_next_queued_push_with_job2(rendered):
+def test_job6_starts_the_next_queued_push_with_job3(rendered):
     """The same parameterized-trigger facts as the hand-over to job4 (859.vb_e3907a_07a_16,
-    FileBuildParameters / DontTriggerException, above): no next-push.properties, no job2 and
+    FileBuildParameters / DontTriggerException, above): no next-push.properties, no job3 and
     job6's result untouched; ALWAYS whatever job6's result. The two configs are independent: the
     plugin's BuildTrigger.buildDependencyGraph() adds one ParameterizedDependency per config and
     project, and core jenkins-2.492.1 core/src/main/java/hudson/model/DependencyGraph.java add()
@@ -408,7 +408,7 @@ def test_job6_starts_the_next_queued_push_with_job2(rendered):
     execute() asks every downstream dependency's shouldTriggerBuild() in turn: a missing
     handover.properties does not stop the next push, nor the other way round."""
     root = rendered["job6"]
-    config = job6_trigger(root, "job2")
+    config = job6_trigger(root, "job3")
     assert config.findtext("condition") == "ALWAYS"
     (params,) = config.find("configs")
     assert params.tag == f"{PT}FileBuildParameters"
@@ -416,9 +416,9 @@ def test_job6_starts_the_next_queued_push_with_job2(rendered):
     assert params.findtext("failTriggerOnMissing") == "true"
     archived = root.find("publishers/hudson.tasks.ArtifactArchiver").findtext("artifacts")
     assert names.NEXT_PUSH_PROPERTIES in {a.strip() for a in archived.split(",")}
-    # the file holds COMMIT=<id>, which job2 declares and passes on to job3 (and job3 to job4:
-    # test_accuracy_and_commit_pass_downstream_as_parameters)
-    assert chain_from(rendered, "job2") == ["job2", "job3", "job4"]
+    # the file holds COMMIT=<id>, which job3 declares and passes on to job4
+    # (test_accuracy_and_commit_pass_downstream_as_parameters)
+    assert chain_from(rendered, "job3") == ["job3", "job4"]
 
 
 def test_the_workspace_files_the_jobs_read_are_named_by_their_one_owner(rendered):

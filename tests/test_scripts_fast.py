@@ -78,7 +78,8 @@ def test_dockerfiles(name):
     assert users and users[-1].split(":")[0] not in ("root", "0")
     entries = [i["value"] for i in parser.structure if i["instruction"] == "ENTRYPOINT"]
     entry = json.loads(entries[-1])
-    expected = ["python", "train.py"] + (["--tune"] if name.endswith("tune") else [])
+    # the code is mounted at /code (the pipeline mounts the commit's snapshot there)
+    expected = ["python", "/code/train.py"] + (["--tune"] if name.endswith("tune") else [])
     assert entry == expected
     assert [i["value"] for i in parser.structure if i["instruction"] == "WORKDIR"] == ["/workspace"]
 
@@ -103,35 +104,50 @@ def test_settings_have_one_default_each_and_are_documented():
 # ------------------------------------------------------------------------------------- job1
 
 
-def test_job1_checks_out_pushes_and_keeps_state(source_repo, script_env):
+def test_job1_snapshots_each_push_read_only_and_keeps_state(source_repo, script_env):
     ws = Path(script_env["CT_WORKSPACE"])
     first = git(source_repo, "rev-parse", "HEAD")
     out = run_script("job1-pull.sh", script_env, str(source_repo)).stdout.strip()
     assert out == first
     assert (ws / "commit.txt").read_text() == first + "\n"
-    assert (ws / "train.py").read_bytes() == (source_repo / "train.py").read_bytes()
+    snap = ws / "code" / first
+    assert (snap / "train.py").read_bytes() == (source_repo / "train.py").read_bytes()
+    assert not (snap / "train.py").stat().st_mode & 0o222 and not snap.stat().st_mode & 0o222
+    assert not (ws / "train.py").exists() and not (ws / ".git").exists()  # no checkout at the top
     # state of the pipeline in the workspace
     for rel in ("data/cifar-10-batches-py/x", "runs/r1/model.pt", "outbox/m.eml"):
         (ws / rel).parent.mkdir(parents=True, exist_ok=True)
         (ws / rel).write_text("state")
     for rel in ("accuracy.txt", "metrics.json", "best.json", "best-model.pt"):
         (ws / rel).write_text("state")
-    # second push: a file changed, one removed
+    # second push: a file changed, one removed; the first commit's snapshot is untouched
     (source_repo / "network.py").write_text((source_repo / "network.py").read_text() + "\n# v2\n")
     git(source_repo, "rm", "-q", "Makefile")
     git(source_repo, "commit", "-qam", "second push")
     second = git(source_repo, "rev-parse", "HEAD")
     assert run_script("job1-pull.sh", script_env, str(source_repo)).stdout.strip() == second
     assert (ws / "commit.txt").read_text().strip() == second
-    assert (ws / "network.py").read_text().endswith("# v2\n")
-    assert not (ws / "Makefile").exists()
+    assert (ws / "code" / second / "network.py").read_text().endswith("# v2\n")
+    assert not (ws / "code" / second / "Makefile").exists()
+    assert (ws / "code" / first / "Makefile").exists()
+    assert not (ws / "code" / first / "network.py").read_text().endswith("# v2\n")
     for rel in ("data/cifar-10-batches-py/x", "runs/r1/model.pt", "outbox/m.eml", "accuracy.txt",
                 "metrics.json", "best.json", "best-model.pt"):  # fmt: skip
         assert (ws / rel).read_text() == "state", rel
-    assert git(ws, "status", "--porcelain") == ""  # state is excluded, code is clean
-    # an explicit older commit (what Jenkins passes as GIT_COMMIT)
+    # both pushes wait, oldest first
+    queue = json.loads((ws / "status" / "pushes.json").read_text())["pushes"]
+    assert [push["commit"] for push in queue] == [first, second]
+    # an explicit older commit (what Jenkins passes as GIT_COMMIT) is queued once only
     assert run_script("job1-pull.sh", script_env, str(source_repo), first).stdout.strip() == first
-    assert (ws / "Makefile").exists()
+    queue = json.loads((ws / "status" / "pushes.json").read_text())["pushes"]
+    assert [push["commit"] for push in queue] == [first, second]
+
+
+@pytest.mark.parametrize("ref", ["--upload-pack=touch pwned", "-x"])
+def test_job1_refuses_a_ref_git_would_read_as_an_option(source_repo, script_env, ref, tmp_path):
+    proc = run_script("job1-pull.sh", script_env, str(source_repo), ref, check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "must not be empty or start with '-'" in proc.stderr
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_job1_unknown_ref_is_a_clear_error(source_repo, script_env):

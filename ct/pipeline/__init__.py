@@ -7,6 +7,13 @@ The job scripts invoke; the decisions about what follows from recorded state are
   once per run.
 - `process`: `python3 -m ct.pipeline.process ...`: a training/tuning process's record and what
   to do about it (job3, job5, job6): running, finished, restart within the budget, give up.
+- `pushes`: `python3 -m ct.pipeline.pushes add|head|take|dispatch|list`: which push trains when
+  (job1 queues, job3 takes, job6 hands on), one commit's chain at a time; `push_queue` is the
+  queue's record and its order (CT_PUSH_ORDER) and bound (CT_PUSH_QUEUE_MAX).
+- `snapshots`: `python3 -m ct.pipeline.snapshots digest|prune`: the commits' read-only code
+  snapshots (code/<commit>/), their digest, and removing those nothing refers to.
+- `run_facts`: what the workspace's files say about a process's run (finished, got past loading
+  the data).
 - `gate`: `python3 -m ct.pipeline.gate`: the accuracy gate, its verdict and history.
 - `promote`: `python3 -m ct.pipeline.promote`: keep the run's model when it beats the best.
 - `notify`: `python3 -m ct.pipeline.notify`: the mail (best model, tuning result, failure).

@@ -3,6 +3,8 @@
     python3 -m ct.pipeline.after_run judge --threshold T [--run-dir RUN_DIR] [--outbox-only]
                                            [--artifacts DIR] [--workspace W]
     python3 -m ct.pipeline.after_run handed-to-tuning [--artifacts DIR] [--workspace W]
+    python3 -m ct.pipeline.after_run tuning-commit [--workspace W]
+    python3 -m ct.pipeline.after_run tuning-skipped [--workspace W]
 
 `judge` (job4 after job3 or after job6 restarted the run; job5 after tuning; job6 --follow) runs
 the gate on the workspace's latest run. A tuning run, or a training run at or above the
@@ -10,6 +12,10 @@ threshold, is promoted when it beats the best model and mailed (ct.pipeline.noti
 report is rewritten: it prints `done`. A training run below the threshold prints `tune`: the job
 script gets the tuning image ready, then calls `handed-to-tuning`, which sets TUNE=true in
 gate.properties, the one key job4's conditional step reads to start job5.
+
+`tuning-commit` prints the commit whose run was judged last (job5 tunes that commit's code);
+`tuning-skipped` records that job5 will not tune the run handed to it (its commit had its tuning
+rounds), which ends that commit's chain: the next queued push may train (ct.pipeline.pushes).
 
 Each run is judged once: status/after-run.properties keeps the last judged run's verdict. Asked
 again for that run (job4 rebuilt by hand or from the view), `judge` writes that verdict into this
@@ -32,14 +38,7 @@ from ct import atomic
 from ct import workspace as names
 from ct.pipeline import cli, gate, notify, promote, records, report
 from ct.pipeline.errors import PipelineError
-from ct.pipeline.records import GATE_RECORD, VERDICT_FIELDS, Record
-
-VERDICT_RECORD = Record(
-    path=names.VERDICT_STATUS,
-    required={**VERDICT_FIELDS, "TUNE": records.BOOL, "JUDGED_AT": records.TIME},
-    optional={},
-    remedy="remove it to have the latest run judged again",
-)
+from ct.pipeline.records import GATE_RECORD, VERDICT_FIELDS, VERDICT_RECORD
 
 
 def latest_run(workspace: Path) -> dict[str, Any]:
@@ -156,6 +155,25 @@ def handed_to_tuning(workspace: Path, artifacts: Path | None) -> str:
     return "done"
 
 
+def tuning_commit(workspace: Path) -> str:
+    """The commit of the last judged run (the one job4 hands to tuning); else the latest push."""
+    verdict = records.load_record(workspace, VERDICT_RECORD, missing_ok=True)
+    commit = verdict.get("COMMIT") or names.recorded_commit(workspace)
+    if not commit or commit == names.NO_COMMIT:
+        raise PipelineError("no judged run names its commit and commit.txt names none: run job1 "
+                            "and job3 first")
+    return commit
+
+
+def tuning_skipped(workspace: Path) -> str:
+    """job5 will not tune the run handed to it: that run's chain ends here."""
+    verdict = records.load_record(workspace, VERDICT_RECORD, missing_ok=True)
+    if verdict.get("TUNE") == "true":
+        records.save_record(workspace, VERDICT_RECORD, {**verdict, "TUNE": "false"},
+                            "ct.after_run")
+    return "done"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.parser("ct.after_run", __doc__)
     parser.add_argument("--artifacts", type=Path,
@@ -169,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            help="keep the mail in outbox/ (Jenkins' email-ext sends job5's)")
     judge_cmd.add_argument("--build-id", default=os.environ.get("BUILD_NUMBER", ""))
     commands.add_parser("handed-to-tuning", help="the tuning image is ready: TUNE=true")
+    commands.add_parser("tuning-commit", help="the commit of the last judged run")
+    commands.add_parser("tuning-skipped", help="job5 does not tune the run handed to it")
     args = parser.parse_args(argv)
     workspace = cli.workspace_or_exit(parser, args.workspace)
 
@@ -180,8 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.command == "judge":
                     word = judge(workspace, args.threshold, args.run_dir, args.outbox_only,
                                  args.artifacts, args.build_id)
-                else:
+                elif args.command == "handed-to-tuning":
                     word = handed_to_tuning(workspace, args.artifacts)
+                elif args.command == "tuning-commit":
+                    word = tuning_commit(workspace)
+                else:
+                    word = tuning_skipped(workspace)
             except MailFailed as err:
                 print(f"ct.after_run: {err}", flush=True)
                 return 1

@@ -25,11 +25,10 @@ import re
 from argparse import ArgumentParser, ArgumentTypeError, Namespace
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ct import workspace as names
-from ct.pipeline import cli, records
+from ct.pipeline import cli, push_queue, records
 from ct.pipeline.errors import PipelineError
 from ct.pipeline.records import (
     ANY_TEXT,
@@ -40,11 +39,13 @@ from ct.pipeline.records import (
     WHOLE,
     Record,
 )
+from ct.pipeline.run_facts import finished_since, trained_since
 
 ROLE = r"train|tune|tune-w\d{1,2}"
 RUNTIMES = ("docker", "local")
 EXIT_CODE = r"(-?\d{1,3})?"
-OOM = r"(true|false|unknown)?"
+OOM_VALUES = ("true", "false", "unknown")
+OOM = rf"({'|'.join(OOM_VALUES)})?"
 ACTIONS = ("none", "running", "finished", "judge", "handed-over", "restart", "gave-up")
 EXIT_BAD_INPUT = 2  # train.py's status for bad input: a restart would only repeat it
 
@@ -193,44 +194,6 @@ def next_round(record: Mapping[str, str], commit: str, max_rounds: int) -> int |
 # ---------------------------------------------------------------- facts from the workspace
 
 
-def _epoch_seconds(stamp: str) -> float | None:
-    try:
-        parsed = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-    except ValueError:
-        return None
-    return parsed.timestamp()
-
-
-def finished_since(workspace: Path, role: str, started_at: str) -> bool:
-    """The workspace's metrics.json is a `role` run's (train.py writes it when a run has ended
-    well) and was written after the process started."""
-    since = _epoch_seconds(started_at)
-    metrics_path = workspace / names.METRICS_FILE
-    try:
-        metrics = records.load_json_object(metrics_path, "")
-        written = os.lstat(metrics_path).st_mtime
-    except (PipelineError, OSError):
-        return False
-    return since is not None and metrics.get("mode") == role and written >= since
-
-
-def trained_since(workspace: Path, role: str, started_at: str) -> bool:
-    """A `role` run folder recorded an epoch after the process started: it got past loading
-    the data. Unknown (no start time) counts as training."""
-    since = _epoch_seconds(started_at)
-    if since is None:
-        return True
-    runs, kind = workspace / names.RUNS_DIR, role.split("-")[0]
-    patterns = (f"{kind}-*/{names.RUN_EPOCHS}", f"{kind}-*/trial-*/{names.RUN_EPOCHS}")
-    for epochs in (path for pattern in patterns for path in runs.glob(pattern)):
-        try:
-            if os.lstat(epochs).st_mtime >= since:
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def write_handover(workspace: Path, record: Mapping[str, str]) -> None:
     """handover.properties for job6's trigger of job4: the restarted run's COMMIT and RUN_DIR."""
     try:
@@ -307,6 +270,8 @@ def cmd_cycle(workspace: Path, args: Namespace) -> int:
         record, seen, max_restarts=args.max_restarts, follow=args.follow,
         finished_well=ended and finished_since(workspace, args.role, started), memory=args.memory,
         in_training=not oom_killed or trained_since(workspace, args.role, started))
+    if decision.action == "restart":
+        decision = unless_superseded(workspace, record, decision)
     if decision.action == "handed-over":
         write_handover(workspace, record)
     if decision.changes:
@@ -314,6 +279,20 @@ def cmd_cycle(workspace: Path, args: Namespace) -> int:
     cli.say(f"{args.role}: {decision.message}")
     print(decision.action)
     return 0
+
+
+def unless_superseded(workspace: Path, record: Mapping[str, str], restart: Decision
+                      ) -> Decision:
+    """A failed run of a commit that is no longer the one to train (CT_PUSH_ORDER=newest and a
+    newer push waits) is given up, said, instead of restarted; job6 then hands the newer on."""
+    newer = push_queue.superseding(push_queue.load(workspace), record["COMMIT"],
+                                   push_queue.settings())
+    if not newer:
+        return restart
+    changes = {k: v for k, v in restart.changes.items() if k != "RESTARTS"}
+    return give_up(record["CONTAINER"], changes,
+                   f"superseded by the newer push {newer} (CT_PUSH_ORDER=newest): not "
+                   f"restarted, {newer} trains instead")
 
 
 def cmd_restarted(workspace: Path, args: Namespace) -> int:

@@ -293,6 +293,13 @@ GATE_RECORD = Record(
     optional={},
     remedy="run job4 (the gate) again",
 )
+# the last judged run and its verdict (ct.pipeline.after_run writes it)
+VERDICT_RECORD = Record(
+    path=names.VERDICT_STATUS,
+    required={**VERDICT_FIELDS, "TUNE": BOOL, "JUDGED_AT": TIME},
+    optional={},
+    remedy="remove it to have the latest run judged again",
+)
 PROMOTION_RECORD = Record(
     path=names.PROMOTION_PROPERTIES,
     required={"PROMOTED": BOOL, "ACCURACY": PERCENT, "BEST_ACCURACY": PERCENT},
