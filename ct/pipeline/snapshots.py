@@ -81,6 +81,10 @@ def to_remove(snapshots: Mapping[str, float], needed: Iterable[str], keep: int) 
 # ---------------------------------------------------------------- the folders
 
 
+def is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def size_of(path: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
@@ -112,9 +116,11 @@ def prune(workspace: Path, keep: int) -> str:
         return "snapshots: none yet"
     entries = {entry.name: entry for entry in code.iterdir()}
     snapshots = {name: entry.lstat().st_mtime for name, entry in entries.items()
-                 if SNAPSHOT_NAME.fullmatch(name)}
+                 if SNAPSHOT_NAME.fullmatch(name) and is_folder(entry)}
     removed = to_remove(snapshots, referenced(workspace), keep)
-    removed += [name for name in entries if LEFTOVER_NAME.fullmatch(name)]
+    # a job1 that died mid-copy leaves NAME.XXXXXX.tmp; a link or file is nobody's snapshot
+    removed += [name for name, entry in entries.items() if LEFTOVER_NAME.fullmatch(name)
+                or (SNAPSHOT_NAME.fullmatch(name) and not is_folder(entry))]
     freed = 0
     for name in removed:
         freed += size_of(entries[name])
