@@ -5,8 +5,10 @@
 #
 #   scripts/job2-image.sh [train|tune]
 #
-# The next commit is the oldest queued push; with none waiting (the weekly retrain, or job2
-# started by hand) the latest push is queued again, so that job3 retrains it.
+# The commit is COMMIT, job2's Jenkins parameter (the push job1 passes on), when it is set; else
+# the oldest queued push; with none waiting (the weekly retrain, or job2 started by hand) the
+# latest push, queued again, so that job3 retrains it. job3 trains the oldest queued push and
+# builds its image when it is missing.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -15,7 +17,8 @@ main() {
   local role="${1:-train}" commit
   [[ "$role" == train || "$role" == tune ]] || die "usage: job2-image.sh [train|tune]" 2
   resolve_runtime
-  commit="$(pushes head --retrain)" || exit $?
+  commit="${COMMIT:-}"
+  [[ -n "$commit" ]] || commit="$(pushes head --retrain)" || exit $?
   use_commit "$commit"
   select_image "$role"
   echo

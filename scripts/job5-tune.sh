@@ -21,7 +21,7 @@ source "$(dirname "$0")/lib.sh"
 # tuning_rounds_left: a round is left for the commit (sets ROUND); otherwise that commit's chain
 # ends here (after_run tuning-skipped), so the next queued push may train.
 tuning_rounds_left() {
-  ROUND="$(ct_process tune-round --commit "$COMMIT" --max-rounds "$CT_MAX_TUNE_ROUNDS")" || exit $?
+  ROUND="$(ct_process tune-round --commit "$CODE_COMMIT" --max-rounds "$CT_MAX_TUNE_ROUNDS")" || exit $?
   [[ "$ROUND" != none ]] && return 0
   ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" tuning-skipped >/dev/null || exit $?
   return 1
@@ -55,7 +55,7 @@ start_helpers() {
   local image="$1" k
   shift
   for ((k = 1; k < CT_TUNE_WORKERS; k++)); do
-    start_process "tune-w$k" "$image" "$COMMIT" "$@" --worker "$k"
+    start_process "tune-w$k" "$image" "$CODE_COMMIT" "$@" --worker "$k"
   done
 }
 
@@ -88,7 +88,7 @@ help_round() {
   local image code=0
   image="$(select_image tune)"
   tune_args
-  start_process "tune-w$1" "$image" "$COMMIT" "${ARGS[@]}" --worker "$1"
+  start_process "tune-w$1" "$image" "$CODE_COMMIT" "${ARGS[@]}" --worker "$1"
   follow "tune-w$1" || code=$?
   ((code == 0)) || die "tuning worker $1 did not finish; the round's owner retries its trial"
 }
@@ -122,7 +122,7 @@ main() {
 
   image="$(select_image tune)"
   tune_args
-  start_process tune "$image" "$COMMIT" "${ARGS[@]}"
+  start_process tune "$image" "$CODE_COMMIT" "${ARGS[@]}"
   start_helpers "$image" "${ARGS[@]}"
   WATCHDOG=
   if [[ -n "$CT_TUNE_BUDGET" ]]; then
@@ -134,7 +134,7 @@ main() {
   ((code == 0)) || exit 1
 
   after_run "${delivery[@]}"
-  log "tuning round $ROUND of $CT_MAX_TUNE_ROUNDS for commit $COMMIT done"
+  log "tuning round $ROUND of $CT_MAX_TUNE_ROUNDS for commit $CODE_COMMIT done"
 }
 
 main "$@"

@@ -142,7 +142,7 @@ look_at() {
       "$name" 2>/dev/null)"; then
       read -r state code oom <<<"$seen"
       case "$state" in
-        running | restarting | created) SEEN=(--seen running) ;;
+        running | restarting | created | paused) SEEN=(--seen running) ;;
         *) SEEN=(--seen ended --exit-code "$code" --oom "$oom") ;;
       esac
     fi

@@ -160,6 +160,7 @@ ensure_snapshot() {
   repo_git cat-file -e "$1^{commit}" 2>/dev/null ||
     die "no snapshot of commit $1 and the repository lacks it: run job1 for that commit again" 2
   tmp="$(mktemp -d "$dir.XXXXXX.tmp")"
+  chmod 755 "$tmp" # readable by the container's user, like every file in it (mktemp made it 700)
   repo_git archive --format=tar "$1" | tar -x --no-same-owner -C "$tmp" ||
     die "cannot write the snapshot of commit $1 into $tmp"
   chmod -R a-w "$tmp"
@@ -167,11 +168,11 @@ ensure_snapshot() {
   log "code of commit $1 in $dir (read-only)"
 }
 
-# use_commit COMMIT: the commit this job works on: COMMIT, and CODE, its snapshot (job2
+# use_commit COMMIT: the commit this job works on: CODE_COMMIT, and CODE, its snapshot (job2
 # inspects it, docker builds from it, runs train it).
 use_commit() {
   ensure_snapshot "$1"
-  COMMIT="$1"
+  CODE_COMMIT="$1"
   CODE="$(snapshot_path "$1")"
   [[ -f "$CODE/train.py" ]] || die "commit $1 has no train.py: nothing to train" 2
 }
@@ -216,7 +217,7 @@ ensure_data() {
 detect_framework() {
   local files=() f
   for f in network.py train.py; do [[ -f "$CODE/$f" ]] && files+=("$CODE/$f"); done
-  ((${#files[@]})) || die "no network.py or train.py in commit $COMMIT to inspect" 2
+  ((${#files[@]})) || die "no network.py or train.py in commit $CODE_COMMIT to inspect" 2
   if grep -Eq '^\s*(import torch|from torch[ .])|torch\.nn|nn\.Conv2d' "${files[@]}"; then
     echo pytorch
   elif grep -Eq '^\s*(import|from) (tensorflow|keras)|tf\.keras|keras\.layers' "${files[@]}"; then

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -218,3 +219,23 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ET.Element]:
     elapsed = time.monotonic() - start
     assert elapsed < 5, f"jenkins-jobs test took {elapsed:.1f} s (target: under 5 s)"
     return xml
+
+
+@pytest.fixture
+def docker_env(script_env, docker_engine):
+    """script_env on the docker runtime, with the test base image and a private image prefix."""
+    prefix = f"ct-test-{uuid.uuid4().hex[:8]}"
+    env = {
+        **script_env,
+        "DOCKER_HOST": docker_engine.host,
+        "CT_RUNTIME": "docker",
+        "CT_BASE_IMAGE": docker_engine.base_image,
+        "CT_IMAGE_PREFIX": prefix,
+    }
+    yield env
+    ids = docker_engine.docker("ps", "-aq", "--filter", f"label=ct.workspace={env['CT_WORKSPACE']}")
+    if ids.split():
+        docker_engine.docker("rm", "-f", *ids.split(), check=False)
+    images = docker_engine.docker("images", "-q", "--filter", f"reference={prefix}-*")
+    if images.split():
+        docker_engine.docker("rmi", "-f", *set(images.split()), check=False)

@@ -8,33 +8,12 @@ import os
 import random
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.chain_checks import assert_passed_and_promoted, assert_tuned
 from tests.conftest import SCRIPTS, git, read_props, run_script
-
-
-@pytest.fixture
-def docker_env(script_env, docker_engine):
-    """script_env on the docker runtime, with the test base image and a private image prefix."""
-    prefix = f"ct-test-{uuid.uuid4().hex[:8]}"
-    env = {
-        **script_env,
-        "DOCKER_HOST": docker_engine.host,
-        "CT_RUNTIME": "docker",
-        "CT_BASE_IMAGE": docker_engine.base_image,
-        "CT_IMAGE_PREFIX": prefix,
-    }
-    yield env
-    ids = docker_engine.docker("ps", "-aq", "--filter", f"label=ct.workspace={env['CT_WORKSPACE']}")
-    if ids.split():
-        docker_engine.docker("rm", "-f", *ids.split(), check=False)
-    images = docker_engine.docker("images", "-q", "--filter", f"reference={prefix}-*")
-    if images.split():
-        docker_engine.docker("rmi", "-f", *set(images.split()), check=False)
 
 
 @pytest.mark.docker
@@ -53,9 +32,10 @@ def test_docker_image_reused_on_second_push(source_repo, docker_env, docker_engi
     # second push: code changed, Dockerfile and requirements unchanged -> same image, no build
     (source_repo / "network.py").write_text((source_repo / "network.py").read_text() + "# v2\n")
     git(source_repo, "commit", "-qam", "code only")
-    run_script("job1-pull.sh", docker_env, str(source_repo))
+    # job2 works on the push job1 hands it (Jenkins' COMMIT parameter), not the oldest waiting
+    pushed = run_script("job1-pull.sh", docker_env, str(source_repo)).stdout.strip()
     t0 = time.monotonic()
-    second = run_script("job2-image.sh", docker_env)
+    second = run_script("job2-image.sh", {**docker_env, "COMMIT": pushed})
     assert second.stdout.strip() == tag
     assert "not rebuilding" in second.stderr and "Step 1/" not in second.stderr
     assert docker_engine.docker("image", "inspect", "-f", "{{.Id}}", tag).strip() == image_id
@@ -65,8 +45,8 @@ def test_docker_image_reused_on_second_push(source_repo, docker_env, docker_engi
         (source_repo / "Dockerfile.train").read_text() + "# v3\n"
     )
     git(source_repo, "commit", "-qam", "Dockerfile changed")
-    run_script("job1-pull.sh", docker_env, str(source_repo))
-    third = run_script("job2-image.sh", docker_env)
+    pushed = run_script("job1-pull.sh", docker_env, str(source_repo)).stdout.strip()
+    third = run_script("job2-image.sh", {**docker_env, "COMMIT": pushed})
     assert third.stdout.strip() != tag and "building" in third.stderr
 
 
@@ -149,7 +129,10 @@ def test_docker_finished_run_is_not_retrained_when_its_container_is_gone(
     assert "finished" in proc.stderr and "restarting" not in proc.stderr
     assert len(list(ws.glob("runs/train-*"))) == 1
 
-    # a run that job6 restarted, which ends between two cycles and whose container is pruned
+    # a run that job6 restarted, which ends between two cycles and whose container is pruned;
+    # the first run judged (job4) and the commit queued again (job2's retrain) for it
+    run_script("job4-gate.sh", env)
+    run_script("job2-image.sh", env)
     env = {**env, "CT_TRAIN_ARGS": env["CT_TRAIN_ARGS"].replace("--epochs 2", "--epochs 4")}
     job3 = subprocess.Popen([str(SCRIPTS / "job3-train.sh")], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
