@@ -9,16 +9,16 @@
 
 Outputs in --out (default: the current folder, the pipeline's workspace), each written atomically:
 runs/<run-id>/ {config.json, epochs.jsonl, checkpoint.pt, curves.png, model.pt, metrics.json,
-train.log} (a tuning run: also trials.jsonl, trials.png, best.json and a trial-NNN/ run per trial;
-its study lives in studies/optuna.journal or the database $CT_TUNE_STORAGE names), then
-accuracy.txt and metrics.json at the top for the latest run; metrics.json records the run's
-lineage (dataset and model sha256, seed, commit, image, torch, device, threads). --reproduce
+train.log, code.json} (a tuning run: also trials.jsonl, trials.png, best.json, a trial-NNN/ run
+per trial; its study is studies/optuna.journal or the database $CT_TUNE_STORAGE names), then
+accuracy.txt and metrics.json at the top for the latest run, with the run's lineage (dataset, code
+and model sha256, seed, commit, image, torch, device, threads). --reproduce
 RUN_ID trains RUN_ID's recorded config again in a new run folder (the top-level results stay as
-they are) and prints one line comparing the two accuracies. Running the same command again
-continues an unfinished run of the same config from its last checkpoint (what `docker start` of a
-killed container does); --fresh starts over, --resume continues the latest unfinished run whatever
-its config. Exit 0 on success, 2 with one line on stderr for bad input, 1 for anything unexpected;
-SIGTERM or SIGINT stop it at once, keeping the last checkpoint: one line on stderr, exit 143 or 130.
+they are) and prints one line comparing the two accuracies. The same command again continues an
+unfinished run of the same config and code (commit, code digest) from its last checkpoint (as
+`docker start` of a killed container does); --fresh starts over, --resume continues the latest
+unfinished run of the same code whatever its config. Exit 0: success; 2: bad input (one line on
+stderr); 1: anything unexpected; SIGTERM/SIGINT stop it at once, keeping the last checkpoint.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run("--preset", default=config.DEFAULT_PRESET, choices=sorted(config.PRESETS),
         help="named recipe (PRESETS in ct/trainer/config.py)" + SHOWN)
     run("--dry-run", action="store_true", help="a few batches; workspace untouched")
-    run("--resume", action="store_true", help="continue the latest unfinished run")
+    run("--resume", action="store_true", help="continue the latest unfinished run of this code")
     run("--fresh", action="store_true", help="start over even if a run is unfinished")
     run("--reproduce", metavar="RUN_ID",
         help="train the recorded run RUN_ID (runs/RUN_ID/config.json, its seed included) again "

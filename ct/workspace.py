@@ -257,21 +257,12 @@ def workspace_of(parser: argparse.ArgumentParser, given: Path | None) -> Path | 
 
 # ---------------------------------------------------------------- for the job scripts
 
-# What job1's checkout must never touch: the pipeline's state beside the code (git excludes it).
-STATE_PATHS = (
-    f"{DATA_DIR}/", f"{CODE_DIR}/", f"{RUNS_DIR}/", f"{OUTBOX_DIR}/", f"{STATUS_DIR}/", "plot/",
-    f"{ARTIFACTS_DIR}/", f"{MODELS_DIR}/", f"{REPORT_DIR}/", "studies/", ACCURACY_FILE,
-    METRICS_FILE, BEST_FILE, BEST_MODEL, COMMIT_FILE, GATE_PROPERTIES, PROMOTION_PROPERTIES,
-    HISTORY_FILE, HANDOVER_PROPERTIES, NEXT_PUSH_PROPERTIES,
-)
-
-# The names scripts/lib.sh reads once (as CT_<NAME>), so that bash spells no file name itself.
+# The names scripts/lib.sh reads once (as WS_<NAME>), so that bash spells no file name itself.
 SHELL_NAMES = {
     "COMMIT_FILE": COMMIT_FILE, "DATA_DIR": DATA_DIR, "RUNS_DIR": RUNS_DIR,
     "STATUS_DIR": STATUS_DIR, "DATA_FOLDER": DATA_FOLDER, "DATA_ARCHIVE": DATA_ARCHIVE,
     "OUTBOX_DIR": OUTBOX_DIR, "BEST_FILE": BEST_FILE, "HANDOVER_FILE": HANDOVER_PROPERTIES,
     "NEXT_PUSH_FILE": NEXT_PUSH_PROPERTIES, "CODE_DIR": CODE_DIR, "CODE_REPO": CODE_REPO,
-    "STATE_PATHS": " ".join(STATE_PATHS),
 }
 
 

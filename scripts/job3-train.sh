@@ -9,7 +9,9 @@
 # Exit 0 when training finished; 1 when it failed, saying whether job6 restarts it (not for bad
 # input, exit 2, or an OOM kill: a restart would only repeat them); 3 when it trained nothing now:
 # another commit's chain is under way (the push stays queued and trains after it) or no push waits
-# (ct.pipeline.pushes decides and says which).
+# (ct.pipeline.pushes decides and says which). A push taken and then not started (its commit has
+# no train.py, its image does not build) fails here, naming it: run job1 for that commit (or push
+# again) to queue it again.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -19,10 +21,10 @@ main() {
   (($# == 0)) || die "usage: job3-train.sh (extra train.py flags: CT_TRAIN_ARGS)" 2
   require_uint CT_MAX_RESTARTS "$CT_MAX_RESTARTS"
   resolve_runtime
+  ensure_data # before taking a push: a setting to fix must not use up the push
   commit="$(pushes take)" || exit $?
   [[ -n "$commit" ]] || exit 3
   use_commit "$commit"
-  ensure_data
   image="$(select_image train)"
   read -ra args <<<"$CT_TRAIN_ARGS"
   args+=("${DATA_FLAGS[@]}")

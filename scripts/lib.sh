@@ -134,13 +134,11 @@ record_get() { ct_py ct.pipeline.records --workspace "$CT_WORKSPACE" get "$@"; }
 record_set() { ct_py ct.pipeline.records --workspace "$CT_WORKSPACE" set "$@"; }
 
 # The workspace's names from their one owner (ct/workspace.py), once per script: WS_COMMIT_FILE,
-# WS_DATA_DIR, WS_STATE_PATHS, ...
+# WS_DATA_DIR, WS_CODE_DIR, ...
 ws_names="$(ct_py ct.workspace names)" ||
   die "$CT_PYTHON cannot run ct.workspace from $CT_ROOT (set CT_PYTHON to a Python 3.10+)" 2
 while IFS='=' read -r ws_key ws_value; do printf -v "WS_$ws_key" '%s' "$ws_value"; done <<<"$ws_names"
 unset ws_names ws_key ws_value
-
-current_commit() { ct_py ct.workspace commit --workspace "$CT_WORKSPACE"; }
 
 # ----------------------------------------------------------------------------------- code
 # Each commit's code is a read-only snapshot, code/<commit>/, taken from the git repository job1
