@@ -47,6 +47,9 @@ main() {
   log "commit $commit of $repo $ref"
   pushes add --commit "$commit" --ref "$ref" >/dev/null || exit $?
   ct_py ct.pipeline.snapshots --workspace "$CT_WORKSPACE" prune >&2 || exit $?
+  # pushes leave no refs here (only a by-id fallback keeps the branches): git's housekeeping drops
+  # what no ref needs; the snapshots keep their code
+  repo_git gc --auto --quiet || log "warning: git gc in $CT_WORKSPACE/$WS_CODE_REPO failed"
   echo "$commit"
 }
 

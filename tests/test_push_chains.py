@@ -104,6 +104,7 @@ def test_a_killed_run_is_restarted_on_its_own_code_and_the_push_waits_for_it(env
     assert_each_commit_judged_once(ws, labels)
 
 
+@pytest.mark.slow  # a variant of the order: its decisions are unit-tested in test_pushes.py
 def test_newest_order_trains_the_new_push_instead_of_restarting_the_old_one(env, source_repo,
                                                                            tmp_path):
     ws = Path(env["CT_WORKSPACE"])
