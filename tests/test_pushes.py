@@ -123,6 +123,13 @@ def test_job1_pushes_queue_in_order_and_job3_takes_the_oldest(tmp_path):
     assert queued(tmp_path) == [B]
 
 
+def test_a_ref_with_control_characters_is_queued_as_one_line(tmp_path):
+    proc = pushes(tmp_path, "add", "--commit", A, "--ref", "main\r\n\tCOMMIT=x\x1b[31m")
+    assert proc.returncode == 0, proc.stderr
+    (waiting,) = push_queue.load(tmp_path)
+    assert waiting.ref == "main   COMMIT=x [31m"
+
+
 def test_nothing_waiting_takes_nothing_and_says_so(tmp_path):
     proc = take(tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == ""

@@ -24,6 +24,7 @@ STATE is what the job script saw of each process: running, missing or ended:EXIT
 from __future__ import annotations
 
 import os
+import re
 from argparse import ArgumentTypeError, Namespace
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -191,7 +192,8 @@ def seen_arg(text: str) -> tuple[str, process.Seen]:
 def cmd_add(workspace: Path, args: Namespace) -> str:
     if not push_queue.COMMIT_ID.fullmatch(args.commit):
         raise PipelineError(f"{args.commit!r} is not a full commit id; nothing queued")
-    push = Push(args.commit, args.ref.replace("\n", " ")[:200], records.utc_now())
+    ref = re.sub(r"[\x00-\x1f\x7f]", " ", args.ref)[:200]  # shown in logs: one line, no controls
+    push = Push(args.commit, ref, records.utc_now())
     given = push_queue.settings()
     with push_queue.locked(workspace):
         queue, message = push_queue.add(push_queue.load(workspace), push, given)
