@@ -8,5 +8,7 @@
 What both sides use stays here, standard library only:
 
 - `ct.atomic`: atomic writes (a reader sees the old file or the new one).
+- `ct.data_version`: the data a run reads (CIFAR-10 plus labelled increments: their layout and
+  classes) and its version, which the trainer records and the host's lineage check recomputes.
 - `ct.workspace`: the workspace contract: its file names and how a run's commit is found.
 """

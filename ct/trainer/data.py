@@ -4,25 +4,25 @@ Accepted in a data dir: a `cifar-10-batches-py/` folder or a `cifar-10-python.ta
 (read in place, never unpacked, so a read-only data dir works). Every load is checked for
 structure, counts, shapes and labels; the official md5 is checked only for an archive that
 `download` fetched, because faithful re-encodings of the dataset (such as a JPEG copy) differ
-in bytes but not in structure.
+in bytes but not in structure. Labelled increments are appended to the loaded set by
+ct.trainer.increments; what a run read is named by its data version (ct.data_version).
 """
 
 from __future__ import annotations
 
-import json
 import pickle
 import tarfile
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ct import atomic
+from ct import atomic, data_version
 from ct import workspace as names
 from ct.trainer.errors import UsageError
 
@@ -53,6 +53,8 @@ class Cifar:
     source: str  # for the log: what was read, and the cache it came from
     location: Path | None = None  # the folder or archive read (`locate`)
     sha256: str = ""  # the dataset's `dataset_sha256`, when the caller asked for it
+    version: str = ""  # ct.data_version: the base's sha256 and the increments' images
+    record: dict[str, Any] = field(default_factory=dict)  # counts and increments, for the summary
 
 
 def _unpickle(raw: bytes, name: str) -> dict[bytes, Any]:
@@ -200,32 +202,11 @@ def dataset_sha256(source: Path, cache_dir: Path | None = None) -> tuple[str, bo
     """(ct.workspace.dataset_sha256 of `source`, whether it came from the cache). With
     `cache_dir`, the digest is kept in cache_dir/HASH_CACHE under the files' paths, sizes and
     modification times, beside the decoded-data cache: later runs on the same files do not read
-    them again."""
-    files = names.dataset_files(source)
+    them again (ct.data_version.base_sha256, which the host's tools share)."""
     try:
-        key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        return data_version.base_sha256(source, cache_dir)
     except OSError as exc:
         raise DataError(f"cannot read {exc.filename} to hash the dataset ({exc.strerror})") from exc
-    cache = cache_dir / HASH_CACHE if cache_dir is not None else None
-    if cache is not None:
-        try:
-            saved = json.loads(cache.read_text(encoding="utf-8"))
-            if saved["key"] == key and len(saved["sha256"]) == 64:
-                return str(saved["sha256"]), True
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # no cache, another source's, or a damaged one: hash again
-    try:
-        digest = names.dataset_sha256(source)  # the host's --verify hashes with the same code
-    except OSError as exc:
-        raise DataError(f"cannot read {exc.filename} to hash the dataset ({exc.strerror})") from exc
-    if cache is not None:
-        try:
-            atomic.write_json(cache, {"key": key, "sha256": digest})
-        except OSError:
-            pass  # a read-only data folder only costs the hashing next time
-    return digest, False
-
-
 
 
 def download(data_dir: Path) -> Path:
