@@ -9,16 +9,15 @@
 
 Outputs in --out (default: the current folder, the pipeline's workspace), each written atomically:
 runs/<run-id>/ {config.json, epochs.jsonl, checkpoint.pt, curves.png, model.pt, metrics.json,
-train.log, code.json} (a tuning run: also trials.jsonl, trials.png, best.json, a trial-NNN/ run
-per trial; its study is studies/optuna.journal or the database $CT_TUNE_STORAGE names), then
-accuracy.txt and metrics.json at the top for the latest run, with the run's lineage (dataset, code
-and model sha256, seed, commit, image, torch, device, threads). --reproduce
-RUN_ID trains RUN_ID's recorded config again in a new run folder (the top-level results stay as
-they are) and prints one line comparing the two accuracies. The same command again continues an
-unfinished run of the same config and code (commit, code digest) from its last checkpoint (as
-`docker start` of a killed container does); --fresh starts over, --resume continues the latest
-unfinished run of the same code whatever its config. Exit 0: success; 2: bad input (one line on
-stderr); 1: anything unexpected; SIGTERM/SIGINT stop it at once, keeping the last checkpoint.
+train.log, code.json} (a tuning run: also trials.jsonl, trials.png, best.json, a trial-NNN/ run per
+trial; the study: studies/optuna.journal or $CT_TUNE_STORAGE's database), then accuracy.txt and
+metrics.json at the top for the latest run, with the data's counts and lineage (data version,
+dataset, code and model sha256, seed, commit, image, torch, device, threads). --reproduce RUN_ID
+trains RUN_ID's recorded config again in a new run folder and compares the accuracies (the top-level
+results stay as they are). The same command again continues an unfinished run of the same config and
+code (commit, code digest) from its last checkpoint; --fresh starts over, --resume continues the
+latest unfinished run of the same code whatever its config. Exit 0: success; 2: bad input (one line
+on stderr); 1: anything unexpected; SIGTERM/SIGINT stop it at once, keeping the last checkpoint.
 """
 
 from __future__ import annotations
@@ -62,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = p.add_argument_group("where and how").add_argument
     run("--out", type=Path, default=Path("."), help="workspace to write into")
     run("--data-dir", type=Path, help="folder with CIFAR-10 (default: OUT/data)")
+    run("--increments", type=Path, metavar="DIR", help="labelled images to add (docs/data.md)")
     run("--download", action="store_true", help="fetch CIFAR-10 into --data-dir")
     run("--device", default="auto", choices=DEVICES)
     run("--precision", default="auto", choices=PRECISIONS,

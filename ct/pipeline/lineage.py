@@ -6,11 +6,13 @@ Prints the chain for the best model (best.json, default) or for a run (runs/RUN_
 from the `lineage` object the trainer writes into metrics.json and the gate copies into best.json
 on promotion. `--verify` hashes the model file again (the one best.json names, or
 runs/RUN_ID/model.pt), the dataset (W/data: the cifar-10-batches-py folder, else
-cifar-10-python.tar.gz, hashed by ct.workspace.dataset_sha256 as the trainer does) and the code
-(the commit's snapshot W/code/<commit>/, hashed by ct.workspace.code_sha256, when the record has
-a code_sha256 and the snapshot is still there; said when not checked) and says what no longer
-matches. Exit 0: printed (and, with --verify, everything checked matches); 1: a mismatch or a
-file that cannot be hashed; 2: bad input (no such workspace, run or record).
+cifar-10-python.tar.gz, hashed by ct.workspace.dataset_sha256 as the trainer does), the data
+version (ct.data_version over that digest and every image of W/data/increments/, when the record
+has one; said when not) and the code (the commit's snapshot W/code/<commit>/, hashed by
+ct.workspace.code_sha256, when the record has a code_sha256 and the snapshot is still there; said
+when not checked) and says what no longer matches. Exit 0: printed (and, with --verify, everything
+checked matches); 1: a mismatch or a file that cannot be hashed; 2: bad input (no such workspace,
+run or record).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ct import data_version
 from ct import workspace as names
 from ct.pipeline import cli, promote, records
 from ct.pipeline.errors import PipelineError
@@ -116,7 +119,8 @@ def chain_lines(workspace: Path, subject: Subject) -> list[str]:
         + (f"  code sha256 {code}" if code else ""),
         f"  image   {image}",
         f"  data    sha256 {shown(field(record, 'dataset_sha256'))}"
-        + (f" ({field(record, 'dataset_form')})" if field(record, "dataset_form") else ""),
+        + (f" ({field(record, 'dataset_form')})" if field(record, "dataset_form") else "")
+        + (f"  version {field(record, 'data_version')}" if field(record, "data_version") else ""),
         f"  config  sha256 {shown(cfg_hash)[:16]}  seed {shown(field(record, 'seed'))}"
         + (f"  {json.dumps(cfg, sort_keys=True)}" if cfg else ""),
         f"  run     {shown(record.get('run_id'))} ({run_dir}; mode {shown(record.get('mode'))},"
@@ -142,6 +146,7 @@ def verify(workspace: Path, subject: Subject) -> tuple[list[str], str | None]:
                             f"{subject.model_sha256}: the model file changed")
     expected = field(subject.record, "dataset_sha256")
     source = dataset_to_hash(workspace, field(subject.record, "dataset_form"))
+    base = None
     if not expected:
         problems.append("data: the record names no dataset sha256 (a run from before lineage)")
     elif source is None:
@@ -149,15 +154,38 @@ def verify(workspace: Path, subject: Subject) -> tuple[list[str], str | None]:
                         f"{workspace / names.DATA_DIR} to hash")
     else:
         try:
-            actual = names.dataset_sha256(source)
+            base = names.dataset_sha256(source)
         except OSError as err:
             problems.append(f"data: cannot hash {source} ({records.os_reason(err)})")
         else:
-            if actual != expected:
-                problems.append(f"data: {source} has sha256 {actual}, the record says "
+            if base != expected:
+                problems.append(f"data: {source} has sha256 {base}, the record says "
                                 f"{expected}: the dataset changed")
+    problem = verify_data_version(workspace, subject.record, base)
+    problems += [problem] if problem else []
     problem, unchecked = verify_code(workspace, subject.record)
     return problems + ([problem] if problem else []), unchecked
+
+
+def verify_data_version(workspace: Path, record: Mapping[str, Any], base: str | None
+                        ) -> str | None:
+    """The problem with the recorded data version, None when it matches (or is not recorded,
+    which `show` says): ct.data_version recomputed over the base dataset's sha256 `base` (None:
+    it could not be hashed, a problem reported already) and W/data/increments/, every file
+    hashed again (no cache: a check must read the bytes)."""
+    expected = field(record, "data_version")
+    if not expected or base is None:
+        return None
+    data = workspace / names.DATA_DIR
+    try:
+        actual = data_version.compute(data, base=base).version
+    except data_version.DataVersionError as err:
+        return f"data version: cannot compute it ({err})"
+    if actual != expected:
+        return (f"data version: {data} (with {data / data_version.INCREMENTS_DIR}/) gives "
+                f"{actual}, the record says {expected}: the data changed (an increment added, "
+                "removed or edited, or the dataset)")
+    return None
 
 
 _COMMIT_ID = re.compile(r"[0-9a-f]{7,64}")  # as ct.workspace reads commit.txt
@@ -224,13 +252,19 @@ def show(workspace: Path, which: str, check: bool) -> int:
     if not check:
         return 0
     problems, unchecked = verify(workspace, subject)
+    if not field(subject.record, "data_version"):
+        print("ct.lineage: data version not recorded (a run from before increments): "
+              "the dataset alone checked")
     if unchecked:
         print(f"ct.lineage: code not checked: {unchecked}")
     for problem in problems:
         print(f"ct.lineage: MISMATCH {problem}")
     if problems:
         return 1
-    what = "the model and the dataset" if unchecked else "the model, the dataset and the code"
+    checked = ["the model", "the dataset",
+               *(["the data version"] if field(subject.record, "data_version") else []),
+               *([] if unchecked else ["the code"])]
+    what = f"{', '.join(checked[:-1])} and {checked[-1]}"
     print(f"ct.lineage: verified: {what} match the record")
     return 0
 

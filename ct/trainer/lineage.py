@@ -4,6 +4,9 @@ reproduction (`train.py --reproduce RUN_ID`) compares with the run it repeats.
     dataset_sha256  sha256 of the dataset as read (ct.workspace.dataset_files: the archive, or
                     the folder's batch files one after the other); cached in data/
     dataset_form    "archive" or "folder": which of the two the digest covers
+    data_version    ct.data_version: the base's sha256 and every increment image's bytes
+    data            the images a run read: base_train, base_test, increment_train,
+                    increment_test (counts) and increments (their names)
     seed            the config's seed
     commit          the code's commit (ct.workspace.current_commit), or null
     code_sha256     the digest of that commit's snapshot folder (ct.workspace.code_sha256), as
@@ -30,17 +33,21 @@ from ct.trainer.engine import Compute
 
 # What must be equal for a reproduction to be expected to match bit for bit, and how to say it.
 EXACT_KEYS = (("torch", "torch"), ("device", "device"), ("threads", "threads"),
-              ("dataset_sha256", "dataset"), ("commit", "commit"))
+              ("dataset_sha256", "dataset"), ("data_version", "data version"),
+              ("commit", "commit"))
+# Recorded only since increments exist: a run recorded before cannot differ in them.
+NEWER_KEYS = frozenset({"data_version"})
 
 
-def run_lineage(*, dataset_sha256: str, dataset_location: Path | None, seed: int,
-                commit: str | None, compute: Compute, model_path: Path,
-                env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+def run_lineage(*, dataset_sha256: str, dataset_location: Path | None, data_version: str,
+                data: Mapping[str, Any], seed: int, commit: str | None, compute: Compute,
+                model_path: Path, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     image, image_id = names.current_image(env)
     form = None if dataset_location is None else (
         "archive" if dataset_location.is_file() else "folder")
     return {
-        "dataset_sha256": dataset_sha256, "dataset_form": form, "seed": seed, "commit": commit,
+        "dataset_sha256": dataset_sha256, "dataset_form": form,
+        "data_version": data_version, "data": dict(data), "seed": seed, "commit": commit,
         "code_sha256": env.get(names.CODE_SHA256_ENV) or None,
         "image": image, "image_id": image_id, "torch": torch.__version__,
         "device": compute.describe(), "threads": torch.get_num_threads(),
@@ -58,7 +65,8 @@ def differences(recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) 
     if not isinstance(recorded, Mapping):
         return ["the recorded run has no lineage to compare with"]
     return [f"{label} {_short(recorded.get(key))} vs {_short(current.get(key))} now"
-            for key, label in EXACT_KEYS if recorded.get(key) != current.get(key)]
+            for key, label in EXACT_KEYS if recorded.get(key) != current.get(key)
+            and not (key in NEWER_KEYS and key not in recorded)]
 
 
 def reproduction_line(run_id: str, new_run_id: str, accuracy: float, recorded_accuracy: float,
@@ -74,7 +82,7 @@ def reproduction_line(run_id: str, new_run_id: str, accuracy: float, recorded_ac
     elif difference == 0:
         verdict = f"exact: same {kind}, torch and threads"
     else:
-        verdict = (f"NOT exact although {kind}, torch, threads, dataset and commit are the same: "
+        verdict = (f"NOT exact although {kind}, torch, threads, data and commit are the same: "
                    "a source of nondeterminism to look into")
     shown = f"{difference:+.2f}" if difference else "0.00"
     return (f"reproduced {run_id} as {new_run_id}: {accuracy:.2f}% vs recorded "

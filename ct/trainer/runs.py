@@ -28,6 +28,7 @@ from ct.trainer.config import config_hash
 from ct.trainer.data import Cifar, dataset_sha256, download, load_cifar
 from ct.trainer.engine import Compute
 from ct.trainer.errors import UsageError
+from ct.trainer.increments import add_increments
 from ct.trainer.lineage import run_lineage
 
 CODE_DIR = Path(__file__).resolve().parents[2]  # the checkout train.py runs from
@@ -39,6 +40,7 @@ class RunOptions:
     """Where and how a run happens (train.py's "where and how" flags), not what it learns."""
 
     data_dir: Path | None = None  # None: <workspace>/data
+    increments: Path | None = None  # None: <data dir>/increments, when there is one
     download: bool = False
     dry_run: bool = False  # a few batches; the workspace's results untouched
     resume: bool = False  # continue the latest unfinished run of this code, whatever its config
@@ -196,6 +198,11 @@ def load_data(opts: RunOptions, ws: Workspace, log: LogLine) -> Cifar:
     data.sha256, cached = dataset_sha256(data.location, cache_dir=ws.root / names.DATA_DIR)
     how = "cached" if cached else f"hashed in {time.perf_counter() - t0:.1f}s"
     log(f"dataset sha256 {data.sha256[:16]} ({how})")
+    # Every image is checked here, before the run trains a step: bad data publishes nothing.
+    t0 = time.perf_counter()
+    data = add_increments(data, data_dir, opts.increments, ws.root / names.DATA_DIR, log)
+    log(f"data version {data.version[:16]}: {len(data.train_x)} train, {len(data.test_x)} test "
+        f"images ({time.perf_counter() - t0:.1f}s)")
     return data
 
 
@@ -203,6 +210,7 @@ def record_lineage(ws: Workspace, run_dir: Path, data: Cifar, cfg: dict[str, Any
                    compute: Compute) -> dict[str, Any]:
     """The run's lineage (ct.trainer.lineage), once run_dir/model.pt is written."""
     return run_lineage(dataset_sha256=data.sha256, dataset_location=data.location,
+                       data_version=data.version, data=data.record,
                        seed=cfg["seed"], commit=ws.commit(), compute=compute,
                        model_path=run_dir / names.RUN_MODEL)
 
@@ -263,6 +271,11 @@ def _read_clock(path: Path) -> dict[str, Any]:
 
 def run_summary(ws: Workspace, run_dir: Path, compute: Compute, clock: RunClock, mode: str,
                 accuracy: float, extra: dict[str, Any]) -> dict[str, Any]:
+    """The run's metrics.json. The data's version and counts (`data_version`, `data`) come from
+    the lineage in `extra` (record_lineage), to the top level where readers look first."""
+    lineage = extra.get(names.LINEAGE)
+    data = {key: lineage[key] for key in ("data_version", "data")
+            if isinstance(lineage, dict) and key in lineage}
     return {
         "accuracy": round(accuracy, 2), "mode": mode, "run_id": run_dir.name,
         "run_dir": str(run_dir.relative_to(ws.root)),
@@ -270,7 +283,8 @@ def run_summary(ws: Workspace, run_dir: Path, compute: Compute, clock: RunClock,
         "wall_time_s": round(clock.total(), 2), "resumes": clock.resumes,
         "device": compute.describe(),
         "torch": torch.__version__, "commit": ws.commit(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **data,
+        **extra,
     }
 
 
