@@ -345,36 +345,37 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Compute,
-             flip_tta: bool = True, max_batches: int | None = None,
-             translate: bool = False) -> tuple[float, float]:
-    """(accuracy %, mean loss); `flip_tta` averages the logits of each image and its mirror;
-    `translate` adds two shifted views (`_translated_logits`)."""
+             flip_tta: bool = True, max_batches: int | None = None, translate: bool = False,
+             predictions: list[torch.Tensor] | None = None) -> tuple[float, float]:
+    """(accuracy %, mean loss); `flip_tta` averages each image's logits with its mirror's;
+    `translate` adds two shifted views; `predictions` gets each batch's predicted classes."""
     model.eval()
     correct = torch.zeros((), device=x.device)
     loss_sum = torch.zeros((), device=x.device)
-    seen = 0
-    batch = compute.eval_batch
+    seen, batch = 0, compute.eval_batch
     for i, first in enumerate(range(0, len(x), batch)):
         if max_batches is not None and i >= max_batches:
             break
-        inputs = normalise(x[first:first + batch])
-        labels = y[first:first + batch]
+        inputs, labels = normalise(x[first:first + batch]), y[first:first + batch]
         with compute.autocast():
             logits = _view_logits(model, inputs, flip_tta)
             if translate:
                 logits = _translated_logits(model, inputs, logits, flip_tta)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
+        predicted = logits.argmax(1)
+        correct += (predicted == labels).sum()
         seen += len(labels)
+        if predictions is not None:  # the per-class view counts the very same predictions
+            predictions.append(predicted)
     return 100.0 * float(correct) / max(1, seen), float(loss_sum) / max(1, seen)
 
 
 def evaluate_as_configured(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                           compute: Compute, cfg: dict[str, Any],
-                           max_batches: int | None = None) -> tuple[float, float]:
+                           compute: Compute, cfg: dict[str, Any], max_batches: int | None = None,
+                           predictions: list[torch.Tensor] | None = None) -> tuple[float, float]:
     """`evaluate` with the test-time augmentation the config asks for (tta, tta_translate)."""
     return evaluate(model, x, y, compute, flip_tta=cfg["tta"], max_batches=max_batches,
-                    translate=cfg["tta_translate"])
+                    translate=cfg["tta_translate"], predictions=predictions)
 
 
 def _view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool) -> torch.Tensor:

@@ -4,6 +4,9 @@
   (the per-epoch glance at the evaluation set, see ct.trainer.run._glance) and learning rate per
   epoch, and the tested accuracy once the run is tested; redrawn after every checkpoint and once
   more after the test.
+- `confusion.png` in every tested run folder: the confusion matrix of the final test (rows: true
+  class, columns: predicted), each cell's count written in it and shaded by its share of the row;
+  the per-class accuracies are the diagonal's shares. Drawn once, after the test.
 - `trials.png` in a tuning run's folder: every trial's validation accuracy per epoch (its
   epochs.jsonl) ending in a dot at its final validation accuracy (trials.jsonl); trials that were
   pruned, cut by the budget or lost are faded, the best is highlighted; redrawn after every trial.
@@ -28,6 +31,10 @@ from ct import workspace as names
 DPI = 72
 CURVES_SIZE = (10.0, 3.0)  # inches: three panels side by side, 720 x 216 pixels
 TRIALS_SIZE = (7.0, 4.0)
+CONFUSION_SIZE = (6.5, 5.5)  # 468 x 396 pixels: ten class names down the side and along the foot
+# The run folder's confusion-matrix picture. ct.pipeline.report_inputs names the same file (the
+# host side imports nothing of the trainer's); tests/test_per_class.py checks that they agree.
+CONFUSION = "confusion.png"
 
 LogLine = Callable[[str], None]
 
@@ -47,8 +54,8 @@ def available(log: LogLine) -> bool:
             from matplotlib.figure import Figure
         except Exception as exc:  # missing or broken: either way, no pictures
             _figure_class = False
-            log(f"no {names.RUN_CURVES}/{names.RUN_TRIALS_PLOT}: matplotlib does not import "
-                f"({exc.__class__.__name__}: {exc}); training goes on without pictures")
+            log(f"no {names.RUN_CURVES}/{names.RUN_TRIALS_PLOT}/{CONFUSION}: matplotlib does "
+                f"not import ({exc.__class__.__name__}: {exc}); training goes on without pictures")
         else:
             _figure_class = Figure
     return _figure_class is not False
@@ -179,3 +186,36 @@ def _draw_trials(run_dir: Path, rows: Sequence[dict[str, Any]],
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="lower right", fontsize="small")
     _save(fig, run_dir / names.RUN_TRIALS_PLOT)
+
+
+def draw_confusion(run_dir: Path, classes: Sequence[str], matrix: Sequence[Sequence[int]],
+                   evaluation: str, log: LogLine) -> bool:
+    """run_dir/confusion.png from the test's confusion matrix (rows: true class, columns:
+    predicted, in `classes`' order); `evaluation` names the set tested ("test", "validation")."""
+    return _safely(CONFUSION, log, lambda: _draw_confusion(
+        run_dir / CONFUSION, list(classes), [list(row) for row in matrix], evaluation,
+        run_dir.name))
+
+
+def _draw_confusion(path: Path, classes: list[str], matrix: list[list[int]], evaluation: str,
+                    title: str) -> None:
+    fig, (ax,) = _figure("confusion", CONFUSION_SIZE, 1, left=0.2, right=0.98, bottom=0.22,
+                         top=0.9)
+    # Shaded by the share of the true class's images, so that a class with fewer test images
+    # reads like the others; the count is written in each cell.
+    shares = [[cell / max(1, sum(row)) for cell in row] for row in matrix]
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    for i, row in enumerate(matrix):
+        for j, cell in enumerate(row):
+            if cell:
+                ax.text(j, i, str(cell), ha="center", va="center", fontsize="x-small",
+                        color="white" if shares[i][j] > 0.5 else "black")
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=45, ha="right", fontsize="small")
+    ax.set_yticks(ticks, classes, fontsize="small")
+    total = sum(map(sum, matrix))
+    right = sum(matrix[i][i] for i in range(len(matrix)))
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(f"{title}\n{evaluation}: {right} of {total} right "
+                 f"({100.0 * right / max(1, total):.2f}%)", fontsize="medium")
+    _save(fig, path)

@@ -43,6 +43,10 @@ from ct.trainer.runs import (
 from ct.trainer.state import TrainingState, load_checkpoint, save_checkpoint
 
 DRY_RUN_BATCHES = 3
+# CIFAR-10's class names in label order, for a split whose dataset named none (the loaded
+# dataset's batches.meta names them; ct.trainer.data checks that it names ten).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 GLANCE_IMAGES = 2000  # evaluation images looked at after every epoch, for the curves (_glance)
 
 
@@ -56,6 +60,7 @@ class Split:
     eval_x: torch.Tensor
     eval_y: torch.Tensor
     eval_name: str  # "test" or "validation"
+    classes: list[str] = field(default_factory=lambda: list(CIFAR10_CLASSES))  # label order
 
 
 def make_split(data: Cifar, cfg: dict[str, Any], device: torch.device) -> Split:
@@ -72,7 +77,7 @@ def make_split(data: Cifar, cfg: dict[str, Any], device: torch.device) -> Split:
         parts = (x, y, data.test_x, data.test_y)
         name = "test"
     moved = [t.to(device) for t in parts]
-    return Split(*moved, eval_name=name)
+    return Split(*moved, eval_name=name, classes=list(data.classes))
 
 
 @dataclass
@@ -170,9 +175,12 @@ def _test(run_dir: Path, cfg: dict[str, Any], split: Split, state: TrainingState
     """Evaluate the trained model on the split's evaluation set; write run_dir/model.pt."""
     stopping.at(f"during the evaluation of {run_dir.name}", _kept(len(progress.history)))
     eval_start = time.perf_counter()
+    predictions: list[torch.Tensor] = []
     accuracy, loss = evaluate_as_configured(state.model, split.eval_x, split.eval_y, compute,
-                                            cfg, max_batches=1 if dry_run else None)
+                                            cfg, max_batches=1 if dry_run else None,
+                                            predictions=predictions)
     eval_seconds = time.perf_counter() - eval_start
+    per_class = per_class_view(split.classes, split.eval_y, predictions)
     images = int(len(split.train_x) * cfg["epochs"]) if not dry_run else 0
     train_seconds, name = progress.train_seconds, split.eval_name
     summary = {
@@ -180,7 +188,7 @@ def _test(run_dir: Path, cfg: dict[str, Any], split: Split, state: TrainingState
         "epochs": cfg["epochs"], "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "images_per_s": round(images / max(train_seconds, 1e-9), 1),
-        "optimizer_class": type(state.optimizer).__name__,
+        "optimizer_class": type(state.optimizer).__name__, **per_class,
     }
     with stopping.deferred():
         atomic.write_via(run_dir / names.RUN_MODEL, lambda tmp: torch.save(
@@ -188,7 +196,25 @@ def _test(run_dir: Path, cfg: dict[str, Any], split: Split, state: TrainingState
         log(f"{name} accuracy {accuracy:.2f}% loss {loss:.4f} "
             f"(train {train_seconds:.1f}s, eval {eval_seconds:.1f}s)")
         plots.draw_curves(run_dir, progress.history, log, (name, accuracy))
+        plots.draw_confusion(run_dir, per_class["classes"], per_class["confusion_matrix"], name,
+                             log)
     return summary
+
+
+def per_class_view(classes: list[str], truth: torch.Tensor, predictions: list[torch.Tensor]
+                   ) -> dict[str, Any]:
+    """`classes`, `per_class_accuracy` ({class: percent, 2 decimals; None for a class the set
+    has no image of}) and `confusion_matrix` (rows: true class, columns: predicted) of the
+    evaluation whose predicted classes, batch by batch from the set's start, are `predictions`:
+    the very predictions its accuracy counted, so the diagonal's share is that accuracy."""
+    n = len(classes)
+    predicted = torch.cat(predictions).cpu() if predictions else torch.zeros(0, dtype=torch.long)
+    # A dry run evaluates its first batch only: the labels of the images evaluated.
+    cells = truth[:len(predicted)].cpu() * n + predicted
+    matrix = torch.bincount(cells, minlength=n * n).view(n, n).tolist()
+    accuracy = {name: round(100.0 * row[i] / sum(row), 2) if sum(row) else None
+                for i, (name, row) in enumerate(zip(classes, matrix, strict=True))}
+    return {"classes": list(classes), "per_class_accuracy": accuracy, "confusion_matrix": matrix}
 
 
 def _kept(epochs_done: int) -> str:
