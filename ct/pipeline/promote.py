@@ -2,9 +2,12 @@
 
     python3 -m ct.pipeline.promote --workspace W
 
-Only when the workspace's latest run beats the current best: stores the run's model as
+Only when the workspace's latest run beats the current best (and, with CT_MAX_CLASS_DROP set, no
+class's test accuracy fell by more than that many points against the best's): stores the run's
+model as
 W/models/best-<sha256[:16]>.pt, renames a new W/best.json over the old one (the record, which
-names that file and its sha256 and carries the run's `lineage`: the commit point), then points
+names that file and its sha256 and carries the run's `lineage` and per-class accuracy, and the
+per-class accuracy of the model it replaces: the commit point), then points
 the symlink W/best-model.pt at it and deletes the stored models no record names. A reader of
 best.json and of the model it names sees the old pair or the new pair. W/promotion.properties
 says whether it promoted. Errors, I/O errors included, are one line on stderr and exit 2, with
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,6 +53,7 @@ from ct.workspace import (
     commit_of_run,
 )
 
+MAX_CLASS_DROP = "CT_MAX_CLASS_DROP"  # the per-class guard's setting (scripts/lib.sh: empty, off)
 STORED_NAME = ("best-", ".pt")  # models/best-<sha256[:16]>.pt
 _STORED_MODEL = re.compile(r"best-[0-9a-f]{16}\.pt")
 
@@ -108,10 +113,12 @@ def stored_name(best: Mapping[str, Any] | None) -> str | None:
 
 
 TUNING_FACTS = ("study", "trials", "trials_finished", "trials_pruned")
+PER_CLASS = ("classes", "per_class_accuracy")  # what best.json keeps of a run's per-class view
 
 
 def best_record(
-    workspace: Path, metrics: Mapping[str, Any], model: str, sha256: str
+    workspace: Path, metrics: Mapping[str, Any], model: str, sha256: str,
+    replaced: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     record_ = {
         "accuracy": metrics["accuracy"],
@@ -135,6 +142,12 @@ def best_record(
     # runs from before lineage have none, and their record has none either.
     if isinstance(metrics.get(LINEAGE), dict):
         record_[LINEAGE] = metrics[LINEAGE]
+    if per_class(metrics) is not None:  # the guard's yardstick for the next challenger
+        record_.update({key: metrics[key] for key in PER_CLASS if key in metrics})
+    if replaced is not None:
+        # The mail, written after this record, compares the run with the model it replaced.
+        record_["replaced"] = {key: replaced[key] for key in ("run_id", "accuracy", *PER_CLASS)
+                               if key in replaced}
     return record_
 
 
@@ -174,7 +187,8 @@ class Promotion:
     message: str
 
 
-def promote(workspace: Path) -> Promotion:
+def promote(workspace: Path, env: Mapping[str, str] = os.environ) -> Promotion:
+    limit = max_class_drop(env)  # first: a nonsense setting promotes nothing
     with promotion_lock(workspace):
         metrics = load_metrics(workspace)
         source = model_path(workspace, metrics)
@@ -183,26 +197,105 @@ def promote(workspace: Path) -> Promotion:
         missing = best is not None and best_model_missing(workspace, best)
         if best is not None and not missing and metrics["accuracy"] <= best["accuracy"]:
             return Promotion(False, keep(workspace, best, accuracy))
-        model = install(workspace, metrics, source)
+        refused, guard = (False, "") if best is None or missing or limit is None else \
+            class_guard(metrics, best, limit)
+        if refused and best is not None:
+            return Promotion(False, keep(workspace, best, accuracy, guard))
+        model = install(workspace, metrics, source, best)
     before = "no previous best" if best is None else f"previous {fmt_number(best['accuracy'])}%"
     if missing:
         before += f", whose {BEST_MODEL} was missing"
     return Promotion(True, f"promoted {metrics['model']} ({accuracy}%, {before}) to "
-                           f"{workspace / BEST_MODEL} -> {model}")
+                           f"{workspace / BEST_MODEL} -> {model}" + (f"; {guard}" if guard else ""))
 
 
-def keep(workspace: Path, best: Mapping[str, Any], accuracy: str) -> str:
+def keep(workspace: Path, best: Mapping[str, Any], accuracy: str, refused: str = "") -> str:
     best_accuracy = fmt_number(best["accuracy"])
     text = promotion_text(False, accuracy, best_accuracy)
     write_files({workspace / PROMOTION_PROPERTIES: text}, promote_remedy(workspace))
     settle(workspace, best)  # repairs what an earlier promotion could not finish
-    return (
-        f"kept the current best {best_accuracy}% (run {best.get('run_id')}); "
+    why = f"this run's {accuracy}% is better, but {refused}" if refused else \
         f"this run's {accuracy}% is not better"
-    )
+    return f"kept the current best {best_accuracy}% (run {best.get('run_id')}); {why}"
 
 
-def install(workspace: Path, metrics: Mapping[str, Any], source: Path) -> str:
+# ---------------------------------------------------------------- the per-class guard
+
+
+def max_class_drop(env: Mapping[str, str]) -> float | None:
+    """CT_MAX_CLASS_DROP in points; None when empty (the guard is off)."""
+    text = env.get(MAX_CLASS_DROP, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise PipelineError(
+            f"{MAX_CLASS_DROP} {text!r} is not a number of points >= 0; nothing promoted; set "
+            f"it to e.g. 2 (a class may lose at most 2 points), or empty to turn the guard off")
+    return value
+
+
+def per_class(record: Any) -> dict[str, float] | None:
+    """A run summary's (or best.json's) test accuracy per class, in label order (its `classes`,
+    when they name the same classes); None when it records none (runs from before the per-class
+    view, tuning rounds). A class the test had no image of is left out."""
+    values = record.get("per_class_accuracy") if isinstance(record, Mapping) else None
+    if not isinstance(values, dict):
+        return None
+    classes = record.get("classes")
+    named = isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+    order = classes if named and set(classes) == set(values) else values
+    found = {name: values[name] for name in order if is_percentage(values[name])}
+    return found or None
+
+
+@dataclass(frozen=True)
+class ClassChange:
+    name: str
+    now: float  # the challenger's accuracy on the class, percent
+    before: float  # the champion's
+
+    @property
+    def change(self) -> float:
+        return round(self.now - self.before, 2)  # both have 2 decimals: no float noise
+
+
+def class_changes(challenger: Any, champion: Any) -> list[ClassChange] | None:
+    """Per class both records have, in the challenger's order; None when either has none."""
+    now, before = per_class(challenger), per_class(champion)
+    if now is None or before is None:
+        return None
+    changes = [ClassChange(name, now[name], before[name]) for name in now if name in before]
+    return changes or None
+
+
+def worse_text(changes: Sequence[ClassChange], limit: float = 0.0) -> str:
+    """ "cat -3.2, dog -1.1": the classes that lost more than `limit` points, most first."""
+    worse = sorted((c for c in changes if -c.change > limit), key=lambda c: c.change)
+    return ", ".join(f"{c.name} {fmt_number(c.change)}" for c in worse)
+
+
+def class_guard(metrics: Mapping[str, Any], best: Mapping[str, Any], limit: float
+                ) -> tuple[bool, str]:
+    """(refused, why) for a run better overall than the best: refused when a class fell by more
+    than `limit` points; else the text says what the guard checked, or why it could not."""
+    changes = class_changes(metrics, best)
+    if changes is None:
+        whose = "this run" if per_class(metrics) is None else f"the best model's {BEST_FILE}"
+        return False, (f"the per-class guard ({MAX_CLASS_DROP}={fmt_number(limit)}) could not "
+                       f"compare: {whose} records no per-class accuracy")
+    dropped = worse_text(changes, limit)
+    if dropped:
+        return True, (f"the per-class guard refuses it: against run {best.get('run_id')}, "
+                      f"{dropped} (points; {MAX_CLASS_DROP} allows {fmt_number(limit)})")
+    return False, f"per-class guard: no class lost more than {fmt_number(limit)} points"
+
+
+def install(workspace: Path, metrics: Mapping[str, Any], source: Path,
+            replaced: Mapping[str, Any] | None = None) -> str:
     """Make the run's model the best; returns the stored model's name (relative to W).
 
     The stored copy is invisible until the rename of best.json names it: the last step of one
@@ -213,7 +306,7 @@ def install(workspace: Path, metrics: Mapping[str, Any], source: Path) -> str:
         raise PipelineError(f"{link} is a folder; nothing promoted; move it away, then rerun")
     model, sha256 = store_model(workspace, source, remedy)
     accuracy = fmt_number(metrics["accuracy"])
-    new = best_record(workspace, metrics, model, sha256)
+    new = best_record(workspace, metrics, model, sha256, replaced)
     files = {  # best.json last: its rename is the commit point
         workspace / PROMOTION_PROPERTIES: promotion_text(True, accuracy, accuracy),
         workspace / BEST_FILE: json.dumps(new, indent=2, sort_keys=True) + "\n",
