@@ -7,6 +7,7 @@ Settings come from the environment: SMTP_HOST, SMTP_PORT (25; 465 = implicit TLS
 SMTP_STARTTLS (true/false or 1/0), SMTP_USER, SMTP_PASSWORD, NOTIFY_FROM, NOTIFY_TO (comma list).
 Without SMTP_HOST, or when sending fails, the message is kept in W/outbox/ as an .eml file.
 Attached: metrics.json, best.json and the reported run's runs/<run id>/curves.png, when present.
+The best-model and tuned mails compare the run per class with the model it replaced (or the best).
 Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input or a
 file that cannot be read or written (one line on stderr naming it), each line starting with
 `ct.notify:`.
@@ -226,10 +227,28 @@ def body(facts: Facts) -> str:
         lines += [f"No usable run summary: {facts.metrics_problem}", ""]
     lines += summary_lines(facts)
     if facts.metrics:
+        lines += [] if facts.event == "failed" else class_lines(facts.metrics, facts.best or {})
         params = records.run_params(facts.metrics)
         lines += ["", "parameters:"] + [f"  {k} = {show(params[k])}" for k in sorted(params)]
         lines += ["", "run:", *run_lines(facts.metrics)]
     return "\n".join(lines) + "\n"
+
+
+def class_lines(metrics: Mapping[str, Any], best: Mapping[str, Any]) -> list[str]:
+    """Per class: the run's test accuracy against the model it replaced, else the best one."""
+    replaced = best.get("run_id") == metrics.get("run_id")  # promotion made it the best
+    champion = best.get("replaced") if replaced else best
+    changes = promote.class_changes(metrics, champion)
+    if changes is None:
+        why = ("this run records no per-class accuracy" if promote.per_class(metrics) is None
+               else "no earlier best" if not isinstance(champion, dict) or not champion
+               else f"run {champion.get('run_id')} records none")
+        return ["", f"per class: not compared ({why})"]
+    rows = [f"  {c.name:<12} {c.now:6.2f}%  {c.before:6.2f}%  {c.change:+.2f}" for c in changes]
+    worse = promote.worse_text(changes)
+    who = "the model it replaced" if replaced else "the best model"
+    return ["", f"per class: this run vs {who} (run {champion.get('run_id')}), points:", *rows,
+            f"worse: {worse}" if worse else "no class got worse"]
 
 
 def build_message(workspace: Path, facts: Facts, settings: SmtpSettings) -> EmailMessage:
@@ -350,20 +369,13 @@ def deliver(workspace: Path, msg: EmailMessage, facts: Facts, settings: SmtpSett
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("ct.notify", __doc__)
-    parser.add_argument(
-        "--event",
-        choices=sorted(EVENTS),
-        help="what happened (default: tuned for a tune run, else best-model)",
-    )
+    parser.add_argument("--event", choices=sorted(EVENTS),
+                        help="what happened (default: tuned for a tune run, else best-model)")
     parser.add_argument("--note", default="", help="a line to put at the top of the body")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the message instead of sending or keeping it"
-    )
-    parser.add_argument(
-        "--outbox-only",
-        action="store_true",
-        help="keep the message in outbox/ without mailing it (when Jenkins' email-ext mails)",
-    )
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the message instead of sending or keeping it")
+    parser.add_argument("--outbox-only", action="store_true", help="keep the message in outbox/ "
+                        "without mailing it (when Jenkins' email-ext mails)")
     return parser
 
 
