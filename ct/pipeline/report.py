@@ -4,7 +4,10 @@
 
 Writes W/report/index.html atomically (a reader sees the old page or the new one): the best model
 (best.json and its lineage), the accuracy over commits with the threshold (an inline SVG chart of
-accuracy-history.csv), the newest N runs (default 50) with their training curves
+accuracy-history.csv), the test accuracy per class of the best model and the latest run (an
+inline SVG chart of grouped bars) with the latest run's confusion matrix (its confusion.png,
+copied to report/confusion.png: Jenkins publishes report/** but no run's confusion.png), the
+newest N runs (default 50) with their training curves
 (<img src="../runs/<id>/curves.png">), the tuning rounds (trials, best parameters, trials.png)
 and job6's restarts (status/train.properties, status/tune.properties). No JavaScript, no server:
 it opens from disk, and Jenkins' HTML Publisher shows it as "CT report" (job4, job5). Jenkins
@@ -30,7 +33,7 @@ from urllib.parse import quote
 
 from ct import atomic
 from ct import workspace as names
-from ct.pipeline import cli, lineage, records, report_chart
+from ct.pipeline import cli, lineage, promote, records, report_chart
 from ct.pipeline.errors import PipelineError
 from ct.pipeline.report_inputs import ReportInputs, Run, collect, number
 
@@ -38,6 +41,8 @@ DEFAULT_RUNS = 50
 MAX_TUNE_ROUNDS = 20
 MAX_CHART_POINTS = 500
 STYLESHEET = "report.css"  # ct/pipeline/report.css, copied to report/ beside index.html
+CONFUSION = "confusion.png"  # the latest run's confusion matrix, copied beside index.html
+BEST_COLOUR, LATEST_COLOUR = "#bf8700", report_chart.ACCURACY_COLOUR  # the per-class bars
 
 
 class ReportError(PipelineError):
@@ -149,6 +154,57 @@ def history_section(inputs: ReportInputs) -> str:
             f"{note}{report_chart.history_chart(points)}</section>")
 
 
+def class_models(inputs: ReportInputs) -> tuple[Any, str, str]:
+    """The model the latest run is set against in the per-class view: (its record, its name in
+    the legend, a sentence naming both). That is the best model; when the latest run is the
+    best, the model it replaced (best.json's `replaced`)."""
+    best, latest = inputs.best or {}, inputs.latest or {}
+    label = f"the latest run ({esc(latest.get('run_id'))})"
+    if best and best.get("run_id") == latest.get("run_id"):
+        baseline = best["replaced"] if isinstance(best.get("replaced"), dict) else {}
+        return baseline, "replaced model", (
+            f"{label}, now the best model, and the model it replaced "
+            + (f"({esc(baseline.get('run_id'))})" if baseline else "(none recorded)"))
+    return best, "best model", f"the best model ({esc(best.get('run_id'))}) and {label}"
+
+
+def per_class_section(inputs: ReportInputs, confusion: bool) -> str:
+    """The per-class chart, the classes that got worse, and the latest run's confusion matrix
+    (`confusion`: report/confusion.png is written with the page)."""
+    baseline, name, said = class_models(inputs)
+    models = ((name, promote.per_class(baseline), "best", BEST_COLOUR),
+              ("latest run", promote.per_class(inputs.latest), "latest", LATEST_COLOUR))
+    series = [report_chart.Series(*model) for model in models if model[1]]
+    parts = ['<section id="per-class"><h2>Per class</h2>']
+    if len(series) == 1:
+        lacking = models[0][0] if series[0].kind == "latest" else "latest run"
+        parts.append(f'<p class="note">the {lacking} records no test accuracy per class</p>')
+    if not series:
+        parts.append(f"<p>No test accuracy per class recorded for {said} (runs record it since "
+                     "the per-class view; tuning rounds do not).</p>")
+    else:
+        # label order: the latest run's classes, then any only the other model has
+        named = (inputs.latest or {}).get("classes")
+        shown = [c for one in series for c in one.values]
+        classes = list(dict.fromkeys([*(c for c in (named if isinstance(named, list) else [])
+                                        if isinstance(c, str) and c in shown), *shown]))
+        changes = promote.class_changes(inputs.latest, baseline)
+        worse = promote.worse_text(changes) if changes else ""
+        verdict = "" if changes is None else \
+            f" Worse: {html.escape(worse)}." if worse else " No class got worse."
+        parts.append(f"<p>Test accuracy per class: {said}; hover a bar for its value."
+                     f"{verdict}</p>{report_chart.per_class_chart(classes, series)}")
+    if inputs.confusion_problem:
+        parts.append(f'<p class="note">{html.escape(inputs.confusion_problem)}</p>')
+    if confusion:
+        run_id = html.escape(str((inputs.latest or {}).get("run_id")))
+        parts.append(f"<p>Confusion matrix of the latest run ({run_id}): rows are the true "
+                     f'classes, columns the predicted ones.</p><a href="{CONFUSION}"><img '
+                     f'class="confusion" alt="confusion matrix of {run_id}" src="{CONFUSION}">'
+                     "</a>")
+    return "".join(parts) + "</section>"
+
+
 def run_row(run: Run) -> str:
     rid = html.escape(run.run_id)
     if run.metrics is None:
@@ -249,6 +305,7 @@ PAGE = Template("""<!DOCTYPE html>
 <code>python3 -m ct.pipeline.report</code>.</p>
 $best
 $history
+$per_class
 $runs
 $tuning
 $restarts
@@ -260,11 +317,15 @@ $restarts
 
 
 def render(inputs: ReportInputs, limit: int = DEFAULT_RUNS) -> str:
+    """The page; it shows report/confusion.png when `inputs` carry its bytes (write_report
+    writes them beside the page, in the same change)."""
     return PAGE.substitute(
         stylesheet=STYLESHEET, workspace=html.escape(str(inputs.root)),
         written=html.escape(records.utc_now()),
-        best=best_card(inputs), history=history_section(inputs), runs=runs_section(inputs, limit),
-        tuning=tuning_section(inputs), restarts=restarts_section(inputs),
+        best=best_card(inputs), history=history_section(inputs),
+        per_class=per_class_section(inputs, inputs.confusion is not None),
+        runs=runs_section(inputs, limit), tuning=tuning_section(inputs),
+        restarts=restarts_section(inputs),
     )
 
 
@@ -281,8 +342,10 @@ def write_report(root: Path, limit: int = DEFAULT_RUNS) -> Path:
     inputs = collect(root)
     page = render(inputs, limit)
     target = root / names.REPORT_INDEX
-    # One change, the style sheet first: a reader never gets a page without its styles.
+    # One change, the style sheet (and picture) first: a reader never gets a page without them.
     files = {target.with_name(STYLESHEET): stylesheet(), target: page.encode("utf-8")}
+    if inputs.confusion is not None:
+        files = {target.with_name(CONFUSION): inputs.confusion, **files}
     try:
         atomic.write_files(files)
     except atomic.WriteError as err:

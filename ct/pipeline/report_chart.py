@@ -1,4 +1,5 @@
-"""The report's "Accuracy over commits" chart: inline SVG, standard library only.
+"""The report's charts, inline SVG, standard library only: "Accuracy over commits" (a line per
+judged run) and "Per class" (grouped bars: each model's test accuracy on each class).
 
 Every shape carries its colours as SVG presentation attributes (fill, stroke, ...), never through
 CSS: Jenkins serves the page under a Content-Security-Policy that may block its style sheet, and
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 FONT = 'font-family="system-ui, sans-serif" font-size="11"'
@@ -20,6 +21,7 @@ THRESHOLD_COLOUR = "#d1242f"
 PASS_COLOUR, FAIL_COLOUR = "#1a7f37", "#d1242f"
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 900, 280, 48, 16, 16, 56
 MAX_LABELS = 12  # commit labels under the x axis; more would overlap
+BAR_GAP = 0.2  # share of a class's slot left free between groups of bars
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,50 @@ def marks(points: Sequence[Point], axes: Axes) -> list[str]:
                          f'fill="{LABEL_COLOUR}" transform="rotate(30 {x(i):.1f} {label_y})">'
                          f"{html.escape(p.label)}</text>")
     return parts
+
+
+@dataclass(frozen=True)
+class Series:
+    """One model's bars in the per-class chart."""
+
+    name: str  # the legend's text and the tooltips'
+    values: Mapping[str, float]  # class -> test accuracy, percent; a class left out has no bar
+    kind: str  # the bars' class attribute ("best", "latest"), for tests and readers
+    colour: str
+
+
+def per_class_chart(classes: Sequence[str], series: Sequence[Series]) -> str:
+    """Grouped bars: for each class (x, in label order) one bar per series (model), its height
+    the model's test accuracy on the class, with a tooltip; a legend under the class names."""
+    values = [v for s in series for v in s.values.values()]
+    low = max(0.0, math.floor((min(values) - 5) / 10) * 10) if values else 0.0
+    axes = Axes(len(classes), low)
+    parts = [f'<svg id="per-class-chart" xmlns="http://www.w3.org/2000/svg" role="img" '
+             f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" {FONT}>',
+             "<title>Test accuracy per class, one bar per model</title>",
+             f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" '
+             f'height="{HEIGHT - TOP - BOTTOM}" class="plot" fill="{PLOT_FILL}" '
+             f'stroke="{PLOT_EDGE}"/>', *grid(axes)]
+    width = axes.slot * (1 - BAR_GAP) / max(1, len(series))
+    base = axes.y(low)
+    for i, name in enumerate(classes):
+        first = axes.x(i) - width * len(series) / 2
+        for k, one in enumerate(series):
+            if name not in one.values:
+                continue
+            top = axes.y(one.values[name])
+            tip = f"{name}: {one.name} {one.values[name]:g}%"
+            parts.append(f'<rect x="{first + k * width:.1f}" y="{top:.1f}" width="{width:.1f}" '
+                         f'height="{base - top:.1f}" class="bar {one.kind}" '
+                         f'fill="{one.colour}" stroke="{one.colour}">'
+                         f"<title>{html.escape(tip)}</title></rect>")
+        parts.append(f'<text x="{axes.x(i):.1f}" y="{HEIGHT - BOTTOM + 16}" class="xlab" '
+                     f'fill="{LABEL_COLOUR}" text-anchor="middle">{html.escape(name)}</text>')
+    for k, one in enumerate(series):  # the legend, under the class names
+        x, y = LEFT + 220 * k, HEIGHT - 20
+        parts.append(f'<rect x="{x}" y="{y}" width="10" height="10" class="key {one.kind}" '
+                     f'fill="{one.colour}" stroke="{one.colour}"/><text x="{x + 14}" '
+                     f'y="{y + 9}" class="key" fill="{LABEL_COLOUR}">'
+                     f"{html.escape(one.name)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)

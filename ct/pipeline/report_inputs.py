@@ -1,6 +1,7 @@
-"""What the report shows, read leniently from the workspace: the runs, the best model, the
-accuracy history and job6's restarts. A file that is missing or damaged is a reason shown on the
-page, never an exception. Standard library only."""
+"""What the report shows, read leniently from the workspace: the runs, the best model, the latest
+run's summary and its confusion matrix picture, the accuracy history and job6's restarts. A file
+that is missing or damaged is a reason shown on the page, never an exception. Standard library
+only."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from ct import workspace as names
 from ct.pipeline import records
 
 _STAMP = re.compile(r"-(\d{8}-\d{6})-")  # runs/<kind>-<UTC time>-<config hash>[-n]
+# A run folder's confusion-matrix picture, as ct.trainer.plots.CONFUSION names it (the host side
+# imports nothing of the trainer's; tests/test_per_class.py checks that the two agree).
+RUN_CONFUSION = "confusion.png"
 
 
 @dataclass
@@ -43,6 +47,9 @@ class ReportInputs:
     best_problem: str = ""
     history: list[dict[str, str]] = field(default_factory=list)
     history_problem: str = ""
+    latest: dict[str, Any] | None = None  # metrics.json: the latest finished run's summary
+    confusion: bytes | None = None  # that run's confusion.png
+    confusion_problem: str = ""  # why a confusion.png that is there cannot be shown
     runs: list[Run] = field(default_factory=list)  # newest first, all of them
     status: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -95,6 +102,8 @@ def collect(root: Path) -> ReportInputs:
     best, problem = records.read_json_object(root / names.BEST_FILE)
     inputs.best, inputs.best_problem = best, ("" if problem == f"no {names.BEST_FILE}" else problem)
     inputs.history, inputs.history_problem = read_history(root / names.HISTORY_FILE)
+    inputs.latest, _ = records.read_json_object(root / names.METRICS_FILE)
+    inputs.confusion, inputs.confusion_problem = read_confusion(root, inputs.latest)
     try:
         folders = [p for p in (root / names.RUNS_DIR).iterdir() if p.is_dir()]
     except OSError:
@@ -106,3 +115,19 @@ def collect(root: Path) -> ReportInputs:
         if props:
             inputs.status[role] = props
     return inputs
+
+
+def read_confusion(root: Path, latest: dict[str, Any] | None) -> tuple[bytes | None, str]:
+    """The latest run's runs/<run id>/confusion.png: (its bytes, "") or (None, why not; "" when
+    the run has none, as runs from before the per-class view and tuning rounds)."""
+    run_id = (latest or {}).get("run_id")
+    if not isinstance(run_id, str) or not records.is_workspace_file(run_id) or "/" in run_id:
+        return None, ""
+    path = root / names.RUNS_DIR / run_id / RUN_CONFUSION
+    try:
+        return path.read_bytes(), ""
+    except FileNotFoundError:
+        return None, ""
+    except OSError as err:
+        return None, f"{names.RUNS_DIR}/{run_id}/{RUN_CONFUSION} cannot be read " \
+            f"({records.os_reason(err)})"
