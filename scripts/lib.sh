@@ -30,6 +30,8 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_PUSH_QUEUE_MAX:=}"                # pushes that may wait; empty: ct.pipeline.push_queue's (20)
 : "${CT_KEEP_SNAPSHOTS:=}"                # unreferenced code snapshots kept; empty:
                                           # ct.pipeline.snapshots' (5)
+: "${CT_MAX_CLASS_DROP:=}"                # promotion refuses a better model that lost more than
+                                          # this many points on a class; empty: no such guard
 : "${CT_BASE_IMAGE:=}"                    # BASE_IMAGE build arg; empty: the Dockerfiles' default
 : "${CT_IMAGE_PREFIX:=ct-cifar}"          # images are <prefix>-train:<hash>, <prefix>-tune:<hash>
 : "${CT_GPUS:=}"                          # docker run --gpus value (e.g. all); empty: no GPU
@@ -51,7 +53,7 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${DOCKER_BUILDKIT:=0}"                 # the classic builder: no BuildKit needed on the host
 export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR CT_TRAIN_ARGS \
   CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_TUNE_WORKERS CT_TUNE_STORAGE CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS CT_BASE_IMAGE \
-  CT_PUSH_ORDER CT_PUSH_QUEUE_MAX CT_KEEP_SNAPSHOTS \
+  CT_PUSH_ORDER CT_PUSH_QUEUE_MAX CT_KEEP_SNAPSHOTS CT_MAX_CLASS_DROP \
   CT_IMAGE_PREFIX CT_GPUS CT_MEMORY CT_CONTAINER_USER CT_PYTHON SMTP_HOST SMTP_PORT SMTP_STARTTLS \
   SMTP_USER SMTP_PASSWORD NOTIFY_FROM NOTIFY_TO JENKINS_URL JENKINS_USER JENKINS_API_TOKEN \
   CT_TRIGGER_TOKEN CT_RETRAIN_JOB DOCKER_BUILDKIT
