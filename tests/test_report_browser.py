@@ -25,6 +25,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ import pytest
 from PIL import Image
 
 from ct.pipeline import report, report_chart
+from ct.trainer.run import CIFAR10_CLASSES
+from tests.test_per_class import CONFUSION_COLOUR, per_class_workspace
 from tests.test_report import Dom, build_workspace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,8 +128,28 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CspServer, 
     assert any(c.endswith("/curves.png") for c in copied)
     (served / "report" / "inline-style.html").write_text(
         inline_style_variant((served / "report" / "index.html").read_text()))
-    server = CspServer(("127.0.0.1", 0), functools.partial(CspHandler, directory=str(served)))
-    server.requests, server.root = [], served
+    with serving(served) as found:
+        yield found
+
+
+@pytest.fixture(scope="module")
+def per_class_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CspServer, str]]:
+    """The report of a workspace whose best model and latest run record the per-class view,
+    copied as HTML Publisher copies it, served on loopback."""
+    root = tmp_path_factory.mktemp("per-class-site")
+    workspace = per_class_workspace(root / "ws")
+    assert report.main(["--workspace", str(workspace)]) == 0
+    copied = published_copy(workspace, root / "served")
+    assert "report/confusion.png" in copied  # published with the page, unlike the runs' copy
+    with serving(root / "served") as found:
+        yield found
+
+
+@contextmanager
+def serving(folder: Path) -> Iterator[tuple[CspServer, str]]:
+    """A CspServer on loopback serving `folder`: the server and its base URL."""
+    server = CspServer(("127.0.0.1", 0), functools.partial(CspHandler, directory=str(folder)))
+    server.requests, server.root = [], folder
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -355,3 +378,41 @@ def test_the_same_page_with_inline_styles_breaks_under_that_policy(
     devtools.load(f"{base}/report/inline-style.html")
     assert devtools.style("body")["font-size"] == "14px"
     assert devtools.style("#accuracy-chart polyline.accuracy")["fill"] == "none"
+
+
+def test_the_per_class_chart_draws_one_bar_per_class_and_model(
+        per_class_site: tuple[CspServer, str], devtools: DevTools, tmp_path: Path) -> None:
+    server, base = per_class_site
+    server.csp = CSP_CORE
+    server.requests.clear()
+    devtools.load(f"{base}/report/index.html")
+
+    assert devtools.policy_messages() == []
+    assert dict(server.requests).get("/report/confusion.png") == 200, server.requests
+    root = devtools.call("DOM.getDocument", depth=0)["root"]["nodeId"]
+    heights: dict[str, list[int]] = {}
+    for kind, colour in (("best", report.BEST_COLOUR), ("latest", report.LATEST_COLOUR)):
+        bars = devtools.call("DOM.querySelectorAll", nodeId=root,
+                             selector=f"#per-class-chart rect.bar.{kind}")["nodeIds"]
+        assert len(bars) == 10, (kind, len(bars))  # one per class
+        for bar in bars:
+            style = devtools.call("CSS.getComputedStyleForNode", nodeId=bar)["computedStyle"]
+            assert {p["name"]: p["value"] for p in style}["fill"] == css_rgb(colour)
+        quads = [devtools.call("DOM.getBoxModel", nodeId=bar)["model"]["border"] for bar in bars]
+        heights[kind] = [round(max(q[1::2]) - min(q[1::2])) for q in quads]
+    # tests/test_per_class.per_class_workspace: cat 80% then 77%, dog 85% then 86%
+    cat, dog = CIFAR10_CLASSES.index("cat"), CIFAR10_CLASSES.index("dog")
+    assert heights["best"][cat] > heights["latest"][cat] > 0
+    assert heights["latest"][dog] > heights["best"][dog] > 0
+
+    devtools.call("DOM.scrollIntoViewIfNeeded", nodeId=devtools.node("#per-class-chart"))
+    chart = devtools.screenshot(tmp_path / "per-class.png").crop(
+        devtools.box("#per-class-chart"))
+    assert chart.width > 800 and chart.height > 250, chart.size
+    assert share(chart, BLACK) < 0.02, "the chart is drawn black"
+    for colour in (report.BEST_COLOUR, report.LATEST_COLOUR):
+        assert share(chart, rgb(colour), 8) > 0.05, colour  # the bars are there, in colour
+    # the confusion matrix: the picture drawn (its solid colour), at report.css' size
+    devtools.call("DOM.scrollIntoViewIfNeeded", nodeId=devtools.node("img.confusion"))
+    picture = devtools.screenshot(tmp_path / "confusion.png").crop(devtools.box("img.confusion"))
+    assert picture.height > 300 and share(picture, CONFUSION_COLOUR, 8) > 0.5
