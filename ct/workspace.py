@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -111,6 +112,7 @@ LINEAGE = "lineage"
 # digest of that commit's snapshot (code_sha256), which the run's lineage keeps.
 COMMIT_ENV = "CT_COMMIT"
 CODE_SHA256_ENV = "CT_CODE_SHA256"
+TRAIN_ARGS_ENV = "CT_TRAIN_ARGS"  # the pipeline's training flags, recorded as train_args
 # The image a run's container was started from, for its lineage (the job scripts pass them in):
 # its tag (<prefix>-train:<hash>) and its id (sha256:...). Unset or LOCAL_IMAGE: no container.
 IMAGE_ENV = "CT_IMAGE"
@@ -198,6 +200,13 @@ def dataset_sha256(source: Path) -> str:
     The trainer (ct.trainer.data.dataset_sha256, which caches it) and the host's
     `ct.pipeline.lineage --verify` both call this. Raises OSError when a file is unreadable."""
     return hash_files(dataset_files(source))
+
+
+def canonical_flags(text: str) -> str:
+    """Command-line flags (CT_TRAIN_ARGS) in one canonical spelling, so that the same flags
+    compare equal however they are spaced or quoted: the trainer records a run's this way and
+    ct.pipeline.changes compares them. ValueError for unbalanced quotes."""
+    return " ".join(shlex.split(text))
 
 
 def code_sha256(code_dir: Path) -> str:

@@ -18,28 +18,44 @@
 #       restarted while a newer push waits (it says so). Without --follow, a cycle that finds the
 #       workspace idle and a push waiting hands that push to job3 ($CT_WORKSPACE/next-push.properties,
 #       job6's second trigger); with --follow, scripts/pipeline.sh trains the waiting pushes itself.
-#   scripts/job6-monitor.sh weekly
-#       Retrain: POST $JENKINS_URL/job/$CT_RETRAIN_JOB/buildWithParameters?token=$CT_TRIGGER_TOKEN
-#       with the API credentials JENKINS_USER / JENKINS_API_TOKEN (all from the environment).
+#   scripts/job6-monitor.sh check | weekly
+#       Retrain when something changed: the latest push, the data version (new increments) or
+#       CT_TRAIN_ARGS differ from every judged run's (ct.pipeline.changes; Jenkins' FORCE=true
+#       retrains anyway). Nothing changed: one line ("nothing changed since run X"), exit 0.
+#       Changed: POST $JENKINS_URL/job/$CT_RETRAIN_JOB/buildWithParameters?token=$CT_TRIGGER_TOKEN
+#       with DATA_VERSION and FORCE, with the API credentials JENKINS_USER / JENKINS_API_TOKEN (all
+#       from the environment). Jenkins runs `check` every hour (a data change is noticed within
+#       the hour) and `weekly` once a week; they decide alike.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-weekly() {
+retrain_if_changed() {
+  local said verdict version
   [[ -n "$JENKINS_USER" && -n "$JENKINS_API_TOKEN" && -n "$CT_TRIGGER_TOKEN" ]] ||
-    die "the weekly retrain needs JENKINS_USER, JENKINS_API_TOKEN and CT_TRIGGER_TOKEN in the environment" 2
-  # buildWithParameters, not build: job2 has a parameter (COMMIT), and Jenkins answers a POST to
-  # /build of a parameterized job with HTTP 400 "This page expects a form submission"
-  # (tests/test_scripts_fast.py cites the core source).
+    die "the retrain needs JENKINS_USER, JENKINS_API_TOKEN and CT_TRIGGER_TOKEN in the environment" 2
+  [[ "${FORCE:-false}" =~ ^(true|false)$ ]] || die "FORCE must be true or false, not '$FORCE'" 2
+  ensure_data
+  said="$(changes "")" || exit $?
+  read -r verdict version <<<"$said"
+  [[ "$verdict" == changed ]] || return 0
+  post_retrain "$version"
+}
+
+# post_retrain DATA_VERSION: start job2 by its remote-build URL, passing the data version and FORCE.
+post_retrain() {
+  # buildWithParameters, not build: job2 has parameters (COMMIT, DATA_VERSION, FORCE), and Jenkins
+  # answers a POST to /build of a parameterized job with HTTP 400 "This page expects a form
+  # submission" (tests/test_scripts_fast.py cites the core source).
   local url="${JENKINS_URL%/}/job/$CT_RETRAIN_JOB/buildWithParameters" status
   # Credentials and the trigger token go to curl on stdin, not on its command line (which other
   # users can read).
-  status="$(printf 'user = "%s:%s"\ndata-urlencode = "token=%s"\n' \
-    "$JENKINS_USER" "$JENKINS_API_TOKEN" "$CT_TRIGGER_TOKEN" |
+  status="$(printf 'user = "%s:%s"\ndata-urlencode = "token=%s"\ndata-urlencode = "DATA_VERSION=%s"\ndata-urlencode = "FORCE=%s"\n' \
+    "$JENKINS_USER" "$JENKINS_API_TOKEN" "$CT_TRIGGER_TOKEN" "$1" "${FORCE:-false}" |
     curl -sS -K - -o /dev/null -w '%{http_code}' --max-time 30 -X POST -G "$url")" ||
-    die "weekly retrain: cannot reach $url"
-  [[ "$status" =~ ^2 ]] || die "weekly retrain: $url answered HTTP $status"
-  log "weekly retrain requested: POST $url -> HTTP $status"
+    die "retrain: cannot reach $url"
+  [[ "$status" =~ ^2 ]] || die "retrain: $url answered HTTP $status"
+  log "retrain requested: POST $url -> HTTP $status"
 }
 
 # monitor_role ROLE FOLLOW: 0 when fine, restarted or handed on; 1 when it gave up (now or
@@ -75,11 +91,11 @@ main() {
   for arg in "${@:2}"; do
     case "$arg" in
       --follow) follow_flag=1 ;;
-      *) die "usage: job6-monitor.sh [monitor [--follow] | weekly]" 2 ;;
+      *) die "usage: job6-monitor.sh [monitor [--follow] | check | weekly]" 2 ;;
     esac
   done
   case "$mode" in
-    weekly) weekly ;;
+    check | weekly) retrain_if_changed ;;
     monitor)
       require_uint CT_MAX_RESTARTS "$CT_MAX_RESTARTS"
       resolve_runtime
@@ -87,7 +103,7 @@ main() {
       if ((follow_flag == 0)); then pushes dispatch >/dev/null || exit $?; fi
       return "$rc"
       ;;
-    *) die "usage: job6-monitor.sh [monitor [--follow] | weekly]" 2 ;;
+    *) die "usage: job6-monitor.sh [monitor [--follow] | check | weekly]" 2 ;;
   esac
 }
 

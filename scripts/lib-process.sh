@@ -39,6 +39,8 @@ launch() {
   name="$(container_name "$role")"
   ensure_snapshot "$commit"
   code="$(snapshot_path "$commit")"
+  [[ -z "$CT_INCREMENTS_DIR" || "$CT_INCREMENTS_DIR" == /* ]] ||
+    die "CT_INCREMENTS_DIR must be an absolute path, not '$CT_INCREMENTS_DIR'" 2
   digest="$(ct_py ct.pipeline.snapshots --workspace "$CT_WORKSPACE" digest --commit "$commit")" ||
     exit $?
   mkdir -p "$CT_WORKSPACE/$WS_STATUS_DIR"
@@ -52,10 +54,11 @@ launch() {
     # --init: a tiny init (docker-init) is PID 1 and passes SIGTERM on to train.py, so `docker stop`
     # and Jenkins' abort stop it at once (train.py keeps its last checkpoint).
     # --entrypoint: the code is the snapshot's, whatever the commit's Dockerfile says.
-    # CT_IMAGE, CT_IMAGE_ID, CT_COMMIT, CT_CODE_SHA256: the run's lineage names what it ran.
+    # CT_IMAGE, CT_IMAGE_ID, CT_COMMIT, CT_CODE_SHA256, CT_TRAIN_ARGS: the run's lineage names
+    # what it ran and what it was asked (ct.pipeline.changes compares the request).
     local run=(docker run -d --init --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
       --label "ct.commit=$commit" --user "$user" -e HOME=/tmp -e "CT_COMMIT=$commit"
-      -e "CT_CODE_SHA256=$digest" -e PYTHONDONTWRITEBYTECODE=1
+      -e "CT_CODE_SHA256=$digest" -e PYTHONDONTWRITEBYTECODE=1 -e CT_TRAIN_ARGS
       -e "CT_IMAGE=$image" -e "CT_IMAGE_ID=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null)"
       --shm-size 1g -v "$CT_WORKSPACE:/workspace" -v "$code:/code:ro"
       --mount "type=tmpfs,destination=/workspace/$WS_CODE_DIR,tmpfs-mode=0555"
@@ -63,12 +66,18 @@ launch() {
     [[ -n "$CT_GPUS" ]] && run+=(--gpus "$CT_GPUS")
     # the study's URL holds a password: passed by name, so it is in no argument list or record
     [[ -n "$CT_TUNE_STORAGE" ]] && run+=(-e CT_TUNE_STORAGE)
+    # increments kept outside the workspace: read-only at /increments
+    if [[ -n "$CT_INCREMENTS_DIR" ]]; then
+      run+=(-v "$CT_INCREMENTS_DIR:/increments:ro")
+      set -- "$@" --increments /increments
+    fi
     # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time
     [[ -n "$CT_MEMORY" ]] && run+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")
     "${run[@]}" "$image" /code/train.py "$@" >/dev/null || die "docker run of $image failed"
     LAUNCHED="$name"
   else
     local logf="$CT_WORKSPACE/$WS_STATUS_DIR/$role.log"
+    [[ -z "$CT_INCREMENTS_DIR" ]] || set -- "$@" --increments "$CT_INCREMENTS_DIR"
     if [[ -f "$logf" ]]; then mv -f "$logf" "$logf.prev"; fi
     (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" CT_CODE_SHA256="$digest" CT_IMAGE=local \
       CT_IMAGE_ID=local PYTHONDONTWRITEBYTECODE=1 exec "$CT_PYTHON" "$code/train.py" "$@") \

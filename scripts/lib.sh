@@ -14,6 +14,8 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_REPO_URL:=${GIT_URL:-$CT_ROOT}}"  # git repository (path or URL) job1 pulls from; under
                                           # Jenkins the git plugin's GIT_URL (job1's literal URL)
 : "${CT_GIT_REF:=${GIT_COMMIT:-HEAD}}"    # what job1 checks out (Jenkins' GIT_COMMIT when set)
+: "${CT_INCREMENTS_DIR:=}"                # labelled images added to the data (docs/data.md);
+                                          # empty: $CT_WORKSPACE/data/increments
 : "${CT_DATA_DIR:=}"                      # dataset to seed $CT_WORKSPACE/data from (folder with
                                           # cifar-10-batches-py/ or cifar-10-python.tar.gz)
 : "${CT_TRAIN_ARGS:=}"                    # extra train.py flags for job3 (e.g. --epochs 30)
@@ -51,7 +53,7 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_TRIGGER_TOKEN:=}"                 # job2's "trigger builds remotely" token (weekly retrain)
 : "${CT_RETRAIN_JOB:=job2}"               # the Jenkins job the weekly retrain starts
 : "${DOCKER_BUILDKIT:=0}"                 # the classic builder: no BuildKit needed on the host
-export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR CT_TRAIN_ARGS \
+export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR CT_INCREMENTS_DIR CT_TRAIN_ARGS \
   CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_TUNE_WORKERS CT_TUNE_STORAGE CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS CT_BASE_IMAGE \
   CT_PUSH_ORDER CT_PUSH_QUEUE_MAX CT_KEEP_SNAPSHOTS CT_MAX_CLASS_DROP \
   CT_IMAGE_PREFIX CT_GPUS CT_MEMORY CT_CONTAINER_USER CT_PYTHON SMTP_HOST SMTP_PORT SMTP_STARTTLS \
@@ -210,6 +212,11 @@ ensure_data() {
   cp -al "$src/$item" "$dst/" 2>/dev/null || cp -a "$src/$item" "$dst/"
   log "dataset seeded: $dst/$item (from $src)"
 }
+
+# changes [COMMIT]: "changed DATA_VERSION" or "unchanged DATA_VERSION" against the judged runs
+# (COMMIT, else the latest push; the data version now; CT_TRAIN_ARGS; FORCE), decided by
+# ct.pipeline.changes, which says why on stderr.
+changes() { ct_py ct.pipeline.changes --workspace "$CT_WORKSPACE" check ${1:+--commit "$1"}; }
 
 # ----------------------------------------------------------------------------------- images
 # detect_framework: print pytorch|tensorflow|sklearn from the commit's network.py/train.py

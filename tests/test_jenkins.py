@@ -123,19 +123,24 @@ def test_deploy_refuses_a_local_repository_unless_allowed(tmp_path, url):
     assert xml["job1"].findtext(".//hudson.plugins.git.UserRemoteConfig/url") == url
 
 
-def test_job6_monitors_every_five_minutes_and_retrains_weekly(rendered):
+def test_job6_monitors_every_five_minutes_checks_hourly_and_retrains_weekly(rendered):
     """parameterized-scheduler 378.va_234d1c44456, ParameterizedTimerTrigger.java: the trigger
     is built from one field, parameterizedSpecification ("cron % NAME=value" per line), the same
-    as in the 1.1 pin it replaces."""
+    as in the 1.1 pin it replaces; configurePropertyValues() gives every parameter a line does not
+    name its default, so the scheduled builds run with FORCE=false."""
     root = rendered["job6"]
     spec = root.findtext("triggers/org.jenkinsci.plugins.parameterizedscheduler."
                          "ParameterizedTimerTrigger/parameterizedSpecification")
     lines = {line.split("%")[0].strip(): line.split("%")[1].strip()
              for line in spec.strip().splitlines()}
-    assert lines == {"H/5 * * * *": "JOB6_MODE=monitor", "H H * * 0": "JOB6_MODE=weekly"}
+    assert lines == {"H/5 * * * *": "JOB6_MODE=monitor", "H * * * *": "JOB6_MODE=check",
+                     "H H * * 0": "JOB6_MODE=weekly"}
     choices = [s.text for s in root.iter("string")
-               if s.text in {"monitor", "weekly"}]
-    assert choices == ["monitor", "weekly"], "monitor must be the default choice"
+               if s.text in {"monitor", "check", "weekly"}]
+    assert choices == ["monitor", "check", "weekly"], "monitor must be the default choice"
+    (force,) = [p for p in root.iter("hudson.model.BooleanParameterDefinition")
+                if p.findtext("name") == "FORCE"]
+    assert force.findtext("defaultValue") == "false"
     (command,) = jc.shell_commands(root)
     assert re.search(r'scripts/job6-monitor\.sh "\$JOB6_MODE"', command)
     bindings = root.find("buildWrappers/org.jenkinsci.plugins.credentialsbinding.impl."

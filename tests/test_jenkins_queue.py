@@ -1,7 +1,9 @@
-"""The job scripts and the rendered jobs agree on the push queue, by behaviour: the exit code of a
-job3 that trains nothing is the one job3's shell step turns into UNSTABLE (so it starts no job4),
-and what job6 hands on in next-push.properties are parameters that the job it starts declares.
-The Jenkins source facts behind both are cited in tests/test_jenkins.py."""
+"""The job scripts and the rendered jobs agree on what they hand each other, by behaviour: the exit
+code of a job3 that trains nothing is the one job3's shell step turns into UNSTABLE (so it starts
+no job4), what job6 hands on in next-push.properties are parameters that the job it starts
+declares, and so are the parameters job6's retrain POSTs to job2, which reach job3 as the
+environment its scripts read. The Jenkins source facts behind them are cited here and in
+tests/test_jenkins.py."""
 
 from __future__ import annotations
 
@@ -40,3 +42,16 @@ def test_next_push_properties_are_parameters_of_the_job_job6_starts(rendered, tm
     declared = {p.findtext("name") for p in rendered[started].iter(PARAMETER)}
     assert handed == {"COMMIT": commit} and set(handed) <= declared
 
+
+def test_the_chain_declares_the_retrains_parameters_down_to_job4(rendered):
+    """Jenkins core jenkins-2.492.1: a parameter reaches a build's environment under its own name
+    (StringParameterValue / BooleanParameterValue.buildEnvironment: env.put(name, value), a bool
+    as "true"/"false"), which is how job2 reads COMMIT and job3 (ct.pipeline.changes) FORCE; and
+    only declared parameters are kept (ParametersAction keeps undefined ones only with
+    hudson.model.ParametersAction.keepUndefinedParameters), so every job the retrain's
+    parameters pass through (current-parameters: job2 -> job3 -> job4) declares them."""
+    for job in ("job2", "job3", "job4", "job5"):
+        declared = {p.findtext("name"): p.tag for p in rendered[job].iter()
+                    if p.tag.endswith("ParameterDefinition")}
+        assert declared.get("COMMIT") == PARAMETER and declared.get("DATA_VERSION") == PARAMETER
+        assert declared.get("FORCE") == "hudson.model.BooleanParameterDefinition", job

@@ -309,7 +309,7 @@ class _Jenkins(BaseHTTPRequestHandler):
         pass
 
 
-def test_job6_weekly_posts_to_job2_build_with_parameters(script_env):
+def test_job6_weekly_posts_to_job2_build_with_parameters(script_env, source_repo):
     """Jenkins core jenkins-2.492.1, core/src/main/java/jenkins/model/ParameterizedJobMixIn.java:
     doBuild() hands a POST on a job with parameters (job2 has COMMIT) to
     ParametersDefinitionProperty._doBuild(), which calls req.getSubmittedForm(): without a `json`
@@ -328,6 +328,7 @@ def test_job6_weekly_posts_to_job2_build_with_parameters(script_env):
             "JENKINS_API_TOKEN": "11aa22bb",
             "CT_TRIGGER_TOKEN": "s3cret token&x",
         }
+        run_script("job1-pull.sh", env, str(source_repo))  # nothing judged yet: a retrain
         proc = run_script("job6-monitor.sh", env, "weekly")
     finally:
         server.shutdown()
@@ -335,7 +336,9 @@ def test_job6_weekly_posts_to_job2_build_with_parameters(script_env):
     path, auth = _Jenkins.requests[0]
     url = urlsplit(path)
     assert url.path == "/job/job2/buildWithParameters"
-    assert parse_qs(url.query) == {"token": ["s3cret token&x"]}
+    query = parse_qs(url.query)
+    assert query.pop("token") == ["s3cret token&x"] and query.pop("FORCE") == ["false"]
+    assert list(query) == ["DATA_VERSION"]  # its value: tests/test_changes.py
     assert auth == "Basic " + base64.b64encode(b"ci-bot:11aa22bb").decode()
     assert "HTTP 201" in proc.stderr
     assert "11aa22bb" not in proc.stdout + proc.stderr

@@ -10,6 +10,9 @@ The job scripts invoke; the decisions about what follows from recorded state are
 - `pushes`: `python3 -m ct.pipeline.pushes add|head|take|dispatch|list`: which push trains when
   (job1 queues, job3 takes, job6 hands on), one commit's chain at a time; `push_queue` is the
   queue's record and its order (CT_PUSH_ORDER) and bound (CT_PUSH_QUEUE_MAX).
+- `changes`: `python3 -m ct.pipeline.changes check`: has the code, the data version or the
+  training flags changed since a judged run? (job3 before it trains, job6's check and weekly
+  retrain before they start one).
 - `snapshots`: `python3 -m ct.pipeline.snapshots digest|prune`: the commits' read-only code
   snapshots (code/<commit>/), their digest, and removing those nothing refers to.
 - `run_facts`: what the workspace's files say about a process's run (finished, got past loading

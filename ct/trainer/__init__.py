@@ -2,6 +2,7 @@
 train.py, and imports torch.
 
 - `data`: CIFAR-10 from disk into uint8 tensors.
+- `increments`: labelled increments (docs/data.md) decoded, checked and appended to CIFAR-10.
 - `engine`: the device set-up (`Compute`), batched augmentation, one epoch, weight averaging
   (`Lookahead`), evaluation.
 - `config`: the plain recipe every preset overrides, the presets, each key's help line, config

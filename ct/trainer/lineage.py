@@ -49,10 +49,24 @@ def run_lineage(*, dataset_sha256: str, dataset_location: Path | None, data_vers
         "dataset_sha256": dataset_sha256, "dataset_form": form,
         "data_version": data_version, "data": dict(data), "seed": seed, "commit": commit,
         "code_sha256": env.get(names.CODE_SHA256_ENV) or None,
+        # the flags the pipeline asked for (CT_TRAIN_ARGS): with the commit and the data
+        # version, what ct.pipeline.changes compares to skip an unchanged retrain
+        "train_args": _flags(env.get(names.TRAIN_ARGS_ENV)),
         "image": image, "image_id": image_id, "torch": torch.__version__,
         "device": compute.describe(), "threads": torch.get_num_threads(),
         "model_sha256": names.hash_files([model_path]),
     }
+
+
+def _flags(text: str | None) -> str | None:
+    """CT_TRAIN_ARGS in one canonical spacing (shlex), as ct.pipeline.changes compares it; None
+    outside the pipeline (unset)."""
+    if text is None:
+        return None
+    try:
+        return names.canonical_flags(text)
+    except ValueError:
+        return text
 
 
 def _short(value: Any) -> str:
