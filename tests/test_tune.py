@@ -53,6 +53,11 @@ def test_a_round_tries_the_base_config_first_and_tests_only_the_best(
     assert (metrics["trials_finished"], metrics["trials_pruned"]) == (
         best["trials_finished"], best["trials_pruned"])
     assert float((tmp_path / "accuracy.txt").read_text()) == best["test_accuracy"]
+    # the best trial's test, per class: the same predictions as its accuracy
+    matrix = metrics["confusion_matrix"]
+    assert len(metrics["per_class_accuracy"]) == 10 and (run_dir / "confusion.png").is_file()
+    diagonal = sum(matrix[i][i] for i in range(10)) / sum(map(sum, matrix))
+    assert round(100 * diagonal, 2) == best["test_accuracy"]
     assert (run_dir / "model.pt").read_bytes() == (
         trial_dir(run_dir, best["trial"]) / "model.pt").read_bytes()
     log = (run_dir / "train.log").read_text()

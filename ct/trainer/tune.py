@@ -31,7 +31,7 @@ from ct.trainer.data import Cifar
 from ct.trainer.engine import Compute, evaluate_as_configured
 from ct.trainer.errors import UsageError
 from ct.trainer.plan import TuneOptions, config_of, make_plan, upgrade_plan, validation_images
-from ct.trainer.run import Split, make_split, train_config
+from ct.trainer.run import Split, make_split, per_class_view, train_config
 from ct.trainer.runs import (
     Log,
     LogLine,
@@ -64,6 +64,7 @@ class Outcome:
     val_accuracy: float
     test_accuracy: float
     counts: dict[str, int]
+    per_class: dict[str, Any]  # the best trial's per-class test view (run.per_class_view)
 
 
 def trial_dir(run_dir: Path, number: int) -> Path:
@@ -231,8 +232,11 @@ def seed_sampler(rnd: studies.Round, plan: dict[str, Any], worker: str) -> None:
 def _study(ws: Workspace, plan: dict[str, Any], data: Cifar, create: bool) -> optuna.Study:
     """The plan's study (created when `create`); its sampler is set per round (seed_sampler)."""
     storage = studies.open_storage(ws.root)
+    # trials on other data are not comparable: with increments the study is the data version's
+    # (without, the base's sha256, as it always was, so an existing study goes on)
+    identity = data.version if data.record.get("increments") else data.sha256
     name = studies.study_name(plan["base"], plan["optimizers"], plan["max_epochs"],
-                              data.sha256 or "", validation_images(plan["base"], data))
+                              identity or "", validation_images(plan["base"], data))
     pruner = studies.make_pruner(plan["pruner"])
     try:
         if create:
@@ -261,7 +265,10 @@ def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar
                          "workspace: workers on other machines must share CT_WORKSPACE")
     model, cfg = load_model(best_dir / names.RUN_MODEL, compute)
     test_x, test_y = data.test_x.to(compute.device), data.test_y.to(compute.device)
-    test_accuracy, _ = evaluate_as_configured(model, test_x, test_y, compute, cfg)
+    predictions: list[Any] = []
+    test_accuracy, _ = evaluate_as_configured(model, test_x, test_y, compute, cfg,
+                                              predictions=predictions)
+    per_class = per_class_view(list(data.classes), test_y, predictions)
     counts = {**rnd.counts(), "run": len(rows)}
     params = config_of(best.params)
     with stopping.deferred():  # the model and best.json describing it, together
@@ -276,9 +283,11 @@ def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar
         })
     if (best_dir / names.RUN_CURVES).is_file():  # the round's picture in the report and the mail
         atomic.copy_file(best_dir / names.RUN_CURVES, run_dir / names.RUN_CURVES)
+    plots.draw_confusion(run_dir, per_class["classes"], per_class["confusion_matrix"], "test",
+                         log)
     log(f"best trial-{best.number:03d}: validation {best.value:.2f}%, test {test_accuracy:.2f}% "
         f"({counts['finished']} finished, {counts['pruned']} pruned this round)")
-    return Outcome(params, cfg, float(best.value or 0.0), test_accuracy, counts)
+    return Outcome(params, cfg, float(best.value or 0.0), test_accuracy, counts, per_class)
 
 
 def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Compute,
@@ -323,7 +332,7 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
                  "trials_finished": outcome.counts["finished"],
                  "trials_pruned": outcome.counts["pruned"], "study": study.study_name,
                  "trials_planned": plan["trials"], "time_budget_s": plan["time_budget"],
-                 "dry_run": opts.dry_run,
+                 "dry_run": opts.dry_run, **outcome.per_class,
                  names.LINEAGE: record_lineage(ws, run_dir, data, outcome.best_config, compute)}
         summary = run_summary(ws, run_dir, compute, clock, "tune", outcome.test_accuracy, extra)
         publish(ws, run_dir, summary, opts.dry_run)
