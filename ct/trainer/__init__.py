@@ -15,7 +15,8 @@ train.py, and imports torch.
 - `tune`: one bounded tuning round and its workers; `train.py --tune` (imports optuna).
 - `plan`: a tuning round's plan (the flags checked and frozen), and trial params as config keys.
 - `study`: the Optuna study: search space, sampler, pruner, storage, a round's trial slots.
-- `plots`: the pictures of a run (curves.png, a tuning run's trials.png), when matplotlib imports.
+- `plots`: the pictures of a run (curves.png, confusion.png, a tuning run's trials.png), when
+  matplotlib imports.
 - `lineage`: what a run was made from (its metrics.json's `lineage`), and how a reproduction
   (`train.py --reproduce`) compares with the run it repeats.
 - `stopping`: stopping cleanly on SIGTERM/SIGINT.
