@@ -15,7 +15,9 @@ sorted, one entry `split/class/sha256(file bytes)` per increment image: it does 
 the order files are listed in, nor on the names of files or increments, and changes with any
 byte of any image. The per-file digests are cached in the data cache folder (HASH_CACHE) under
 each file's path relative to the increments folder, its size and modification time, so checking
-an unchanged set of 60,000 images reads none of them again.
+an unchanged set of 60,000 images reads none of them again. The test version (test_version) is the
+same digest over the test images' entries alone: the identity of the test set, the one thing two
+accuracies must share to be compared (ct.pipeline.promote).
 
     python3 -m ct.data_version --data-dir D [--increments I] [--cache-dir C] [--json]
 """
@@ -115,6 +117,17 @@ def version_of(base_sha256: str, entries: Sequence[str]) -> str:
     for entry in sorted(entries):
         digest.update(f"{entry}\n".encode())
     return digest.hexdigest()
+
+
+def test_version(dv: DataVersion) -> str:
+    """The identity of the test set that runs on `dv` are measured on: the data version of the
+    base and the increments' test images alone (version_of over the "test" entries), so runs
+    with equal test versions were tested on the very same images whatever they trained on. With
+    no increment test image it is version_of(base, []), the base's own data version: a record
+    from before test versions (its lineage's dataset_sha256, no increment test image) names its
+    test set too. Accuracies are comparable only between equal test versions."""
+    return version_of(dv.base_sha256, [image.entry for image in dv.images
+                                       if image.split == "test"])
 
 
 def increments_folder(data_dir: Path, given: Path | None) -> Path | None:
@@ -278,6 +291,18 @@ def compute(data_dir: Path, increments: Path | None = None, *, base: str | None 
                    for item, digest in zip(listed, digests, strict=True))
     return DataVersion(version_of(base, [image.entry for image in images]), base, folder,
                        tuple(sorted({image.increment for image in images})), images, hashed)
+
+
+def summary(metrics: Mapping[str, Any]) -> str:
+    """A run's data in one line, from its metrics.json (`data_version`, `data`), for the mail and
+    the report: "3f2a... (40000 + 10000 train, 10000 + 0 test images)"."""
+    version, data = metrics.get("data_version"), metrics.get("data")
+    if not version:
+        return "not recorded"
+    if not isinstance(data, dict):
+        return str(version)
+    return (f"{version} ({data.get('base_train')} + {data.get('increment_train')} train, "
+            f"{data.get('base_test')} + {data.get('increment_test')} test images)")
 
 
 def describe_lines(described: Mapping[str, Any]) -> list[str]:
