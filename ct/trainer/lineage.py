@@ -5,6 +5,8 @@ reproduction (`train.py --reproduce RUN_ID`) compares with the run it repeats.
                     the folder's batch files one after the other); cached in data/
     dataset_form    "archive" or "folder": which of the two the digest covers
     data_version    ct.data_version: the base's sha256 and every increment image's bytes
+    test_version    ct.data_version.test_version: the test set the run's accuracy is measured
+                    on (the base and the increments' test images); null when not known
     data            the images a run read: base_train, base_test, increment_train,
                     increment_test (counts) and increments (their names)
     seed            the config's seed
@@ -41,13 +43,15 @@ NEWER_KEYS = frozenset({"data_version"})
 
 def run_lineage(*, dataset_sha256: str, dataset_location: Path | None, data_version: str,
                 data: Mapping[str, Any], seed: int, commit: str | None, compute: Compute,
-                model_path: Path, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+                model_path: Path, test_version: str | None = None,
+                env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     image, image_id = names.current_image(env)
     form = None if dataset_location is None else (
         "archive" if dataset_location.is_file() else "folder")
     return {
         "dataset_sha256": dataset_sha256, "dataset_form": form,
-        "data_version": data_version, "data": dict(data), "seed": seed, "commit": commit,
+        "data_version": data_version, "test_version": test_version, "data": dict(data),
+        "seed": seed, "commit": commit,
         "code_sha256": env.get(names.CODE_SHA256_ENV) or None,
         # the flags the pipeline asked for (CT_TRAIN_ARGS): with the commit and the data
         # version, what ct.pipeline.changes compares to skip an unchanged retrain

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from ct import atomic
+from ct import atomic, data_version
 from ct import workspace as names
 from ct.trainer import stopping
 from ct.trainer.config import config_hash
-from ct.trainer.data import Cifar, dataset_sha256, download, load_cifar
+from ct.trainer.data import Cifar, DataError, dataset_sha256, download, load_cifar
 from ct.trainer.engine import Compute
 from ct.trainer.errors import UsageError
 from ct.trainer.increments import add_increments
@@ -203,7 +203,33 @@ def load_data(opts: RunOptions, ws: Workspace, log: LogLine) -> Cifar:
     data = add_increments(data, data_dir, opts.increments, ws.root / names.DATA_DIR, log)
     log(f"data version {data.version[:16]}: {len(data.train_x)} train, {len(data.test_x)} test "
         f"images ({time.perf_counter() - t0:.1f}s)")
+    _TEST_VERSIONS[data.version] = _test_version(data, data_dir, opts.increments, ws)
     return data
+
+
+# The test version (ct.data_version.test_version) of each data version this process loaded.
+# A Cifar carries its data version alone; the test version is a function of the same images,
+# so the data version is a sound key for it.
+_TEST_VERSIONS: dict[str, str] = {}
+
+
+def test_version(data: Cifar) -> str | None:
+    """The test set's identity of data that load_data loaded; None for data loaded otherwise."""
+    return _TEST_VERSIONS.get(data.version)
+
+
+def _test_version(data: Cifar, data_dir: Path, given: Path | None, ws: Workspace) -> str:
+    """The increments listed once more (their digests come from the cache add_increments has
+    just written: no image is read again), down to the test images' entries."""
+    try:
+        version = data_version.compute(data_dir, given, base=data.sha256,
+                                       cache_dir=ws.root / names.DATA_DIR)
+    except data_version.DataVersionError as err:
+        raise DataError(str(err)) from None
+    if version.version != data.version:
+        raise DataError(f"the increments in {version.increments_dir} changed while this run "
+                        "read them; run it again once they are complete")
+    return data_version.test_version(version)
 
 
 def record_lineage(ws: Workspace, run_dir: Path, data: Cifar, cfg: dict[str, Any],
@@ -212,7 +238,7 @@ def record_lineage(ws: Workspace, run_dir: Path, data: Cifar, cfg: dict[str, Any
     return run_lineage(dataset_sha256=data.sha256, dataset_location=data.location,
                        data_version=data.version, data=data.record,
                        seed=cfg["seed"], commit=ws.commit(), compute=compute,
-                       model_path=run_dir / names.RUN_MODEL)
+                       model_path=run_dir / names.RUN_MODEL, test_version=test_version(data))
 
 
 # --- the run's clock --------------------------------------------------------------------------
@@ -271,10 +297,11 @@ def _read_clock(path: Path) -> dict[str, Any]:
 
 def run_summary(ws: Workspace, run_dir: Path, compute: Compute, clock: RunClock, mode: str,
                 accuracy: float, extra: dict[str, Any]) -> dict[str, Any]:
-    """The run's metrics.json. The data's version and counts (`data_version`, `data`) come from
-    the lineage in `extra` (record_lineage), to the top level where readers look first."""
+    """The run's metrics.json. The data's version, its test set's and its counts
+    (`data_version`, `test_version`, `data`) come from the lineage in `extra` (record_lineage),
+    to the top level where readers (promotion: the test set) look first."""
     lineage = extra.get(names.LINEAGE)
-    data = {key: lineage[key] for key in ("data_version", "data")
+    data = {key: lineage[key] for key in ("data_version", "test_version", "data")
             if isinstance(lineage, dict) and key in lineage}
     return {
         "accuracy": round(accuracy, 2), "mode": mode, "run_id": run_dir.name,
