@@ -12,6 +12,8 @@ train.py, and imports torch.
   and log, its data and lineage, publishing its results.
 - `run`: one config's epoch loop (`train_config`) and `train.py`'s training and --reproduce
   modes.
+- `evaluate`: `python -m ct.trainer.evaluate MODEL --out W`: a saved model re-scored on the test
+  set the data holds now (the champion, before a run on a new test set is compared with it).
 - `tune`: one bounded tuning round and its workers; `train.py --tune` (imports optuna).
 - `plan`: a tuning round's plan (the flags checked and frozen), and trial params as config keys.
 - `study`: the Optuna study: search space, sampler, pruner, storage, a round's trial slots.
