@@ -5,6 +5,8 @@ HTTP server stands in for Jenkins' remote-build URL)."""
 from __future__ import annotations
 
 import csv
+import email
+import email.policy
 import json
 import os
 import shutil
@@ -187,9 +189,17 @@ def test_a_retrain_of_unchanged_inputs_trains_nothing_and_new_data_trains(source
     ws = Path(env["CT_WORKSPACE"])
     for script in ("job1-pull.sh", "job2-image.sh", "job3-train.sh", "job4-gate.sh"):
         run_script(script, env, *([str(source_repo)] if script == "job1-pull.sh" else []))
-    first = json.loads((ws / "metrics.json").read_text())["run_id"]
-    assert json.loads((ws / "metrics.json").read_text())["lineage"]["train_args"] == (
-        "--batch-size 64 --epochs 1 --seed 1")
+    metrics = json.loads((ws / "metrics.json").read_text())
+    first = metrics["run_id"]
+    assert metrics["lineage"]["train_args"] == "--batch-size 64 --epochs 1 --seed 1"
+    # the mail (kept in the outbox) and the report name the champion's data version
+    (mail,) = (ws / "outbox").glob("*.eml")
+    body = email.message_from_bytes(mail.read_bytes(), policy=email.policy.default).get_body(
+        ("plain",)).get_content()
+    train = metrics["data"]["base_train"]
+    assert f"data version:        {metrics['data_version']} ({train} + 0 train" in body
+    page = (ws / "report" / "index.html").read_text()
+    assert f"<dt>data version</dt><dd>{metrics['data_version']}" in page
 
     def retrain(**extra: str) -> subprocess.CompletedProcess[str]:
         run_script("job2-image.sh", {**env, **extra})

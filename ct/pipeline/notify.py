@@ -9,8 +9,7 @@ Without SMTP_HOST, or when sending fails, the message is kept in W/outbox/ as an
 Attached: metrics.json, best.json and the reported run's runs/<run id>/curves.png, when present.
 The best-model and tuned mails compare the run per class with the model it replaced (or the best).
 Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input or a
-file that cannot be read or written (one line on stderr naming it), each line starting with
-`ct.notify:`.
+file that cannot be read or written (one line on stderr naming it, starting `ct.notify:`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
-from ct import atomic
+from ct import atomic, data_version
 from ct import workspace as names
 from ct.pipeline import cli, promote, records
 from ct.pipeline.errors import PipelineError
@@ -178,11 +177,12 @@ def summary_lines(facts: Facts) -> list[str]:
         f"accuracy:            {percent(metrics.get('accuracy'))}",
         f"validation accuracy: {percent(metrics.get('val_accuracy'))}",
         f"commit:              {facts.commit or 'unknown'}",
+        f"data version:        {data_version.summary(metrics)}",
         threshold_line(facts.gate),
     ]
     if facts.promotion:
-        promoted = facts.promotion.get("PROMOTED") == "true"
-        lines.append(f"promoted:            {'yes' if promoted else 'no'}")
+        promoted = "yes" if facts.promotion.get("PROMOTED") == "true" else "no"
+        lines.append(f"promoted:            {promoted}")
     if facts.best:
         best = facts.best
         lines.append(

@@ -31,7 +31,7 @@ from string import Template
 from typing import Any
 from urllib.parse import quote
 
-from ct import atomic
+from ct import atomic, data_version
 from ct import workspace as names
 from ct.pipeline import cli, lineage, promote, records, report_chart
 from ct.pipeline.errors import PipelineError
@@ -114,6 +114,8 @@ def best_card(inputs: ReportInputs) -> str:
         ("commit", short(pick("commit"), 40)),
         ("parameters", params_text(best.get("params"))),
         ("data sha256", short(pick("dataset_sha256"), 64)),
+        ("data version", esc(data_version.summary({"data_version": pick("data_version"),
+                                                   "data": pick("data")}))),
         ("torch", esc(pick("torch"))),
         ("device", esc(pick("device"))),
         ("image", esc(image)),
