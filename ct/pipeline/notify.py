@@ -30,7 +30,7 @@ from typing import Any
 
 from ct import atomic, data_version
 from ct import workspace as names
-from ct.pipeline import cli, promote, records
+from ct.pipeline import class_guard, cli, promote, records
 from ct.pipeline.errors import PipelineError
 
 SMTP_TIMEOUT_S = 30
@@ -238,14 +238,14 @@ def class_lines(metrics: Mapping[str, Any], best: Mapping[str, Any]) -> list[str
     """Per class: the run's test accuracy against the model it replaced, else the best one."""
     replaced = best.get("run_id") == metrics.get("run_id")  # promotion made it the best
     champion = best.get("replaced") if replaced else best
-    changes = promote.class_changes(metrics, champion)
+    changes = class_guard.class_changes(metrics, champion)
     if changes is None:
-        why = ("this run records no per-class accuracy" if promote.per_class(metrics) is None
+        why = ("this run records no per-class accuracy" if class_guard.per_class(metrics) is None
                else "no earlier best" if not isinstance(champion, dict) or not champion
                else f"run {champion.get('run_id')} records none")
         return ["", f"per class: not compared ({why})"]
     rows = [f"  {c.name:<12} {c.now:6.2f}%  {c.before:6.2f}%  {c.change:+.2f}" for c in changes]
-    worse = promote.worse_text(changes)
+    worse = class_guard.worse_text(changes)
     who = "the model it replaced" if replaced else "the best model"
     return ["", f"per class: this run vs {who} (run {champion.get('run_id')}), points:", *rows,
             f"worse: {worse}" if worse else "no class got worse"]

@@ -3,8 +3,8 @@
     python3 -m ct.pipeline.promote --workspace W
 
 Only when the workspace's latest run beats the current best (and, with CT_MAX_CLASS_DROP set, no
-class's test accuracy fell by more than that many points against the best's): stores the run's
-model as
+class's test accuracy fell by more than that many points against the best's:
+ct.pipeline.class_guard): stores the run's model as
 W/models/best-<sha256[:16]>.pt, renames a new W/best.json over the old one (the record, which
 names that file and its sha256 and carries the run's `lineage` and per-class accuracy, and the
 per-class accuracy of the model it replaces: the commit point), then points
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from typing import Any
 
 from ct import atomic
 from ct.pipeline import cli, records
+from ct.pipeline.class_guard import class_guard, max_class_drop, per_class
 from ct.pipeline.errors import PipelineError
 from ct.pipeline.records import (
     RERUN_TRAINING,
@@ -53,7 +53,6 @@ from ct.workspace import (
     commit_of_run,
 )
 
-MAX_CLASS_DROP = "CT_MAX_CLASS_DROP"  # the per-class guard's setting (scripts/lib.sh: empty, off)
 STORED_NAME = ("best-", ".pt")  # models/best-<sha256[:16]>.pt
 _STORED_MODEL = re.compile(r"best-[0-9a-f]{16}\.pt")
 
@@ -217,81 +216,6 @@ def keep(workspace: Path, best: Mapping[str, Any], accuracy: str, refused: str =
     why = f"this run's {accuracy}% is better, but {refused}" if refused else \
         f"this run's {accuracy}% is not better"
     return f"kept the current best {best_accuracy}% (run {best.get('run_id')}); {why}"
-
-
-# ---------------------------------------------------------------- the per-class guard
-
-
-def max_class_drop(env: Mapping[str, str]) -> float | None:
-    """CT_MAX_CLASS_DROP in points; None when empty (the guard is off)."""
-    text = env.get(MAX_CLASS_DROP, "").strip()
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise PipelineError(
-            f"{MAX_CLASS_DROP} {text!r} is not a number of points >= 0; nothing promoted; set "
-            f"it to e.g. 2 (a class may lose at most 2 points), or empty to turn the guard off")
-    return value
-
-
-def per_class(record: Any) -> dict[str, float] | None:
-    """A run summary's (or best.json's) test accuracy per class, in label order (its `classes`,
-    when they name the same classes); None when it records none (runs from before the per-class
-    view, tuning rounds). A class the test had no image of is left out."""
-    values = record.get("per_class_accuracy") if isinstance(record, Mapping) else None
-    if not isinstance(values, dict):
-        return None
-    classes = record.get("classes")
-    named = isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-    order = classes if named and set(classes) == set(values) else values
-    found = {name: values[name] for name in order if is_percentage(values[name])}
-    return found or None
-
-
-@dataclass(frozen=True)
-class ClassChange:
-    name: str
-    now: float  # the challenger's accuracy on the class, percent
-    before: float  # the champion's
-
-    @property
-    def change(self) -> float:
-        return round(self.now - self.before, 2)  # both have 2 decimals: no float noise
-
-
-def class_changes(challenger: Any, champion: Any) -> list[ClassChange] | None:
-    """Per class both records have, in the challenger's order; None when either has none."""
-    now, before = per_class(challenger), per_class(champion)
-    if now is None or before is None:
-        return None
-    changes = [ClassChange(name, now[name], before[name]) for name in now if name in before]
-    return changes or None
-
-
-def worse_text(changes: Sequence[ClassChange], limit: float = 0.0) -> str:
-    """ "cat -3.2, dog -1.1": the classes that lost more than `limit` points, most first."""
-    worse = sorted((c for c in changes if -c.change > limit), key=lambda c: c.change)
-    return ", ".join(f"{c.name} {fmt_number(c.change)}" for c in worse)
-
-
-def class_guard(metrics: Mapping[str, Any], best: Mapping[str, Any], limit: float
-                ) -> tuple[bool, str]:
-    """(refused, why) for a run better overall than the best: refused when a class fell by more
-    than `limit` points; else the text says what the guard checked, or why it could not."""
-    changes = class_changes(metrics, best)
-    if changes is None:
-        whose = "this run" if per_class(metrics) is None else f"the best model's {BEST_FILE}"
-        return False, (f"the per-class guard ({MAX_CLASS_DROP}={fmt_number(limit)}) could not "
-                       f"compare: {whose} records no per-class accuracy")
-    dropped = worse_text(changes, limit)
-    if dropped:
-        return True, (f"the per-class guard refuses it: against run {best.get('run_id')}, "
-                      f"{dropped} (points; {MAX_CLASS_DROP} allows {fmt_number(limit)})")
-    return False, f"per-class guard: no class lost more than {fmt_number(limit)} points"
 
 
 def install(workspace: Path, metrics: Mapping[str, Any], source: Path,

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 from ct import atomic, data_version
 from ct import workspace as names
-from ct.pipeline import cli, lineage, promote, records, report_chart
+from ct.pipeline import class_guard, cli, lineage, records, report_chart
 from ct.pipeline.errors import PipelineError
 from ct.pipeline.report_inputs import ReportInputs, Run, collect, number
 
@@ -174,8 +174,8 @@ def per_class_section(inputs: ReportInputs, confusion: bool) -> str:
     """The per-class chart, the classes that got worse, and the latest run's confusion matrix
     (`confusion`: report/confusion.png is written with the page)."""
     baseline, name, said = class_models(inputs)
-    models = ((name, promote.per_class(baseline), "best", BEST_COLOUR),
-              ("latest run", promote.per_class(inputs.latest), "latest", LATEST_COLOUR))
+    models = ((name, class_guard.per_class(baseline), "best", BEST_COLOUR),
+              ("latest run", class_guard.per_class(inputs.latest), "latest", LATEST_COLOUR))
     series = [report_chart.Series(*model) for model in models if model[1]]
     parts = ['<section id="per-class"><h2>Per class</h2>']
     if len(series) == 1:
@@ -190,8 +190,8 @@ def per_class_section(inputs: ReportInputs, confusion: bool) -> str:
         shown = [c for one in series for c in one.values]
         classes = list(dict.fromkeys([*(c for c in (named if isinstance(named, list) else [])
                                         if isinstance(c, str) and c in shown), *shown]))
-        changes = promote.class_changes(inputs.latest, baseline)
-        worse = promote.worse_text(changes) if changes else ""
+        changes = class_guard.class_changes(inputs.latest, baseline)
+        worse = class_guard.worse_text(changes) if changes else ""
         verdict = "" if changes is None else \
             f" Worse: {html.escape(worse)}." if worse else " No class got worse."
         parts.append(f"<p>Test accuracy per class: {said}; hover a bar for its value."
