@@ -18,9 +18,10 @@ The job scripts invoke; the decisions about what follows from recorded state are
 - `run_facts`: what the workspace's files say about a process's run (finished, got past loading
   the data).
 - `gate`: `python3 -m ct.pipeline.gate`: the accuracy gate, its verdict and history.
-- `promote`: `python3 -m ct.pipeline.promote`: keep the run's model when it beats the best;
-  `class_guard`: the per-class guard (CT_MAX_CLASS_DROP) and the per-class comparison the mail
-  and the report share.
+- `promote`: `python3 -m ct.pipeline.promote`: keep the run's model when it beats the best on
+  the run's own test set; `rescore`: the best model's scores per test set (best.json `scores`,
+  re-scorings in runs/eval-*); `class_guard`: the per-class guard (CT_MAX_CLASS_DROP) and the
+  per-class comparison the mail and the report share.
 - `notify`: `python3 -m ct.pipeline.notify`: the mail (best model, tuning result, failure).
 - `report`: `python3 -m ct.pipeline.report`: the static HTML report, W/report/index.html (job4,
   job5; Jenkins' HTML Publisher shows it); `report_inputs` reads what it shows,

@@ -1,7 +1,7 @@
 """What follows every finished training or tuning run, whoever started it. Standard library only.
 
     python3 -m ct.pipeline.after_run judge --threshold T [--run-dir RUN_DIR] [--outbox-only]
-                                           [--artifacts DIR] [--workspace W]
+                                           [--rescored] [--artifacts DIR] [--workspace W]
     python3 -m ct.pipeline.after_run handed-to-tuning [--artifacts DIR] [--workspace W]
     python3 -m ct.pipeline.after_run tuning-commit [--workspace W]
     python3 -m ct.pipeline.after_run tuning-skipped [--workspace W]
@@ -11,7 +11,12 @@ the gate on the workspace's latest run. A tuning run, or a training run at or ab
 threshold, is promoted when it beats the best model and mailed (ct.pipeline.notify), and the
 report is rewritten: it prints `done`. A training run below the threshold prints `tune`: the job
 script gets the tuning image ready, then calls `handed-to-tuning`, which sets TUNE=true in
-gate.properties, the one key job4's conditional step reads to start job5.
+gate.properties, the one key job4's conditional step reads to start job5. When the best model has
+no score on the run's test set (an increment added test images since it was measured), nothing
+is decided yet: `judge` prints `rescore COMMIT MODEL`, the job script evaluates MODEL (a
+workspace path) with COMMIT's code on the test set now (python -m ct.trainer.evaluate), then
+calls `judge --rescored`, which compares on the re-scored number, and once only: still no score
+is one line and exit 2, nothing promoted (ct.pipeline.rescore).
 
 `tuning-commit` prints the commit whose run was judged last (job5 tunes that commit's code);
 `tuning-skipped` records that job5 will not tune the run handed to it (its commit had its tuning
@@ -39,6 +44,7 @@ from ct import workspace as names
 from ct.pipeline import cli, gate, notify, promote, records, report
 from ct.pipeline.errors import PipelineError
 from ct.pipeline.records import GATE_RECORD, VERDICT_FIELDS, VERDICT_RECORD
+from ct.pipeline.rescore import NeedsRescore
 
 
 def latest_run(workspace: Path) -> dict[str, Any]:
@@ -111,7 +117,7 @@ def write_report(workspace: Path, run_dir: str, artifacts: Path | None) -> None:
 
 
 def judge(workspace: Path, threshold: str | None, wanted: str, outbox_only: bool,
-          artifacts: Path | None, build_id: str) -> str:
+          artifacts: Path | None, build_id: str, rescored: bool = False) -> str:
     # this build's verdict, or none: never an earlier build's for Jenkins to act on
     GATE_RECORD.file(workspace).unlink(missing_ok=True)
     latest = latest_run(workspace)
@@ -130,7 +136,11 @@ def judge(workspace: Path, threshold: str | None, wanted: str, outbox_only: bool
         cli.say(f"below the threshold of {records.fmt_number(verdict.threshold)}%: preparing the "
                 "tuning image for job5")
         return "tune"
-    promotion = promote.promote(workspace)
+    try:
+        promotion = promote.promote(workspace, rescore=not rescored)
+    except NeedsRescore as need:  # not judged yet: the job script re-scores, then asks again
+        cli.say(str(need))
+        return f"rescore {need.commit} {need.model}"
     print(f"ct.promote: {promotion.message}", flush=True)
     if tuning_run or promotion.promoted:
         mail(workspace, "tuned" if tuning_run else "best-model", outbox_only)
@@ -186,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     judge_cmd.add_argument("--outbox-only", action="store_true",
                            help="keep the mail in outbox/ (Jenkins' email-ext sends job5's)")
     judge_cmd.add_argument("--build-id", default=os.environ.get("BUILD_NUMBER", ""))
+    judge_cmd.add_argument("--rescored", action="store_true",
+                           help="the best model was re-scored: compare, never ask again")
     commands.add_parser("handed-to-tuning", help="the tuning image is ready: TUNE=true")
     commands.add_parser("tuning-commit", help="the commit of the last judged run")
     commands.add_parser("tuning-skipped", help="job5 does not tune the run handed to it")
@@ -199,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 if args.command == "judge":
                     word = judge(workspace, args.threshold, args.run_dir, args.outbox_only,
-                                 args.artifacts, args.build_id)
+                                 args.artifacts, args.build_id, args.rescored)
                 elif args.command == "handed-to-tuning":
                     word = handed_to_tuning(workspace, args.artifacts)
                 elif args.command == "tuning-commit":

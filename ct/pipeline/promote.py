@@ -2,16 +2,20 @@
 
     python3 -m ct.pipeline.promote --workspace W
 
-Only when the workspace's latest run beats the current best (and, with CT_MAX_CLASS_DROP set, no
-class's test accuracy fell by more than that many points against the best's:
-ct.pipeline.class_guard): stores the run's model as
+The run and the best model are compared on the run's own test set, never across test sets
+(ct.pipeline.rescore): the best's score there comes from best.json's `scores`, or from an
+evaluation of it in runs/eval-* (recorded into `scores` first); with neither, nothing is decided
+(NeedsRescore; this command line: exit 3 with the evaluation to run). Only when the run beats the
+best there (and, with CT_MAX_CLASS_DROP set, no class's test accuracy fell by more than that many
+points against the best's on that test set, ct.pipeline.class_guard): stores the run's model as
 W/models/best-<sha256[:16]>.pt, renames a new W/best.json over the old one (the record, which
-names that file and its sha256 and carries the run's `lineage` and per-class accuracy, and the
-per-class accuracy of the model it replaces: the commit point), then points
-the symlink W/best-model.pt at it and deletes the stored models no record names. A reader of
-best.json and of the model it names sees the old pair or the new pair. W/promotion.properties
-says whether it promoted. Errors, I/O errors included, are one line on stderr and exit 2, with
-nothing written (or, past the commit point, a line saying what to repair).
+names that file and its sha256 and carries the run's `lineage`, test_version, its own score in
+`scores` and per-class accuracy, and the numbers of the model it replaces: the commit point),
+then points the symlink W/best-model.pt at it and deletes the stored models no record names. A
+reader of best.json and of the model it names sees the old pair or the new pair.
+W/promotion.properties says whether it promoted (BEST_ACCURACY: the best's score on the run's
+test set). Errors, I/O errors included, are one line on stderr and exit 2, with nothing written
+(or, past the commit point, a line saying what to repair).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import fcntl
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +47,15 @@ from ct.pipeline.records import (
     run_params,
     utc_now,
     write_files,
+)
+from ct.pipeline.rescore import (
+    SCORES,
+    TEST_VERSION,
+    NeedsRescore,
+    Yardstick,
+    own_score,
+    test_version_of,
+    yardstick,
 )
 from ct.workspace import (
     BEST_FILE,
@@ -143,8 +157,15 @@ def best_record(
         record_[LINEAGE] = metrics[LINEAGE]
     if per_class(metrics) is not None:  # the guard's yardstick for the next challenger
         record_.update({key: metrics[key] for key in PER_CLASS if key in metrics})
+    # The test set this model's accuracy was measured on, and its score there: the first of
+    # its scores per test set (ct.pipeline.rescore), which re-scorings add to.
+    tested = test_version_of(metrics)
+    if tested is not None:
+        record_[TEST_VERSION] = tested
+        record_[SCORES] = {tested: own_score(metrics, metrics.get("finished_at"))}
     if replaced is not None:
-        # The mail, written after this record, compares the run with the model it replaced.
+        # The mail, written after this record, compares the run with the model it replaced
+        # (its numbers on this run's test set).
         record_["replaced"] = {key: replaced[key] for key in ("run_id", "accuracy", *PER_CLASS)
                                if key in replaced}
     return record_
@@ -186,7 +207,10 @@ class Promotion:
     message: str
 
 
-def promote(workspace: Path, env: Mapping[str, str] = os.environ) -> Promotion:
+def promote(workspace: Path, env: Mapping[str, str] = os.environ, rescore: bool = True
+            ) -> Promotion:
+    """Promote the latest run when it beats the best model on the run's own test set. Raises
+    NeedsRescore (with `rescore`) when the best has no score there yet: nothing is written."""
     limit = max_class_drop(env)  # first: a nonsense setting promotes nothing
     with promotion_lock(workspace):
         metrics = load_metrics(workspace)
@@ -194,28 +218,43 @@ def promote(workspace: Path, env: Mapping[str, str] = os.environ) -> Promotion:
         best = load_best(workspace)
         accuracy = fmt_number(metrics["accuracy"])
         missing = best is not None and best_model_missing(workspace, best)
-        if best is not None and not missing and metrics["accuracy"] <= best["accuracy"]:
-            return Promotion(False, keep(workspace, best, accuracy))
-        refused, guard = (False, "") if best is None or missing or limit is None else \
-            class_guard(metrics, best, limit)
+        yard = None
+        if best is not None and not missing:
+            yard = yardstick(workspace, best, metrics, rescore, promote_remedy(workspace))
+            if yard is None or metrics["accuracy"] <= yard.accuracy:
+                return Promotion(False, keep(workspace, best, accuracy, yard))
+        refused, guard = (False, "") if yard is None or limit is None else \
+            class_guard(metrics, yard.record, limit)
         if refused and best is not None:
-            return Promotion(False, keep(workspace, best, accuracy, guard))
-        model = install(workspace, metrics, source, best)
-    before = "no previous best" if best is None else f"previous {fmt_number(best['accuracy'])}%"
+            return Promotion(False, keep(workspace, best, accuracy, yard, guard))
+        model = install(workspace, metrics, source, best if yard is None else yard.record)
+    before = "no previous best" if best is None else \
+        f"previous {fmt_number(best['accuracy'] if yard is None else yard.accuracy)}%"
     if missing:
         before += f", whose {BEST_MODEL} was missing"
+    elif yard is not None:
+        before += yard.how
     return Promotion(True, f"promoted {metrics['model']} ({accuracy}%, {before}) to "
                            f"{workspace / BEST_MODEL} -> {model}" + (f"; {guard}" if guard else ""))
 
 
-def keep(workspace: Path, best: Mapping[str, Any], accuracy: str, refused: str = "") -> str:
-    best_accuracy = fmt_number(best["accuracy"])
+def keep(workspace: Path, best: Mapping[str, Any], accuracy: str, yard: Yardstick | None,
+         refused: str = "") -> str:
+    """Keep the best model (settling its link): the line that says why. `yard` None: the run's
+    test set is unknown, so it cannot be compared with the best on the same test set."""
+    best_accuracy = fmt_number(best["accuracy"] if yard is None else yard.accuracy)
     text = promotion_text(False, accuracy, best_accuracy)
     write_files({workspace / PROMOTION_PROPERTIES: text}, promote_remedy(workspace))
     settle(workspace, best)  # repairs what an earlier promotion could not finish
-    why = f"this run's {accuracy}% is better, but {refused}" if refused else \
-        f"this run's {accuracy}% is not better"
-    return f"kept the current best {best_accuracy}% (run {best.get('run_id')}); {why}"
+    if yard is None:
+        why = (f"this run records no test version (older code, and increment test images or no "
+               f"lineage), so its {accuracy}% cannot be compared with the best's on one test set")
+    elif refused:
+        why = f"this run's {accuracy}% is better, but {refused}"
+    else:
+        why = f"this run's {accuracy}% is not better"
+    how = "" if yard is None else yard.how
+    return f"kept the current best {best_accuracy}% (run {best.get('run_id')}{how}); {why}"
 
 
 def install(workspace: Path, metrics: Mapping[str, Any], source: Path,
@@ -309,7 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     workspace = cli.workspace_or_exit(parser, args.workspace)
 
     def action() -> int:
-        print(f"ct.promote: {promote(workspace).message}")
+        try:
+            print(f"ct.promote: {promote(workspace).message}")
+        except NeedsRescore as need:  # job4 re-scores it (lib.sh after_run); by hand: say how
+            print(f"ct.promote: nothing decided: {need}: python -m ct.trainer.evaluate "
+                  f"{workspace / need.model} --out {workspace} (the code of commit "
+                  f"{need.commit}), then rerun ct.pipeline.promote", file=sys.stderr)
+            return 3
         return 0
 
     return cli.run("ct.promote", action)
