@@ -90,6 +90,7 @@ DATA_ARCHIVE = "cifar-10-python.tar.gz"
 # --- inside a run folder, runs/<kind>-<UTC time>-<config hash>/
 RUN_CONFIG = "config.json"  # the run's config (a tuning run's: its plan); written first
 RUN_CODE = "code.json"  # the commit and code digest the run trains; a resume must match both
+RUN_DATA = "data.json"  # the data version the run's first epoch saw; a resume must see the same
 RUN_EPOCHS = "epochs.jsonl"  # one line per finished epoch
 RUN_CHECKPOINT = "checkpoint.pt"  # the state after the last finished epoch: what a resume reads
 RUN_CLOCK = "clock.json"  # the wall time earlier processes spent on the run, and its restarts

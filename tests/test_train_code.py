@@ -159,3 +159,26 @@ def test_resume_takes_the_latest_unfinished_run_of_the_same_code(
     assert run_dir not in (mine, newer) and not resumed
     assert code_json(run_dir) == {"commit": COMMIT_A, "code_sha256": CODE_B}
     assert json.loads((run_dir / names.RUN_CONFIG).read_text()) == plan
+
+
+def test_an_unfinished_run_does_not_continue_on_other_data(
+        tmp_path: Path, tiny_cifar: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed, then an increment added: the run's epochs would mix two datasets, so the same
+    command is refused with one line, the run's files untouched; --fresh starts over."""
+    from PIL import Image
+
+    ws = unfinished_run(tmp_path, tiny_cifar, capsys)
+    run_dir = only_run_dir(ws)
+    first = json.loads((run_dir / names.RUN_DATA).read_text())["data_version"]
+    picture = tiny_cifar / "increments" / "new" / "train" / "cat" / "one.png"
+    picture.parent.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (250, 40, 10)).save(picture)
+    checkpoint = (run_dir / names.RUN_CHECKPOINT).read_bytes()
+    status, _, err = run(["--out", ws, "--data-dir", tiny_cifar, *QUICK], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert f"{run_dir.name} began on data version {first}" in err and "--fresh" in err
+    assert (run_dir / names.RUN_CHECKPOINT).read_bytes() == checkpoint
+    assert not (run_dir / "metrics.json").exists()
+    status, _, err = run(["--out", ws, "--data-dir", tiny_cifar, *QUICK, "--fresh"], capsys)
+    assert status == 0, err
+    assert len(list((ws / "runs").glob("train-*"))) == 2

@@ -34,6 +34,7 @@ from ct.trainer.runs import (
     Workspace,
     choose_run_dir,
     load_data,
+    pin_data,
     publish,
     read_json,
     record_lineage,
@@ -240,6 +241,7 @@ def train_mode(opts: RunOptions, cfg: dict[str, Any], ws: Workspace, compute: Co
         log = Log(run_dir / names.RUN_LOG)
         log(f"run {run_dir.name} config {json.dumps(cfg, sort_keys=True)}")
         data = load_data(opts, ws, log)
+        pin_data(run_dir, data.version)
         split = make_split(data, cfg, compute.device)
         result = train_config(run_dir, cfg, split, compute, log, dry_run=opts.dry_run,
                               clock=clock)

@@ -117,6 +117,22 @@ def code_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | No
     return None
 
 
+def pin_data(run_dir: Path, data_version: str) -> None:
+    """The data a run trains on may not change under it: the first process records the data
+    version (data.json); a later one (a restart, a resume) on other data is refused, because
+    its epochs would mix two datasets."""
+    path = run_dir / names.RUN_DATA
+    if not path.exists():
+        atomic.write_json(path, {"data_version": data_version})
+        return
+    recorded = read_json(path)
+    then = recorded.get("data_version") if isinstance(recorded, dict) else None
+    if then != data_version:
+        raise UsageError(f"{run_dir.name} began on data version {then}, the data now is "
+                         f"{data_version} (increments added or removed): it cannot continue on "
+                         "other data; put the data back, or pass --fresh to start over")
+
+
 def start_run_dir(ws: Workspace, kind: str, state: dict[str, Any]) -> Path:
     """A new run folder with its config.json and code.json, never one without them."""
     with stopping.deferred():

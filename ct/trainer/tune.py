@@ -40,6 +40,7 @@ from ct.trainer.runs import (
     Workspace,
     choose_run_dir,
     load_data,
+    pin_data,
     publish,
     record_lineage,
     run_summary,
@@ -305,6 +306,7 @@ def tune_mode(opts: RunOptions, base: dict[str, Any], ws: Workspace, compute: Co
         log = Log(run_dir / names.RUN_LOG)
         log(f"tune {run_dir.name} plan {json.dumps(plan, sort_keys=True)}")
         data = load_data(opts, ws, log)
+        pin_data(run_dir, data.version)
         study = _study(ws, plan, data, create=True)
         rnd = studies.Round(study, run_dir.name)
         seed_sampler(rnd, plan, "w0")
