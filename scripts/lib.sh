@@ -283,15 +283,71 @@ ensure_image() {
 # after_run [--outbox-only] [--run-dir RUN_DIR]: what follows every finished training or tuning
 # run, whoever started it (job4, job5, job6 --follow), decided by ct.pipeline.after_run: judge,
 # promote, mail, report, once per run. A training run below the threshold needs the tuning image
-# first; only then does gate.properties hand the run to job5 (TUNE=true).
+# first; only then does gate.properties hand the run to job5 (TUNE=true). A best model without a
+# score on the run's test set is re-scored first (`rescore COMMIT MODEL`), then the run is judged
+# again, once: ct.pipeline.after_run never asks twice (judge --rescored).
 after_run() {
-  local next
+  local next word commit model
   next="$(ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" judge --threshold "$CT_THRESHOLD" "$@")" ||
     exit $?
+  read -r word commit model <<<"$next"
+  if [[ "$word" == rescore ]]; then
+    rescore "$commit" "$model"
+    next="$(ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" judge --threshold "$CT_THRESHOLD" --rescored "$@")" ||
+      exit $?
+  fi
   if [[ "$next" == tune ]]; then
     prepare_tuning_image
     ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" handed-to-tuning >/dev/null || exit $?
   fi
+}
+
+# rescore COMMIT MODEL: evaluate the best model (MODEL, a workspace path) on the test set the data
+# holds now, with the code of COMMIT, which trained it (its snapshot; on docker its training image,
+# like a run of that commit), and wait for it: python -m ct.trainer.evaluate writes
+# runs/eval-<time>-<sha>/metrics.json, which promotion then reads. When that code is gone for good,
+# or cannot evaluate, nothing is promoted and the best model stays (exit 2).
+rescore() {
+  local commit="$1" model="$2" image user code rc=0 args=()
+  resolve_runtime
+  # its own words, not ensure_snapshot's: what is at stake here is the best model, not a run
+  (ensure_snapshot "$commit") 2>/dev/null ||
+    die "the best model's code (commit $commit) is gone and cannot be made again from $CT_WORKSPACE/$WS_CODE_REPO, so the best model cannot be re-scored on the new test set: nothing promoted, the best model stays (run job1 for commit $commit to bring its code back, then job4)" 2
+  code="$(snapshot_path "$commit")"
+  [[ -f "$code/ct/trainer/evaluate.py" ]] ||
+    die "commit $commit, which trained the best model, predates ct.trainer.evaluate, so the best model cannot be re-scored on the new test set: nothing promoted, the best model stays (evaluate $CT_WORKSPACE/$model by hand and run job4 again, or move $CT_WORKSPACE/$WS_BEST_FILE away to start a new best)" 2
+  use_commit "$commit"
+  image="$(select_image train)"
+  log "re-scoring the best model $model (commit $commit) on the test set the data holds now"
+  [[ -z "$CT_INCREMENTS_DIR" || "$CT_INCREMENTS_DIR" == /* ]] ||
+    die "CT_INCREMENTS_DIR must be an absolute path, not '$CT_INCREMENTS_DIR'" 2
+  if [[ "$CT_RUNTIME" == docker ]]; then
+    user="$(container_user)"
+    prepare_workspace_for "$user"
+    docker rm -f "$(container_name eval)" >/dev/null 2>&1 || true # one a killed job left behind
+    # as launch runs train.py: the snapshot read-only at /code, the other snapshots hidden, not root
+    local run=(docker run --rm --init --name "$(container_name eval)" --label ct.role=eval
+      --label "ct.workspace=$CT_WORKSPACE" --label "ct.commit=$commit" --user "$user" -e HOME=/tmp
+      -e PYTHONPATH=/code -e PYTHONDONTWRITEBYTECODE=1 -e "CT_COMMIT=$commit"
+      --shm-size 1g -v "$CT_WORKSPACE:/workspace" -v "$code:/code:ro"
+      --mount "type=tmpfs,destination=/workspace/$WS_CODE_DIR,tmpfs-mode=0555"
+      -w /workspace --entrypoint python)
+    [[ -n "$CT_GPUS" ]] && run+=(--gpus "$CT_GPUS")
+    [[ -n "$CT_MEMORY" ]] && run+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")
+    if [[ -n "$CT_INCREMENTS_DIR" ]]; then
+      run+=(-v "$CT_INCREMENTS_DIR:/increments:ro")
+      args+=(--increments /increments)
+    fi
+    "${run[@]}" "$image" -m ct.trainer.evaluate "/workspace/$model" --out /workspace \
+      "${args[@]}" >&2 || rc=$?
+  else
+    [[ -z "$CT_INCREMENTS_DIR" ]] || args+=(--increments "$CT_INCREMENTS_DIR")
+    (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" PYTHONPATH="$code" PYTHONDONTWRITEBYTECODE=1 \
+      exec "$CT_PYTHON" -m ct.trainer.evaluate "$CT_WORKSPACE/$model" --out "$CT_WORKSPACE" \
+      "${args[@]}") >&2 || rc=$?
+  fi
+  ((rc == 0)) ||
+    die "the best model could not be re-scored (exit $rc, see above): nothing promoted, the best model stays" "$((rc == 2 ? 2 : 1))"
 }
 
 prepare_tuning_image() { # for the commit of the run this build judged

@@ -194,8 +194,8 @@ def yardstick(workspace: Path, best: Mapping[str, Any], metrics: Mapping[str, An
         records.write_files({workspace / names.BEST_FILE: updated}, remedy)
     how = ""
     if score["measured_by"] != best.get("run_id"):
-        how = (f", {fmt_number(score['accuracy'])}% on this run's test set as re-scored by "
-               f"{score['measured_by']}; {fmt_number(best['accuracy'])}% on its own")
+        how = (f", re-scored on this run's test set by {score['measured_by']}; "
+               f"{fmt_number(best['accuracy'])}% on its own test set")
     return _yardstick(best, score, how)
 
 
