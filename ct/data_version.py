@@ -208,18 +208,20 @@ def file_sha256s(listed: Sequence[_Listed], root: Path, cache_dir: Path | None
     for item in listed:
         saved = known.get(item.rel)
         if saved is not None and saved[0] == item.size and saved[1] == item.mtime_ns:
-            digest = saved[2]
-        else:
-            path = root / item.rel
-            try:
-                digest = names.hash_files([path])
-            except OSError as exc:
-                raise DataVersionError(f"cannot read {path} ({exc.strerror}); make it "
-                                       "readable or remove it") from exc
-            hashed += 1
+            fresh[item.rel] = saved
+            digests.append(saved[2])
+            continue
+        path = root / item.rel
+        try:
+            digest = names.hash_files([path])
+        except OSError as exc:
+            raise DataVersionError(f"cannot read {path} ({exc.strerror}); make it "
+                                   "readable or remove it") from exc
+        hashed += 1
         fresh[item.rel] = [item.size, item.mtime_ns, digest]
         digests.append(digest)
-    if cache is not None and fresh != known:
+    # rewritten only when a file was hashed or one the cache knew is gone
+    if cache is not None and (hashed or len(fresh) != len(known)):
         try:
             atomic.write_text(cache, json.dumps({"format": 1, "files": fresh}) + "\n")
         except OSError:
