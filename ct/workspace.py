@@ -10,7 +10,8 @@ Standard library only: the trainer (in the container) writes these files, the ga
       code/repo.git              job1: the git repository pushes are fetched into (bare)
       code/<commit>/             job1: the commit's code, read-only, what its runs train
       data/                      CIFAR-10, and the trainer's caches of it (DATA_* names below)
-      runs/<run-id>/             one training or tuning run (RUN_* names below)
+      runs/<run-id>/             one training or tuning run (RUN_* names below), or a
+                                 re-scoring of the best model (EVAL_RUNS)
       accuracy.txt, metrics.json the latest finished run: its accuracy, its summary
       gate.properties            ct.pipeline.gate: the verdict, for Jenkins' trigger (TUNE: job5)
       accuracy-history.csv       ct.pipeline.gate: one row per judged run
@@ -101,6 +102,9 @@ RUN_TRIALS = "trials.jsonl"  # a tuning run: one line per trial, in trial-NNN/ f
 RUN_BEST = BEST_FILE  # a tuning run: the best trial
 RUN_CURVES = "curves.png"  # loss, accuracies and learning rate per epoch (when matplotlib imports)
 RUN_TRIALS_PLOT = "trials.png"  # a tuning run: every trial's curve, the best highlighted
+# runs/eval-<UTC time>-<model sha256[:10]>/metrics.json: a saved model re-scored on the test set
+# of the data now (python -m ct.trainer.evaluate); promotion reads it (ct.pipeline.rescore)
+EVAL_RUNS = "eval"
 
 # --- inside data/ (the trainer's caches, beside the dataset or instead of it)
 DATA_CACHE = "cifar-10-uint8.npz"  # the decoded dataset, keyed by its source's size and mtime

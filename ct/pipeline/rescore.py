@@ -34,7 +34,7 @@ from ct.pipeline.records import fmt_number, is_percentage, utc_now
 
 SCORES = "scores"
 TEST_VERSION = "test_version"
-EVAL_KIND = "eval"  # runs/eval-<UTC time>-<model sha256[:10]>/ (ct.trainer.evaluate)
+EVAL_KIND = names.EVAL_RUNS  # runs/eval-<UTC time>-<model sha256[:10]>/ (ct.trainer.evaluate)
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _FULL_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # what the job scripts can snapshot
 

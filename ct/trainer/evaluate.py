@@ -36,7 +36,7 @@ from ct.trainer.run import per_class_view
 from ct.trainer.runs import Log, LogLine, RunOptions, Workspace, load_data, test_version
 from ct.trainer.state import load_model
 
-KIND = "eval"  # runs/eval-<UTC time>-<model sha256[:10]>/
+KIND = names.EVAL_RUNS  # runs/eval-<UTC time>-<model sha256[:10]>/
 
 
 def model_digest(path: Path) -> str:
