@@ -367,7 +367,7 @@ def test_the_chain_re_scores_the_champion_on_a_new_test_set(source_repo, script_
     rescored = json.loads((folder / "metrics.json").read_text())
     assert (rescored["test_version"], rescored["model_sha256"]) == (t1, best["model_sha256"])
     assert rescored["accuracy"] != first["accuracy"], "11 more test images change the score"
-    assert f"re-scored by {rescored['run_id']}" in judged.stderr
+    assert f"re-scored on this run's test set by {rescored['run_id']}" in judged.stderr
     after = best_of(ws)
     promoted = read_props(ws / "promotion.properties")["PROMOTED"] == "true"
     assert promoted == (second["accuracy"] > rescored["accuracy"])
