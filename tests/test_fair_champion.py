@@ -316,13 +316,16 @@ def add_increment(ws: Path, tests: int = 11, trains: int = 3) -> None:
         image(root / "train" / CLASSES[i % 10] / f"n{i}.png", 2000 + i)
 
 
-def test_the_chain_re_scores_the_champion_on_a_new_test_set(source_repo, script_env):
+@pytest.mark.parametrize("runtime", ["local", pytest.param(
+    "docker", marks=[pytest.mark.docker, pytest.mark.slow])])
+def test_the_chain_re_scores_the_champion_on_a_new_test_set(source_repo, script_env, request,
+                                                            runtime):
     """job1..job4 make a champion; an increment with test images and a retrain (job2, job3);
     job4 with the champion's stored model corrupt: one line, exit 2, champion untouched; job4
     again: the champion is re-scored on the new test set (an eval-* run, best.json's scores on
-    two test sets) and the decision uses that number."""
-    env = {**script_env, "CT_TRAIN_ARGS": "--batch-size 64 --epochs 1 --seed 1",
-           "CT_THRESHOLD": "5"}
+    two test sets) and the decision uses that number. On docker, in the champion's image."""
+    given = script_env if runtime == "local" else request.getfixturevalue("docker_env")
+    env = {**given, "CT_TRAIN_ARGS": "--batch-size 64 --epochs 1 --seed 1", "CT_THRESHOLD": "5"}
     ws = Path(env["CT_WORKSPACE"])
     for script in ("job1-pull.sh", "job2-image.sh", "job3-train.sh", "job4-gate.sh"):
         run_script(script, env, *([str(source_repo)] if script == "job1-pull.sh" else []))
