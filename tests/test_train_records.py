@@ -16,9 +16,9 @@ from network import build_model
 from tests.train_cli import QUICK, only_run_dir, run, unfinished_run
 
 SMALL = [*QUICK, "--subset", "300"]
-LINEAGE_KEYS = {"dataset_sha256", "dataset_form", "data_version", "data", "seed", "commit",
-                "code_sha256", "train_args", "image", "image_id", "torch", "device", "threads",
-                "model_sha256"}
+LINEAGE_KEYS = {"dataset_sha256", "dataset_form", "data_version", "test_version", "data", "seed",
+                "commit", "code_sha256", "train_args", "image", "image_id", "torch", "device",
+                "threads", "model_sha256"}
 
 
 def sha256_of(*paths: Path) -> str:
