@@ -90,7 +90,9 @@ def run_code(ws: Path, run_name: str) -> str:
 def assert_output_trained_its_commit(ws: Path, output: str, labels: dict[str, str]) -> set[str]:
     """A job's output names the runs it trained (`run NAME config`, `resuming NAME`) and the
     markers of the code that ran: they agree with what each run records. The runs named."""
-    runs = set(re.findall(r"\b(?:run|resuming) (train-[\w-]+)", output))
+    # the trainer's own lines: "run NAME config {...}", "resuming NAME from its checkpoint"
+    runs = {a or b for a, b in re.findall(
+        r"\brun (train-[\w-]+) config|\bresuming (train-[\w-]+) from", output)}
     markers = set(re.findall(rf"{MARKER} (\w+)", output))
     assert runs, output[-3000:]
     assert markers == {labels[run_code(ws, name)] for name in runs}, (runs, markers)
