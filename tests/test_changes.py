@@ -179,6 +179,7 @@ def test_job6_starts_a_retrain_only_when_something_changed(workspace, script_env
         assert set(query) - {"token"} <= declared
 
 
+@pytest.mark.slow  # three real trainings; the decision and job6's are tested above, fast
 def test_a_retrain_of_unchanged_inputs_trains_nothing_and_new_data_trains(source_repo,
                                                                           script_env):
     """The chain on the local runtime: job1..job4 train and judge a run; job2's retrain of the

@@ -316,8 +316,10 @@ def add_increment(ws: Path, tests: int = 11, trains: int = 3) -> None:
         image(root / "train" / CLASSES[i % 10] / f"n{i}.png", 2000 + i)
 
 
-@pytest.mark.parametrize("runtime", ["local", pytest.param(
-    "docker", marks=[pytest.mark.docker, pytest.mark.slow])])
+# the whole chain twice (about 35 s on 2 cores): the slow suite; the decision itself is tested
+# above, fast
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["local", pytest.param("docker", marks=pytest.mark.docker)])
 def test_the_chain_re_scores_the_champion_on_a_new_test_set(source_repo, script_env, request,
                                                             runtime):
     """job1..job4 make a champion; an increment with test images and a retrain (job2, job3);

@@ -122,6 +122,7 @@ def test_newest_order_trains_the_new_push_instead_of_restarting_the_old_one(env,
     assert [commit for commit, _ in verdicts(ws)] == [b]
 
 
+@pytest.mark.slow  # the two other local cases run the same jobs, fast
 def test_the_local_chain_runner_trains_the_push_that_arrived_during_its_chain(env, source_repo,
                                                                               tmp_path):
     """make run twice: the second finds A training (paused), leaves B queued and exits 0; A is
