@@ -57,14 +57,8 @@ class Axes:
 def history_chart(points: Sequence[Point]) -> str:
     """Accuracy per judged run (x: in order, labelled by commit) and the threshold, as SVG."""
     values = [p.accuracy for p in points] + [p.threshold for p in points if p.threshold is not None]
-    low = max(0.0, math.floor((min(values) - 5) / 10) * 10) if values else 0.0
-    axes = Axes(len(points), low)
-    parts = [f'<svg id="accuracy-chart" xmlns="http://www.w3.org/2000/svg" role="img" '
-             f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" {FONT}>',
-             "<title>Test accuracy per judged run, with the threshold</title>",
-             f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" '
-             f'height="{HEIGHT - TOP - BOTTOM}" class="plot" fill="{PLOT_FILL}" '
-             f'stroke="{PLOT_EDGE}"/>', *grid(axes)]
+    axes, parts = frame("accuracy-chart", "Test accuracy per judged run, with the threshold",
+                        len(points), values)
     if points:
         parts += marks(points, axes)
     else:
@@ -73,6 +67,20 @@ def history_chart(points: Sequence[Point]) -> str:
                      "yet</text>")
     parts.append("</svg>")
     return "".join(parts)
+
+
+def frame(chart_id: str, title: str, count: int, values: Sequence[float]
+          ) -> tuple[Axes, list[str]]:
+    """A chart's axes (`count` slots, from a round 10 at least 5 points under the lowest value
+    up to 100%) and its opening: the svg element, its title, the plot area and the grid."""
+    low = max(0.0, math.floor((min(values) - 5) / 10) * 10) if values else 0.0
+    axes = Axes(count, low)
+    return axes, [f'<svg id="{chart_id}" xmlns="http://www.w3.org/2000/svg" role="img" '
+                  f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" {FONT}>',
+                  f"<title>{title}</title>",
+                  f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" '
+                  f'height="{HEIGHT - TOP - BOTTOM}" class="plot" fill="{PLOT_FILL}" '
+                  f'stroke="{PLOT_EDGE}"/>', *grid(axes)]
 
 
 def grid(axes: Axes) -> list[str]:
@@ -133,16 +141,10 @@ def per_class_chart(classes: Sequence[str], series: Sequence[Series]) -> str:
     """Grouped bars: for each class (x, in label order) one bar per series (model), its height
     the model's test accuracy on the class, with a tooltip; a legend under the class names."""
     values = [v for s in series for v in s.values.values()]
-    low = max(0.0, math.floor((min(values) - 5) / 10) * 10) if values else 0.0
-    axes = Axes(len(classes), low)
-    parts = [f'<svg id="per-class-chart" xmlns="http://www.w3.org/2000/svg" role="img" '
-             f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" {FONT}>',
-             "<title>Test accuracy per class, one bar per model</title>",
-             f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" '
-             f'height="{HEIGHT - TOP - BOTTOM}" class="plot" fill="{PLOT_FILL}" '
-             f'stroke="{PLOT_EDGE}"/>', *grid(axes)]
+    axes, parts = frame("per-class-chart", "Test accuracy per class, one bar per model",
+                        len(classes), values)
     width = axes.slot * (1 - BAR_GAP) / max(1, len(series))
-    base = axes.y(low)
+    base = axes.y(axes.low)
     for i, name in enumerate(classes):
         first = axes.x(i) - width * len(series) / 2
         for k, one in enumerate(series):
