@@ -17,7 +17,6 @@ retrain. The commit is --commit, else the latest push (commit.txt). Standard lib
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 
 from ct import data_version
 from ct import workspace as names
-from ct.pipeline import cli, records
+from ct.pipeline import cli, records, report_inputs
 from ct.pipeline.errors import PipelineError
 
 
@@ -61,13 +60,8 @@ def judged_runs(workspace: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     best, _ = records.read_json_object(workspace / names.BEST_FILE)
     if best and isinstance(best.get(names.LINEAGE), dict):
         yield str(best.get("run_id", "the champion")), best[names.LINEAGE]
-    history = workspace / names.HISTORY_FILE
-    try:
-        with open(history, newline="", encoding="utf-8") as handle:
-            run_ids = [row.get("run", "") for row in csv.DictReader(handle)]
-    except (OSError, UnicodeDecodeError, csv.Error):
-        run_ids = []
-    for run_id in reversed(run_ids):
+    rows, _ = report_inputs.read_history(workspace / names.HISTORY_FILE)
+    for run_id in reversed([row.get("run", "") for row in rows]):
         if not records.is_workspace_file(run_id) or "/" in run_id:
             continue
         metrics, _ = records.read_json_object(
