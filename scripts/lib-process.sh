@@ -29,18 +29,45 @@ prepare_workspace_for() { # USER (uid:gid)
   fi
 }
 
+# sandbox_args ROLE NAME COMMIT: the `docker run` options of every container this workspace
+# starts (sets SANDBOX), and the train.py flags that go with them (sets INCREMENT_ARGS): named and
+# labelled, not root, COMMIT's snapshot read-only at /code with the other snapshots hidden under
+# an empty /workspace/code, the workspace at /workspace, CT_INCREMENTS_DIR read-only at
+# /increments, the GPU and memory settings.
+sandbox_args() {
+  local role="$1" name="$2" commit="$3" user
+  user="$(container_user)"
+  prepare_workspace_for "$user"
+  # --init: a tiny init (docker-init) is PID 1 and passes SIGTERM on, so `docker stop` and
+  # Jenkins' abort stop it at once (train.py keeps its last checkpoint).
+  # --entrypoint: the code is the snapshot's, whatever the commit's Dockerfile says.
+  SANDBOX=(--init --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
+    --label "ct.commit=$commit" --user "$user" -e HOME=/tmp -e "CT_COMMIT=$commit"
+    -e PYTHONDONTWRITEBYTECODE=1 --shm-size 1g -v "$CT_WORKSPACE:/workspace"
+    -v "$(snapshot_path "$commit"):/code:ro"
+    --mount "type=tmpfs,destination=/workspace/$WS_CODE_DIR,tmpfs-mode=0555"
+    -w /workspace --entrypoint python)
+  [[ -n "$CT_GPUS" ]] && SANDBOX+=(--gpus "$CT_GPUS")
+  # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time
+  [[ -n "$CT_MEMORY" ]] && SANDBOX+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")
+  INCREMENT_ARGS=()
+  if [[ -n "$CT_INCREMENTS_DIR" ]]; then # increments kept outside the workspace
+    SANDBOX+=(-v "$CT_INCREMENTS_DIR:/increments:ro")
+    INCREMENT_ARGS=(--increments /increments)
+  fi
+}
+
 # launch ROLE IMAGE COMMIT ARGS...: start train.py of COMMIT's snapshot detached (docker: a named,
 # labelled container that sees the snapshot read-only at /code and the workspace at /workspace,
 # with the other snapshots hidden; local: python in the background of this shell) and set
 # LAUNCHED to its container name / pid-N.
 launch() {
-  local role="$1" image="$2" commit="$3" name user code digest
+  local role="$1" image="$2" commit="$3" name code digest
   shift 3
   name="$(container_name "$role")"
   ensure_snapshot "$commit"
   code="$(snapshot_path "$commit")"
-  [[ -z "$CT_INCREMENTS_DIR" || "$CT_INCREMENTS_DIR" == /* ]] ||
-    die "CT_INCREMENTS_DIR must be an absolute path, not '$CT_INCREMENTS_DIR'" 2
+  require_increments_dir
   digest="$(ct_py ct.pipeline.snapshots --workspace "$CT_WORKSPACE" digest --commit "$commit")" ||
     exit $?
   mkdir -p "$CT_WORKSPACE/$WS_STATUS_DIR"
@@ -49,31 +76,15 @@ launch() {
       die "container $name is still running for this workspace; stop it or wait for it (job6 watches it)"
     fi
     docker rm -f "$name" >/dev/null 2>&1 || true
-    user="$(container_user)"
-    prepare_workspace_for "$user"
-    # --init: a tiny init (docker-init) is PID 1 and passes SIGTERM on to train.py, so `docker stop`
-    # and Jenkins' abort stop it at once (train.py keeps its last checkpoint).
-    # --entrypoint: the code is the snapshot's, whatever the commit's Dockerfile says.
-    # CT_IMAGE, CT_IMAGE_ID, CT_COMMIT, CT_CODE_SHA256, CT_TRAIN_ARGS: the run's lineage names
-    # what it ran and what it was asked (ct.pipeline.changes compares the request).
-    local run=(docker run -d --init --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
-      --label "ct.commit=$commit" --user "$user" -e HOME=/tmp -e "CT_COMMIT=$commit"
-      -e "CT_CODE_SHA256=$digest" -e PYTHONDONTWRITEBYTECODE=1 -e CT_TRAIN_ARGS
-      -e "CT_IMAGE=$image" -e "CT_IMAGE_ID=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null)"
-      --shm-size 1g -v "$CT_WORKSPACE:/workspace" -v "$code:/code:ro"
-      --mount "type=tmpfs,destination=/workspace/$WS_CODE_DIR,tmpfs-mode=0555"
-      -w /workspace --entrypoint python)
-    [[ -n "$CT_GPUS" ]] && run+=(--gpus "$CT_GPUS")
+    sandbox_args "$role" "$name" "$commit"
+    # CT_IMAGE, CT_IMAGE_ID, CT_CODE_SHA256, CT_TRAIN_ARGS: the run's lineage names what it ran
+    # and what it was asked (ct.pipeline.changes compares the request).
+    local run=(docker run -d "${SANDBOX[@]}" -e "CT_CODE_SHA256=$digest" -e CT_TRAIN_ARGS
+      -e "CT_IMAGE=$image" -e "CT_IMAGE_ID=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null)")
     # the study's URL holds a password: passed by name, so it is in no argument list or record
     [[ -n "$CT_TUNE_STORAGE" ]] && run+=(-e CT_TUNE_STORAGE)
-    # increments kept outside the workspace: read-only at /increments
-    if [[ -n "$CT_INCREMENTS_DIR" ]]; then
-      run+=(-v "$CT_INCREMENTS_DIR:/increments:ro")
-      set -- "$@" --increments /increments
-    fi
-    # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time
-    [[ -n "$CT_MEMORY" ]] && run+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")
-    "${run[@]}" "$image" /code/train.py "$@" >/dev/null || die "docker run of $image failed"
+    "${run[@]}" "$image" /code/train.py "$@" "${INCREMENT_ARGS[@]}" >/dev/null ||
+      die "docker run of $image failed"
     LAUNCHED="$name"
   else
     local logf="$CT_WORKSPACE/$WS_STATUS_DIR/$role.log"

@@ -90,6 +90,11 @@ keep_artifact() { # FILE...: copy into this build's CT_ARTIFACTS_DIR (nothing ou
 }
 
 # ----------------------------------------------------------------------------------- checks
+require_increments_dir() { # docker mounts it: an absolute path
+  [[ -z "$CT_INCREMENTS_DIR" || "$CT_INCREMENTS_DIR" == /* ]] ||
+    die "CT_INCREMENTS_DIR must be an absolute path, not '$CT_INCREMENTS_DIR'" 2
+}
+
 require_uint() { # NAME VALUE
   [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a whole number, not '$2'" 2
 }
@@ -308,7 +313,7 @@ after_run() {
 # runs/eval-<time>-<sha>/metrics.json, which promotion then reads. When that code is gone for good,
 # or cannot evaluate, nothing is promoted and the best model stays (exit 2).
 rescore() {
-  local commit="$1" model="$2" image user code rc=0 args=()
+  local commit="$1" model="$2" image code rc=0 args=()
   resolve_runtime
   # its own words, not ensure_snapshot's: what is at stake here is the best model, not a run
   (ensure_snapshot "$commit") 2>/dev/null ||
@@ -319,27 +324,13 @@ rescore() {
   use_commit "$commit"
   image="$(select_image train)"
   log "re-scoring the best model $model (commit $commit) on the test set the data holds now"
-  [[ -z "$CT_INCREMENTS_DIR" || "$CT_INCREMENTS_DIR" == /* ]] ||
-    die "CT_INCREMENTS_DIR must be an absolute path, not '$CT_INCREMENTS_DIR'" 2
+  require_increments_dir
   if [[ "$CT_RUNTIME" == docker ]]; then
-    user="$(container_user)"
-    prepare_workspace_for "$user"
     docker rm -f "$(container_name eval)" >/dev/null 2>&1 || true # one a killed job left behind
     # as launch runs train.py: the snapshot read-only at /code, the other snapshots hidden, not root
-    local run=(docker run --rm --init --name "$(container_name eval)" --label ct.role=eval
-      --label "ct.workspace=$CT_WORKSPACE" --label "ct.commit=$commit" --user "$user" -e HOME=/tmp
-      -e PYTHONPATH=/code -e PYTHONDONTWRITEBYTECODE=1 -e "CT_COMMIT=$commit"
-      --shm-size 1g -v "$CT_WORKSPACE:/workspace" -v "$code:/code:ro"
-      --mount "type=tmpfs,destination=/workspace/$WS_CODE_DIR,tmpfs-mode=0555"
-      -w /workspace --entrypoint python)
-    [[ -n "$CT_GPUS" ]] && run+=(--gpus "$CT_GPUS")
-    [[ -n "$CT_MEMORY" ]] && run+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")
-    if [[ -n "$CT_INCREMENTS_DIR" ]]; then
-      run+=(-v "$CT_INCREMENTS_DIR:/increments:ro")
-      args+=(--increments /increments)
-    fi
-    "${run[@]}" "$image" -m ct.trainer.evaluate "/workspace/$model" --out /workspace \
-      "${args[@]}" >&2 || rc=$?
+    sandbox_args eval "$(container_name eval)" "$commit"
+    docker run --rm "${SANDBOX[@]}" -e PYTHONPATH=/code "$image" -m ct.trainer.evaluate \
+      "/workspace/$model" --out /workspace "${INCREMENT_ARGS[@]}" >&2 || rc=$?
   else
     [[ -z "$CT_INCREMENTS_DIR" ]] || args+=(--increments "$CT_INCREMENTS_DIR")
     (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" PYTHONPATH="$code" PYTHONDONTWRITEBYTECODE=1 \
