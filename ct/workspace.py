@@ -2,8 +2,7 @@
 
 Standard library only: the trainer (in the container) writes these files, the gate and the mail
 (on the Jenkins host) read them. The job scripts take the names they use from here too
-(`python3 -m ct.workspace names`, read once by scripts/lib.sh), and the commit
-(`python3 -m ct.workspace commit`).
+(`python3 -m ct.workspace names`, read once by scripts/lib.sh).
 
     <workspace>/
       commit.txt                 job1: the latest pushed commit (its first word)
@@ -284,16 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ct.workspace", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("names", help="NAME=value lines of the workspace's names, for bash")
-    commit = commands.add_parser("commit", help=f"the workspace's commit ({NO_COMMIT!r}: none)")
-    add_workspace_argument(commit)
-    args = parser.parse_args(argv)
-    if args.command == "names":
-        print("\n".join(f"{key}={value}" for key, value in SHELL_NAMES.items()))
-        return 0
-    workspace = workspace_of(parser, args.workspace)
-    if workspace is None:
-        return 2
-    print(recorded_commit(workspace) or NO_COMMIT)
+    parser.parse_args(argv)
+    print("\n".join(f"{key}={value}" for key, value in SHELL_NAMES.items()))
     return 0
 
 
