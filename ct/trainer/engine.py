@@ -358,9 +358,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Comput
             break
         inputs, labels = normalise(x[first:first + batch]), y[first:first + batch]
         with compute.autocast():
-            logits = _view_logits(model, inputs, flip_tta)
+            logits = view_logits(model, inputs, flip_tta)
             if translate:
-                logits = _translated_logits(model, inputs, logits, flip_tta)
+                logits = translated_logits(model, inputs, logits, flip_tta)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         predicted = logits.argmax(1)
         correct += (predicted == labels).sum()
@@ -378,7 +378,7 @@ def evaluate_as_configured(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     translate=cfg["tta_translate"], predictions=predictions)
 
 
-def _view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool) -> torch.Tensor:
+def view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool) -> torch.Tensor:
     """The logits of one view, averaged with its mirror's when `flip_tta`."""
     logits = model(inputs).float()
     if flip_tta:
@@ -386,7 +386,7 @@ def _view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool) -> torc
     return logits
 
 
-def _translated_logits(model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor,
+def translated_logits(model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor,
                        flip_tta: bool) -> torch.Tensor:
     """airbench's infer_mirror_translate: half the weight on the image (`logits`, its view), a
     quarter each on the image shifted by TTA_SHIFT pixels up-left and down-right, cut from its
@@ -395,5 +395,5 @@ def _translated_logits(model: nn.Module, inputs: torch.Tensor, logits: torch.Ten
     padded = F.pad(inputs, (TTA_SHIFT,) * 4, mode="reflect")
     shifted = [padded[:, :, o:o + size, o:o + size].contiguous(memory_format=torch.channels_last)
                for o in (0, 2 * TTA_SHIFT)]
-    views = [_view_logits(model, view, flip_tta) for view in shifted]
+    views = [view_logits(model, view, flip_tta) for view in shifted]
     return 0.5 * logits + 0.25 * (views[0] + views[1])
