@@ -75,25 +75,19 @@ def _record(base: Cifar, version: DataVersion, train: int, test: int) -> dict[st
 
 
 def decode(path: Path) -> np.ndarray:
-    """The image as uint8 (3, 32, 32): EXIF orientation applied, converted to RGB (an alpha
-    channel is dropped, a palette or grey level expanded), resized with Lanczos unless it is
-    32x32 already. DataError naming the file when Pillow cannot read all of it."""
+    """The image as uint8 (3, 32, 32), decoded as ct.images decodes every image the network
+    reads (EXIF orientation, RGB, Lanczos to 32x32). DataError naming the file when Pillow cannot
+    read all of it."""
     try:
-        from PIL import Image, ImageOps
+        from ct import images
     except ImportError as exc:
         raise DataError("increments need Pillow to decode their images: pip install pillow "
                         "(the training image has it through torchvision)") from exc
     try:
-        with Image.open(path) as opened:
-            opened.load()  # decodes every byte now: a truncated file fails here, by name
-            rgb = (ImageOps.exif_transpose(opened) or opened).convert("RGB")
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise DataError(f"{path} is not a readable image ({reason}); replace it or remove "
-                        "it") from exc
-    if rgb.size != (SIZE, SIZE):
-        rgb = rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
+        return images.decode(path)
+    except images.ImageError as exc:
+        raise DataError(f"{path} is not a readable image ({exc.kind}: {exc.detail}); replace it "
+                        "or remove it") from exc
 
 
 def _pixels_key(image: np.ndarray) -> bytes:
