@@ -8,9 +8,13 @@ There is no registry here, so the base image is made from scratch and cached bet
 3. ``docker build --network host`` on it: python3 + a venv with the local CPU torch wheel and numpy
    from PyPI (the host's CA bundle is copied into a temporary build context, never into the repo).
 
+A second base, for Dockerfile.serve, is built on the same rootfs when a test asks for it
+(``ensure_serve_base_image``): python3 + a venv with requirements-serve.txt's pins and no torch.
+Both bases hold every pin their Dockerfiles install, so the builds the tests run need no network.
+
 The engine itself is a ``dockerd`` started with its data root in the cache (so images survive the
 run) and stopped by PID when the last pytest session using it ends. Run this module directly to
-warm the cache: ``python -m tests.docker_engine``.
+warm the cache: ``python -m tests.docker_engine [--serve] [--keep]``.
 """
 
 from __future__ import annotations
@@ -43,10 +47,29 @@ RUN apt-get update \\
 COPY host-ca.crt {wheel} /tmp/build/
 RUN python3 -m venv /opt/venv \\
  && PIP_CERT=/tmp/build/host-ca.crt /opt/venv/bin/pip install --no-cache-dir \\
-      /tmp/build/{wheel} "numpy>=1.26" "{matplotlib}" {tune} \\
+      /tmp/build/{wheel} "numpy>=1.26" "{matplotlib}" {tune} {export} \\
  && rm -rf /tmp/build
 ENV PATH=/opt/venv/bin:$PATH
 """
+
+# What python:3.11-slim-bookworm gives Dockerfile.serve (python, pip, useradd), plus the pins of
+# requirements-serve.txt, which the image's own install then finds satisfied.
+SERVE_BASE_DOCKERFILE = """\
+FROM {rootfs}
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \\
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates passwd \\
+ && rm -rf /var/lib/apt/lists/*
+COPY host-ca.crt /tmp/build/
+RUN python3 -m venv /opt/venv \\
+ && PIP_CERT=/tmp/build/host-ca.crt /opt/venv/bin/pip install --no-cache-dir {serve} \\
+ && rm -rf /tmp/build
+ENV PATH=/opt/venv/bin:$PATH
+"""
+
+# The training image exports the champion to ONNX and checks it with ONNX Runtime: these pins
+# unless requirements.txt names its own.
+EXPORT_PINS = {"onnx": "onnx==1.23.2", "onnxruntime": "onnxruntime==1.32.0"}
 
 
 class EngineUnavailable(RuntimeError):
@@ -205,43 +228,66 @@ def _requirement(name: str) -> str:
     raise EngineUnavailable(f"requirements.txt pins no {name}")
 
 
+def _export_pins() -> list[str]:
+    """onnx and onnxruntime for the training image: requirements.txt's pins, else EXPORT_PINS."""
+    pinned = {spec.split("==", 1)[0].lower(): spec for spec in _pins("requirements.txt")}
+    return [pinned.get(name, default) for name, default in EXPORT_PINS.items()]
+
+
 def _has_image(engine: Engine, name: str) -> bool:
     out = engine.docker("images", "-q", name, check=False)
     return bool(out.strip())
 
 
+def _quoted(pins: list[str]) -> str:
+    return " ".join(f'"{pin}"' for pin in pins)
+
+
 def ensure_base_image(engine: Engine) -> str:
     """Build (once) and return the name of a base image with python, CPU torch, numpy and
-    matplotlib (what the official PyTorch image plus Dockerfile.train give a user), and the tuning
-    pins (requirements-tune.txt), which Dockerfile.tune then finds satisfied without a download:
-    the test engine's builds have no network."""
+    matplotlib (what the official PyTorch image plus Dockerfile.train give a user), onnx and
+    onnxruntime for the export, and the tuning pins (requirements-tune.txt), which Dockerfile.tune
+    then finds satisfied without a download: the test engine's builds have no network."""
     wheel = _wheel()
-    tune = " ".join(f'"{pin}"' for pin in _pins("requirements-tune.txt"))
     recipe = BASE_DOCKERFILE.format(rootfs=ROOTFS_IMAGE, wheel=wheel.name,
-                                    matplotlib=_requirement("matplotlib"), tune=tune)
-    tag = "ct-test-base:" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
+                                    matplotlib=_requirement("matplotlib"),
+                                    tune=_quoted(_pins("requirements-tune.txt")),
+                                    export=_quoted(_export_pins()))
+    return _build_base(engine, "ct-test-base", recipe, f"python3 + {wheel.name} + numpy", wheel)
+
+
+def ensure_serve_base_image(engine: Engine) -> str:
+    """Build (once) and return a base image for Dockerfile.serve: python3 and a venv with the
+    pins of requirements-serve.txt, no torch. Takes the engine's setup lock, as a session's
+    start does, so that two sessions do not build it side by side."""
+    recipe = SERVE_BASE_DOCKERFILE.format(rootfs=ROOTFS_IMAGE,
+                                          serve=_quoted(_pins("requirements-serve.txt")))
+    with open(CACHE / "engine.setup.lock", "a+") as setup:
+        fcntl.flock(setup, fcntl.LOCK_EX)
+        try:
+            return _build_base(engine, "ct-test-serve-base", recipe, "python3 + serving pins")
+        finally:
+            fcntl.flock(setup, fcntl.LOCK_UN)
+
+
+def _build_base(engine: Engine, name: str, recipe: str, what: str,
+                wheel: Path | None = None) -> str:
+    """Build `recipe` on the rootfs image as NAME:<hash of the recipe> unless that image exists;
+    the build context holds the host's CA bundle (and `wheel`), in a temporary folder."""
+    tag = f"{name}:" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
     if _has_image(engine, tag):
         return tag
-    if not _has_image(engine, ROOTFS_IMAGE):
-        tar = _rootfs_tar()
-        _log(f"docker import {tar.name} -> {ROOTFS_IMAGE}")
-        with open(tar, "rb") as handle:
-            subprocess.run(
-                ["docker", "import", "-", ROOTFS_IMAGE],
-                stdin=handle,
-                env=engine.env,
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-    _log(f"docker build {tag} (python3 + {wheel.name} + numpy; once)")
+    _ensure_rootfs(engine)
+    _log(f"docker build {tag} ({what}; once)")
     with tempfile.TemporaryDirectory(dir=CACHE) as ctx:
         ctx_path = Path(ctx)
         (ctx_path / "Dockerfile").write_text(recipe)
         shutil.copyfile(HOST_CA, ctx_path / "host-ca.crt")
-        try:
-            os.link(wheel, ctx_path / wheel.name)
-        except OSError:
-            shutil.copyfile(wheel, ctx_path / wheel.name)
+        if wheel is not None:
+            try:
+                os.link(wheel, ctx_path / wheel.name)
+            except OSError:
+                shutil.copyfile(wheel, ctx_path / wheel.name)
         proc = subprocess.run(
             ["docker", "build", "--network", "host", "-t", tag, str(ctx_path)],
             env=engine.env,
@@ -249,8 +295,23 @@ def ensure_base_image(engine: Engine) -> str:
             text=True,
         )
     if proc.returncode != 0:
-        raise EngineUnavailable(f"base image build failed:\n{proc.stdout[-3000:]}{proc.stderr}")
+        raise EngineUnavailable(f"{name} build failed:\n{proc.stdout[-3000:]}{proc.stderr}")
     return tag
+
+
+def _ensure_rootfs(engine: Engine) -> None:
+    if _has_image(engine, ROOTFS_IMAGE):
+        return
+    tar = _rootfs_tar()
+    _log(f"docker import {tar.name} -> {ROOTFS_IMAGE}")
+    with open(tar, "rb") as handle:
+        subprocess.run(
+            ["docker", "import", "-", ROOTFS_IMAGE],
+            stdin=handle,
+            env=engine.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
 
 
 @contextlib.contextmanager
@@ -302,6 +363,8 @@ if __name__ == "__main__":
     with engine_session() as eng:
         print(f"DOCKER_HOST={eng.host}")
         print(f"BASE_IMAGE={eng.base_image}")
+        if "--serve" in sys.argv:
+            print(f"SERVE_BASE_IMAGE={ensure_serve_base_image(eng)}")
         print(f"ready in {time.monotonic() - t0:.1f} s")
         if "--keep" in sys.argv:
             # leave the daemon running for interactive use: hold the user lock until stopped
