@@ -350,15 +350,8 @@ def has_export(workspace: Path, best: Mapping[str, Any]) -> bool:
     onnx_name, manifest_name, _ = stored_names(export["onnx_sha256"])
     if export.get("onnx") != f"{names.MODELS_DIR}/{onnx_name}":
         return False
-    folder = workspace / names.MODELS_DIR
-    return all(_is_regular(folder / name) for name in (onnx_name, manifest_name))
-
-
-def _is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
+    paths = [workspace / names.MODELS_DIR / name for name in (onnx_name, manifest_name)]
+    return all(path.is_file() and not path.is_symlink() for path in paths)
 
 
 def needs(workspace: Path) -> str:
