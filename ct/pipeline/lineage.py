@@ -5,7 +5,8 @@
 Prints the chain for the best model (best.json, default) or for a run (runs/RUN_ID/metrics.json),
 from the `lineage` object the trainer writes into metrics.json and the gate copies into best.json
 on promotion. `--verify` hashes the model file again (the one best.json names, or
-runs/RUN_ID/model.pt), the dataset (W/data: the cifar-10-batches-py folder, else
+runs/RUN_ID/model.pt; and the ONNX export best.json's `export` names, when its lineage records
+an onnx_sha256: ct.pipeline.exported), the dataset (W/data: the cifar-10-batches-py folder, else
 cifar-10-python.tar.gz, hashed by ct.workspace.dataset_sha256 as the trainer does), the data
 version (ct.data_version over that digest and every image of W/data/increments/, when the record
 has one; said when not) and the code (the commit's snapshot W/code/<commit>/, hashed by
@@ -127,7 +128,37 @@ def chain_lines(workspace: Path, subject: Subject) -> list[str]:
         f" torch {shown(field(record, 'torch'))}, device {shown(field(record, 'device'))},"
         f" threads {shown(field(record, 'threads'))})",
         f"  model   sha256 {shown(subject.model_sha256)} ({subject.model.relative_to(workspace)})",
+        *([f"  onnx    sha256 {field(record, 'onnx_sha256')} ({exported_file(record)})"]
+          if field(record, "onnx_sha256") else []),
     ]
+
+
+def exported_file(record: Mapping[str, Any]) -> str | None:
+    """The ONNX file best.json's `export` names (ct.pipeline.exported), when it names one."""
+    export = record.get("export")
+    name = export.get("onnx") if isinstance(export, dict) else None
+    return name if records.is_workspace_file(name) else None
+
+
+def verify_onnx(workspace: Path, record: Mapping[str, Any]) -> str | None:
+    """The problem with the recorded ONNX export (lineage onnx_sha256), None when it matches or
+    none is recorded; a symlink is not followed."""
+    expected, name = field(record, "onnx_sha256"), exported_file(record)
+    if not expected:
+        return None
+    if name is None:
+        return f"onnx: the record names no exported file to compare with sha256 {expected}"
+    path = workspace / name
+    if path.is_symlink():
+        return f"onnx: {path} is a symlink, not the stored export; not followed"
+    try:
+        actual = names.hash_files([path])
+    except OSError as err:
+        return f"onnx: cannot hash {path} ({records.os_reason(err)})"
+    if actual != expected:
+        return (f"onnx: {path} has sha256 {actual}, the record says {expected}: the exported "
+                "model changed")
+    return None
 
 
 def verify(workspace: Path, subject: Subject) -> tuple[list[str], str | None]:
@@ -161,8 +192,9 @@ def verify(workspace: Path, subject: Subject) -> tuple[list[str], str | None]:
             if base != expected:
                 problems.append(f"data: {source} has sha256 {base}, the record says "
                                 f"{expected}: the dataset changed")
-    problem = verify_data_version(workspace, subject.record, base)
-    problems += [problem] if problem else []
+    for problem in (verify_data_version(workspace, subject.record, base),
+                    verify_onnx(workspace, subject.record)):
+        problems += [problem] if problem else []
     problem, unchecked = verify_code(workspace, subject.record)
     return problems + ([problem] if problem else []), unchecked
 
@@ -261,7 +293,8 @@ def show(workspace: Path, which: str, check: bool) -> int:
         print(f"ct.lineage: MISMATCH {problem}")
     if problems:
         return 1
-    checked = ["the model", "the dataset",
+    checked = ["the model", *(["the ONNX export"] if field(subject.record, "onnx_sha256") else []),
+               "the dataset",
                *(["the data version"] if field(subject.record, "data_version") else []),
                *([] if unchecked else ["the code"])]
     what = f"{', '.join(checked[:-1])} and {checked[-1]}"
