@@ -67,10 +67,6 @@ RUN python3 -m venv /opt/venv \\
 ENV PATH=/opt/venv/bin:$PATH
 """
 
-# The training image exports the champion to ONNX and checks it with ONNX Runtime: these pins
-# unless requirements.txt names its own.
-EXPORT_PINS = {"onnx": "onnx==1.23.2", "onnxruntime": "onnxruntime==1.32.0"}
-
 
 class EngineUnavailable(RuntimeError):
     """No Docker engine could be reached or started; the message says why."""
@@ -228,12 +224,6 @@ def _requirement(name: str) -> str:
     raise EngineUnavailable(f"requirements.txt pins no {name}")
 
 
-def _export_pins() -> list[str]:
-    """onnx and onnxruntime for the training image: requirements.txt's pins, else EXPORT_PINS."""
-    pinned = {spec.split("==", 1)[0].lower(): spec for spec in _pins("requirements.txt")}
-    return [pinned.get(name, default) for name, default in EXPORT_PINS.items()]
-
-
 def _has_image(engine: Engine, name: str) -> bool:
     out = engine.docker("images", "-q", name, check=False)
     return bool(out.strip())
@@ -252,7 +242,8 @@ def ensure_base_image(engine: Engine) -> str:
     recipe = BASE_DOCKERFILE.format(rootfs=ROOTFS_IMAGE, wheel=wheel.name,
                                     matplotlib=_requirement("matplotlib"),
                                     tune=_quoted(_pins("requirements-tune.txt")),
-                                    export=_quoted(_export_pins()))
+                                    export=_quoted([_requirement("onnx"),
+                                                    _requirement("onnxruntime")]))
     return _build_base(engine, "ct-test-base", recipe, f"python3 + {wheel.name} + numpy", wheel)
 
 
