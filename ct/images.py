@@ -24,10 +24,11 @@ from PIL import Image, ImageFile, ImageOps
 SIZE = 32
 # ImageError.kind: what went wrong, for a caller that maps it to an answer (HTTP status, say).
 EMPTY, NOT_IMAGE, DAMAGED, TOO_LARGE = "empty", "not an image", "damaged", "too large"
+UNREADABLE = "unreadable"  # the file system refused (no such file, no permission)
 
 
 class ImageError(ValueError):
-    """The image cannot be decoded. `kind` is one of EMPTY, NOT_IMAGE, DAMAGED, TOO_LARGE;
+    """The image cannot be decoded. `kind` is one of the kinds above;
     `detail` is Pillow's own words (or ours), one line; str() is a one-line reason."""
 
     def __init__(self, kind: str, detail: str, advice: str) -> None:
@@ -66,9 +67,15 @@ def decode(source: bytes | str | os.PathLike[str], limits: Limits = ANY) -> np.n
         raise ImageError(TOO_LARGE, str(exc), "send a smaller image") from exc
     except Image.UnidentifiedImageError as exc:
         wanted = " or ".join(limits.formats) if limits.formats else "an image format Pillow reads"
-        raise ImageError(NOT_IMAGE, f"not {wanted} ({exc})",
+        raise ImageError(NOT_IMAGE, f"not {wanted}",
                          f"send {wanted if limits.formats else 'an image'}") from exc
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+    except OSError as exc:
+        if exc.errno is None:  # Pillow's own OSErrors: a truncated or broken stream
+            raise ImageError(DAMAGED, f"{type(exc).__name__}: {exc}",
+                             "send the whole file, undamaged") from exc
+        raise ImageError(UNREADABLE, f"{type(exc).__name__}: {exc.strerror}",
+                         "check the path and its permissions") from exc
+    except Exception as exc:  # Pillow raises SyntaxError, ValueError... for bad files
         raise ImageError(DAMAGED, f"{type(exc).__name__}: {exc}",
                          "send the whole file, undamaged") from exc
     if rgb.size != (SIZE, SIZE):
@@ -86,7 +93,7 @@ def _opened_from(source: bytes | str | os.PathLike[str]) -> io.BytesIO | str | o
     try:
         empty = os.path.getsize(source) == 0
     except OSError as exc:
-        raise ImageError(DAMAGED, f"{type(exc).__name__}: {exc.strerror}",
+        raise ImageError(UNREADABLE, f"{type(exc).__name__}: {exc.strerror}",
                          "check the path") from exc
     if empty:
         raise ImageError(EMPTY, "the file is empty", "replace it with an image")
