@@ -63,8 +63,9 @@ def decode(source: bytes | str | os.PathLike[str], limits: Limits = ANY) -> np.n
             rgb = (ImageOps.exif_transpose(image) or image).convert("RGB")
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:  # Pillow's own guard, past its 2x limit
-        raise ImageError(TOO_LARGE, str(exc), "send a smaller image") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, inside Image.open
+        limit = f"over the limit of {limits.max_pixels} pixels: " if limits.max_pixels else ""
+        raise ImageError(TOO_LARGE, f"{limit}{exc}", "send a smaller image") from exc
     except Image.UnidentifiedImageError as exc:
         wanted = " or ".join(limits.formats) if limits.formats else "an image format Pillow reads"
         raise ImageError(NOT_IMAGE, f"not {wanted}",

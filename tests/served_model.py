@@ -1,6 +1,7 @@
 """Exported models in a workspace, laid out as `python3 -m ct.pipeline.exported record` leaves
-them (models/champion-X.onnx, champion-X.json, champion-X-smoke.npz, X = the ONNX file's sha256[:16])
-and serving/wanted.json as the deploy step writes it, for the serving tests.
+them (models/champion-X.onnx, champion-X.json, champion-X-smoke.npz, X = the ONNX file's
+sha256[:16]) and serving/wanted.json as the deploy step writes it, for the serving tests; and
+the service itself, run for real (`running_service`).
 
 The ONNX file is real: torch.onnx.export (TorchScript exporter, opset 17) of network.build_model({})
 behind a uint8 -> logits wrapper (normalisation in the graph, as ct.trainer.export does), with
@@ -14,11 +15,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -159,3 +170,81 @@ def write_best(ws: Path, champion: Champion) -> None:
                    "served_accuracy": champion.manifest["served_accuracy"],
                    "parity": champion.manifest["parity"],
                    "exported_at": champion.manifest["exported_at"]}})
+
+
+# ---------------------------------------------------------------- the service, for real
+
+
+@dataclass
+class RunningService:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_service(ws: Path, env: dict[str, str] | None = None, wait_for_model: bool = True,
+                    timeout: float = 60) -> Iterator[RunningService]:
+    """`python -m ct.serving --workspace ws` on a free loopback port, in a subprocess of its
+    own; yields once it answers /healthz (with a model unless `wait_for_model` is False)."""
+    import httpx
+
+    port = free_port()
+    log = ws.parent / f"service-{port}.log"
+    settings = {"OMP_NUM_THREADS": "1", "CT_SERVE_THREADS": "1", "CT_SERVE_POLL_S": "0.1",
+                **(env or {})}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CT_SERVE_")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ct.serving", "--workspace", str(ws),
+                                 "--port", str(port)], cwd=REPO, env={**environ, **settings},
+                                stdout=out, stderr=subprocess.STDOUT)
+    service = RunningService(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        _wait_until_up(service, wait_for_model, timeout, httpx)
+        yield service
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_until_up(service: RunningService, wait_for_model: bool, timeout: float,
+                   httpx: Any) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.proc.poll() is not None:
+            raise AssertionError(f"the service exited {service.proc.returncode}:\n"
+                                 f"{service.log_text()}")
+        try:
+            reply = httpx.get(f"{service.url}/healthz", timeout=2)
+            if reply.status_code == 200 or not wait_for_model:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the service did not answer in {timeout} s:\n{service.log_text()}")
+
+
+def wait_for_swap(url: str, request: str, timeout: float = 60) -> dict:
+    """GET /model until its swap is `request`'s; that answer."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = httpx.get(f"{url}/model", timeout=5).json()
+        if (answer.get("swap") or {}).get("request") == request:
+            return answer
+        time.sleep(0.05)
+    raise AssertionError(f"no swap for request {request} in {timeout} s")
