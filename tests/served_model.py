@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,9 +83,11 @@ def _export(seed: int) -> bytes:
             return self.net((images.float() - self.mean) / self.std).float()
 
     buffer = io.BytesIO()
-    torch.onnx.export(Served().eval(), (torch.zeros(2, 3, 32, 32, dtype=torch.uint8),), buffer,
-                      input_names=["images"], output_names=["logits"], opset_version=17,
-                      dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and still ours
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(Served().eval(), (torch.zeros(2, 3, 32, 32, dtype=torch.uint8),), buffer,
+                          input_names=["images"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}}, dynamo=False)
     return buffer.getvalue()
 
 

@@ -4,8 +4,8 @@
 
 --model names a workspace (its best.json's recorded export), a best.json, or an ONNX file
 beside its manifest (champion-X.json, or an export run's export.json); default: the workspace in
-CT_WORKSPACE, else the current folder. Folders are walked in sorted order for .png, .jpg and
-.jpeg files; a file named on the command line is read whatever its name.
+CT_WORKSPACE, else the current folder. Folders are walked for .png, .jpg and .jpeg files, taken
+in the order of their paths; a file named on the command line is read whatever its name.
 
 Prints one JSON line per image: {"file", "class", "probability", "top3", "model"}, or
 {"file", "error"} for a file that is not a readable PNG or JPEG image; every file gets its line,
@@ -92,11 +92,9 @@ def walk(paths: Sequence[Path]) -> Iterator[Path]:
         if not path.is_dir():
             yield path
             continue
-        for root, dirs, names in os.walk(path):
-            dirs.sort()
-            for name in sorted(names):
-                if name.lower().endswith(SUFFIXES):
-                    yield Path(root) / name
+        found = [Path(root) / name for root, _, names in os.walk(path) for name in names
+                 if name.lower().endswith(SUFFIXES)]
+        yield from sorted(found, key=lambda p: p.relative_to(path).parts)
 
 
 def answers(model: Model, paths: Iterator[Path], limits: images.Limits
