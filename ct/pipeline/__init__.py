@@ -22,7 +22,12 @@ The job scripts invoke; the decisions about what follows from recorded state are
   the run's own test set; `rescore`: the best model's scores per test set (best.json `scores`,
   re-scorings in runs/eval-*); `class_guard`: the per-class guard (CT_MAX_CLASS_DROP) and the
   per-class comparison the mail and the report share.
-- `notify`: `python3 -m ct.pipeline.notify`: the mail (best model, tuning result, failure).
+- `notify`: `python3 -m ct.pipeline.notify`: the mail (best model, tuning result, failure, a
+  failed deploy); `mail_delivery` is where it goes (SMTP from the settings, or outbox/).
+- `deploy`: `python3 -m ct.pipeline.deploy deploy|rollback|status|prune|running`: point the
+  model service (ct.serving) at the champion's export, wait for its smoke test, roll back (job7);
+  `deploy_records` keeps serving/wanted.json, serving/deployed.json and the models it names;
+  `serving_api` reads the service's answers as untrusted input.
 - `report`: `python3 -m ct.pipeline.report`: the static HTML report, W/report/index.html (job4,
   job5; Jenkins' HTML Publisher shows it); `report_inputs` reads what it shows,
   `report_chart` draws its chart.

@@ -1,13 +1,16 @@
-"""Mail the pipeline's news (best model, tuning result, failure). Standard library only.
+"""Mail the pipeline's news (best model, tuning result, failure, a failed deploy). Standard
+library only.
 
-    python3 -m ct.pipeline.notify --workspace W [--event best-model|tuned|failed] [--note TEXT]
-                                  [--dry-run] [--outbox-only]
+    python3 -m ct.pipeline.notify --workspace W [--event best-model|tuned|failed|deploy-failed]
+                                  [--note TEXT] [--dry-run] [--outbox-only]
 
 Settings come from the environment: SMTP_HOST, SMTP_PORT (25; 465 = implicit TLS),
 SMTP_STARTTLS (true/false or 1/0), SMTP_USER, SMTP_PASSWORD, NOTIFY_FROM, NOTIFY_TO (comma list).
 Without SMTP_HOST, or when sending fails, the message is kept in W/outbox/ as an .eml file.
 Attached: metrics.json, best.json and the reported run's runs/<run id>/curves.png, when present.
-The best-model and tuned mails compare the run per class with the model it replaced (or the best).
+The best-model and tuned mails compare the run per class with the model it replaced (or the best);
+the deploy-failed mail (job7) says why, from this build's status/deploy.json and --note.
+The transport (SMTP, the outbox) is ct.pipeline.mail_delivery's.
 Exit 0 when mailed or kept for lack of a server, 1 when sending failed, 2 on bad input or a
 file that cannot be read or written (one line on stderr naming it, starting `ct.notify:`).
 """
@@ -17,85 +20,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import smtplib
-import ssl
+import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
-from ct import atomic, data_version
+from ct import data_version
 from ct import workspace as names
-from ct.pipeline import class_guard, cli, promote, records
+from ct.pipeline import class_guard, cli, deploy_records, promote, records
 from ct.pipeline.errors import PipelineError
+from ct.pipeline.mail_delivery import NotifyError, SmtpSettings, deliver, short_commit
 
-SMTP_TIMEOUT_S = 30
-SMTP_SSL_PORT = 465
-# The defaults of SMTP_PORT and NOTIFY_FROM: written here only.
-DEFAULT_PORT = "25"
-DEFAULT_FROM = "ct-pipeline@localhost"
-OUTBOX = names.OUTBOX_DIR
 ATTACHMENTS = (names.METRICS_FILE, names.BEST_FILE)
 EVENTS = {
     "best-model": "the best model is being created",
     "tuned": "tuning finished",
     "failed": "the pipeline failed",
+    "deploy-failed": "deploying the champion failed",
 }
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-
-
-class NotifyError(PipelineError):
-    """Bad settings or input; its text is the one line printed on stderr (exit 2)."""
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    """The SMTP configuration, read once from the environment."""
-
-    host: str
-    port: int
-    starttls: bool
-    user: str
-    password: str = field(repr=False)
-    sender: str
-    recipients: tuple[str, ...]
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> SmtpSettings:
-        host = env.get("SMTP_HOST", "").strip()
-        recipients = tuple(a.strip() for a in env.get("NOTIFY_TO", "").split(",") if a.strip())
-        if host and not recipients:
-            raise NotifyError("SMTP_HOST is set but NOTIFY_TO is empty; set NOTIFY_TO=a@b[,c@d]")
-        return cls(
-            host=host,
-            port=_port(env.get("SMTP_PORT", "").strip() or DEFAULT_PORT),
-            starttls=_flag("SMTP_STARTTLS", env.get("SMTP_STARTTLS", "")),
-            user=env.get("SMTP_USER", ""),
-            password=env.get("SMTP_PASSWORD", ""),
-            sender=env.get("NOTIFY_FROM", "").strip() or DEFAULT_FROM,
-            recipients=recipients,
-        )
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise NotifyError(f"SMTP_PORT {text!r} is not a port number; set it to e.g. 25, 587, 465")
-    return int(text)
-
-
-def _flag(name: str, text: str) -> bool:
-    value = text.strip().lower()
-    if value not in _TRUE + _FALSE:
-        raise NotifyError(f"{name} {text!r} is not true or false; set {name}=true or {name}=false")
-    return value in _TRUE
+DEPLOY_HINT = ("The service keeps serving the model it served before. Fix the cause, then run "
+               "job7 again (scripts/job7-deploy.sh); scripts/job7-deploy.sh rollback goes back "
+               "one model.\n")
+LENIENT = ("failed", "deploy-failed")  # events that mail even without a usable metrics.json
 
 
 # ---------------------------------------------------------------- what the message says
@@ -113,13 +63,14 @@ class Facts:
     gate: dict[str, str]
     promotion: dict[str, str]
     note: str
+    deploy: list[str]  # deploy-failed: what this job7 build's deploy said (status/deploy.json)
 
 
 def read_facts(workspace: Path, event: str | None, note: str) -> Facts:
     try:
         metrics, problem = records.load_metrics(workspace), ""
     except PipelineError as err:
-        if event != "failed":
+        if event not in LENIENT:
             raise NotifyError(str(err)) from None
         metrics, problem = None, str(err)
     try:
@@ -128,20 +79,21 @@ def read_facts(workspace: Path, event: str | None, note: str) -> Facts:
         best = None
     if event is None:
         event = "tuned" if metrics and metrics.get("mode") == "tune" else "best-model"
+    deploying = event == "deploy-failed"  # about the champion, not the latest run
+    champion = (best or {}).get("commit") if deploying else None
+    if not isinstance(champion, str) or not re.fullmatch(records.COMMIT, champion):
+        champion = None
     return Facts(
         event=event,
         metrics=metrics,
-        metrics_problem=problem,
-        commit=names.commit_of_run(workspace, metrics),
+        metrics_problem="" if deploying else problem,
+        commit=champion or names.commit_of_run(workspace, metrics),
         best=best,
         gate=records.read_properties(workspace / names.GATE_PROPERTIES),
         promotion=records.read_properties(workspace / names.PROMOTION_PROPERTIES),
         note=note,
+        deploy=deploy_records.mail_lines(workspace) if deploying else [],
     )
-
-
-def short_commit(commit: str) -> str:
-    return commit[:7] if commit else "nocommit"
 
 
 def percent(value: Any) -> str:
@@ -158,6 +110,9 @@ def subject(facts: Facts) -> str:
     if facts.event == "failed":
         tail = f": last accuracy {accuracy}" if accuracy else ""
         return f"[CT] {EVENTS['failed']} at {at}{tail}"
+    if facts.event == "deploy-failed":
+        why = facts.deploy[0].removeprefix("why:").strip() if facts.deploy else facts.note
+        return f"[CT] {EVENTS['deploy-failed']} at {at}: {why[:150]}".rstrip(": ")
     return f"[CT] {EVENTS[facts.event]}: {accuracy} at {at}"
 
 
@@ -183,13 +138,14 @@ def summary_lines(facts: Facts) -> list[str]:
     if facts.promotion:
         promoted = "yes" if facts.promotion.get("PROMOTED") == "true" else "no"
         lines.append(f"promoted:            {promoted}")
-    if facts.best:
-        best = facts.best
-        lines.append(
-            f"best model:          {percent(best.get('accuracy'))} from run {best.get('run_id')}"
-            f" at {short_commit(best.get('commit') or '')} ({names.BEST_MODEL})"
-        )
-    return lines
+    return lines + best_line(facts.best)
+
+
+def best_line(best: Mapping[str, Any] | None) -> list[str]:
+    if not best:
+        return []
+    return [f"best model:          {percent(best.get('accuracy'))} from run {best.get('run_id')}"
+            f" at {short_commit(best.get('commit') or '')} ({names.BEST_MODEL})"]
 
 
 def trial_counts(metrics: Mapping[str, Any]) -> str | None:
@@ -225,6 +181,8 @@ def body(facts: Facts) -> str:
         lines += [facts.note, ""]
     if facts.metrics_problem:
         lines += [f"No usable run summary: {facts.metrics_problem}", ""]
+    if facts.event == "deploy-failed":
+        return "\n".join([*lines, *facts.deploy, *best_line(facts.best), "", DEPLOY_HINT])
     lines += summary_lines(facts)
     if facts.metrics:
         lines += [] if facts.event == "failed" else class_lines(facts.metrics, facts.best or {})
@@ -296,74 +254,6 @@ def read_attachment(path: Path) -> bytes | None:
 # ---------------------------------------------------------------- where the message goes
 
 
-def keep_in_outbox(workspace: Path, msg: EmailMessage, commit: str) -> Path:
-    """Write the message to W/outbox/<UTC time>-<commit7>.eml, never over an older one."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = f"{stamp}-{short_commit(commit)}"
-    path = workspace / OUTBOX / f"{stem}.eml"
-    count = 1
-    while path.exists():
-        count += 1
-        path = workspace / OUTBOX / f"{stem}-{count}.eml"
-    try:
-        atomic.write_files({path: msg.as_bytes()})
-    except atomic.WriteError as err:
-        raise NotifyError(
-            f"cannot keep the message in {err.target} ({err.reason}); nothing written; make "
-            f"{workspace / OUTBOX} writable for this user (or move what is in the way), then rerun"
-        ) from None
-    return path
-
-
-def send(msg: EmailMessage, settings: SmtpSettings) -> None:
-    """Deliver through the configured server; raises OSError or smtplib.SMTPException."""
-    client: smtplib.SMTP
-    if settings.port == SMTP_SSL_PORT:
-        context = ssl.create_default_context()
-        client = smtplib.SMTP_SSL(
-            settings.host, settings.port, timeout=SMTP_TIMEOUT_S, context=context
-        )
-    else:
-        client = smtplib.SMTP(settings.host, settings.port, timeout=SMTP_TIMEOUT_S)
-    with client:
-        if settings.starttls and settings.port != SMTP_SSL_PORT:
-            client.starttls(context=ssl.create_default_context())
-        if settings.user:
-            client.login(settings.user, settings.password)
-        client.send_message(msg, from_addr=settings.sender, to_addrs=list(settings.recipients))
-
-
-def describe_failure(err: Exception, settings: SmtpSettings) -> str:
-    text = f"{type(err).__name__}: {err}".replace("\n", " ")
-    return text.replace(settings.password, "***") if settings.password else text
-
-
-def deliver(workspace: Path, msg: EmailMessage, facts: Facts, settings: SmtpSettings,
-            outbox_only: bool = False) -> int:
-    if outbox_only or not settings.host:
-        path = keep_in_outbox(workspace, msg, facts.commit)
-        why = "--outbox-only (Jenkins mails this one)" if outbox_only else "no SMTP_HOST set"
-        print(f"ct.notify: {why}; message kept in {path}")
-        return 0
-    try:
-        send(msg, settings)
-    except (OSError, smtplib.SMTPException) as err:
-        reason = describe_failure(err, settings)
-        try:
-            path = keep_in_outbox(workspace, msg, facts.commit)
-        except NotifyError as keep_err:
-            failed = f"mailing via {settings.address} failed ({reason})"
-            raise NotifyError(f"{failed}, and {keep_err}") from None
-        print(
-            f"ct.notify: mailing via {settings.address} failed ({reason}); message kept in {path}",
-            file=sys.stderr,
-        )
-        return 1
-    recipients = ", ".join(settings.recipients)
-    print(f"ct.notify: mailed {recipients} via {settings.address}: {msg['Subject']}")
-    return 0
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -391,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(msg.as_string())
             return 0
-        return deliver(workspace, msg, facts, settings, args.outbox_only)
+        return deliver(workspace, msg, facts.commit, settings, args.outbox_only)
 
     return cli.run("ct.notify", action)
 
