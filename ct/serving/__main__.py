@@ -21,7 +21,7 @@ from ct.serving import settings as settings_module
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ct.serving",
                                      description="Serve the champion's predictions over HTTP.")
-    parser.add_argument("--workspace", type=Path, default=os.environ.get("CT_WORKSPACE"),
+    parser.add_argument("--workspace", type=Path, default=os.environ.get("CT_WORKSPACE") or None,
                         help="the workspace (default: $CT_WORKSPACE)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=None,
