@@ -60,6 +60,7 @@ class Model:
         import onnxruntime as ort
 
         self.sha256, self.id, self.manifest = sha256, sha256[:16], manifest
+        self.name = f"models/champion-{self.id}.onnx"  # as serving/wanted.json names it
         self.classes: list[str] = list(manifest["classes"])
         self.smoke_file = smoke_file
         self.smoke: Smoke | None = None

@@ -108,7 +108,7 @@ class Watcher:
             return self._refuse(request, f'{WANTED} is not {{"request", "model", "sha256"}} '
                                 "strings")
         current = self.state.current
-        if current is not None and current.sha256 == sha:
+        if current is not None and current.sha256 == sha and name == current.name:
             smoke = current.smoke.record() if current.smoke else None
             return self.state.record(request, True, f"already serving {current.id}",
                                      current.id, smoke)
