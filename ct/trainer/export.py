@@ -180,7 +180,8 @@ def score(path: Path, served: Served, test_x: torch.Tensor, test_y: torch.Tensor
         raise ExportError(f"the ONNX graph does not match torch on {n} test images: max |logit "
                           f"difference| {diff:.3g} (tolerance {tolerance:g}), top-1 agreement "
                           f"{agreement:.2f}% (at least {MIN_AGREEMENT}% needed); nothing "
-                          "written; a network.py whose forward the trace cannot capture")
+                          "written; look in network.py's forward for what a trace cannot "
+                          "follow (a number read out of a tensor, a branch on the data)")
     accuracy = 100.0 * float((logits.argmax(1) == test_y.numpy()).mean())
     log(f"ONNX Runtime: {accuracy:.2f}% on {len(test_x)} test images ({seconds:.1f}s)")
     return Scores(logits, parity, accuracy)
