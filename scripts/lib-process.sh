@@ -211,3 +211,104 @@ restart() {
   fi
   ct_process restarted --role "$role" --container "$LAUNCHED" || exit $?
 }
+
+# ----------------------------------------------------------------------------------- the service
+# The model service (python -m ct.serving) serves what serving/wanted.json names; job7 starts it
+# and ct.pipeline.deploy talks to it. One per workspace: docker, the container ct-serve-<id>
+# (restarted by the engine, so it outlives job7 and a reboot); local, a background process whose
+# pid is in serving/service.pid. It reads only models/ and serving/.
+
+ct_deploy() { ct_py ct.pipeline.deploy --workspace "$CT_WORKSPACE" "$@"; }
+
+# serve_names: the deploy's file names from their one owner (ct.pipeline.deploy names), as
+# SERVE_<NAME>: SERVE_SERVING_DIR, SERVE_MODELS_DIR, SERVE_PID_FILE, SERVE_SERVICE_LOG, ...
+serve_names() {
+  local lines key value
+  lines="$(ct_py ct.pipeline.deploy names)" || exit $?
+  while IFS='=' read -r key value; do printf -v "SERVE_$key" '%s' "$value"; done <<<"$lines"
+}
+
+# ensure_service: the service runs for this workspace and answers at CT_SERVE_URL. Ours is kept
+# when it runs (on docker: from the serving image of this checkout; a container of an older
+# image is replaced); with none of ours, a service that answers at CT_SERVE_URL is used as it is
+# (one you run yourself); otherwise ours is started, on CT_SERVE_PORT.
+ensure_service() {
+  local name
+  resolve_runtime
+  serve_names
+  mkdir -p "$CT_WORKSPACE/$SERVE_MODELS_DIR" "$CT_WORKSPACE/$SERVE_SERVING_DIR"
+  if [[ "$CT_RUNTIME" == docker ]]; then
+    local image
+    image="$(serve_image)"
+    name="$(container_name serve)"
+    if [[ "$(docker inspect -f '{{.State.Running}} {{.Config.Image}}' "$name" 2>/dev/null)" == "true $image" ]]; then
+      log "the service runs: container $name ($image)"
+      return 0
+    fi
+    if docker inspect "$name" >/dev/null 2>&1; then
+      log "replacing container $name (stopped, or of an older serving image) with one of $image"
+      docker rm -f "$name" >/dev/null
+    elif ct_deploy running 2>/dev/null; then
+      log "a service this workspace did not start answers at $CT_SERVE_URL: deploying to it"
+      return 0
+    fi
+    start_service_container "$name" "$image"
+  elif ct_deploy local-pid >/dev/null; then
+    log "the service runs: pid $(ct_deploy local-pid), $CT_WORKSPACE/$SERVE_SERVICE_LOG"
+    return 0
+  elif ct_deploy running 2>/dev/null; then
+    log "a service this workspace did not start answers at $CT_SERVE_URL: deploying to it"
+    return 0
+  else
+    start_service_process
+    name="pid $(ct_deploy local-pid || true), log $CT_WORKSPACE/$SERVE_SERVICE_LOG"
+  fi
+  ct_deploy running --wait 120 || die "the service did not answer at $CT_SERVE_URL within 120 s ($name; see its log)"
+  log "the service answers at $CT_SERVE_URL"
+}
+
+# start_service_container NAME IMAGE: the service's container, as locked down as it can be: not
+# root, a read-only root file system, no capabilities, no privilege gain, a memory limit, models/
+# and serving/ read-only and nothing else of the workspace; --network host, listening on loopback.
+start_service_container() {
+  docker run -d --name "$1" --label ct.role=serve --label "ct.workspace=$CT_WORKSPACE" --init \
+    --restart unless-stopped --network host --user 1000:1000 --read-only --tmpfs /tmp \
+    --cap-drop ALL --security-opt no-new-privileges --pids-limit 256 \
+    --memory "$CT_SERVE_MEMORY" --memory-swap "$CT_SERVE_MEMORY" -e "CT_SERVE_PORT=$CT_SERVE_PORT" \
+    -v "$CT_WORKSPACE/$SERVE_MODELS_DIR:/workspace/$SERVE_MODELS_DIR:ro" \
+    -v "$CT_WORKSPACE/$SERVE_SERVING_DIR:/workspace/$SERVE_SERVING_DIR:ro" \
+    --entrypoint python "$2" -m ct.serving --workspace /workspace --host 127.0.0.1 \
+    --port "$CT_SERVE_PORT" >/dev/null || die "docker run of the service ($2) failed"
+  log "service started: container $1 ($2) on port $CT_SERVE_PORT"
+}
+
+# start_service_process: python -m ct.serving of this checkout in the background, in a session of
+# its own (no signal to job7's process group reaches it), its pid in serving/service.pid. Jenkins
+# kills what a build leaves running when it carries the build's BUILD_ID (core's
+# ProcessTree.killAll, see tests/test_job7.py): the service carries another.
+start_service_process() {
+  local ws logf
+  ws="$(cd "$CT_WORKSPACE" && pwd -P)"
+  logf="$ws/$SERVE_SERVICE_LOG"
+  if [[ -f "$logf" ]]; then mv -f "$logf" "$logf.prev"; fi
+  (cd "$ws" && BUILD_ID=dontKillMe JENKINS_NODE_COOKIE=dontKillMe PYTHONPATH="$CT_ROOT" \
+    PYTHONDONTWRITEBYTECODE=1 exec setsid "$CT_PYTHON" -m ct.serving --workspace "$ws" \
+    --host 127.0.0.1 --port "$CT_SERVE_PORT") </dev/null >"$logf" 2>&1 &
+  write_file "$ws/$SERVE_PID_FILE" "$!"
+  log "service started: pid $!, python -m ct.serving on port $CT_SERVE_PORT, log $logf"
+}
+
+# stop_service: stop this workspace's service (its model stays recorded in serving/).
+stop_service() {
+  local pid
+  resolve_runtime
+  serve_names
+  if [[ "$CT_RUNTIME" == docker ]]; then
+    docker rm -f "$(container_name serve)" >/dev/null 2>&1 || log "no service container to stop"
+  elif pid="$(ct_deploy local-pid)"; then
+    kill "$pid"
+    log "service stopped (pid $pid)"
+  else
+    log "no service of this workspace runs"
+  fi
+}

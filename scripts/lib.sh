@@ -53,6 +53,13 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_TRIGGER_TOKEN:=}"                 # job2's "trigger builds remotely" token (weekly retrain)
 : "${CT_RETRAIN_JOB:=job2}"               # the Jenkins job the weekly retrain starts
 : "${DOCKER_BUILDKIT:=0}"                 # the classic builder: no BuildKit needed on the host
+: "${CT_DEPLOY:=1}"                       # 0: the local chain (make run) does not deploy (job7)
+: "${CT_SERVE_PORT:=8500}"                # the model service's port on this host (job7 starts it)
+: "${CT_SERVE_URL:=http://127.0.0.1:$CT_SERVE_PORT}" # the service job7 deploys to
+: "${CT_SERVE_IMAGE:=$CT_IMAGE_PREFIX-serve}" # the serving image's name; tag: its content's hash
+: "${CT_SERVE_BASE_IMAGE:=}"              # Dockerfile.serve's BASE_IMAGE; empty: its default
+: "${CT_SERVE_MEMORY:=2g}"                # docker run --memory of the service's container
+export CT_DEPLOY CT_SERVE_PORT CT_SERVE_URL CT_SERVE_IMAGE CT_SERVE_BASE_IMAGE CT_SERVE_MEMORY
 export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR CT_INCREMENTS_DIR CT_TRAIN_ARGS \
   CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_TUNE_WORKERS CT_TUNE_STORAGE CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS CT_BASE_IMAGE \
   CT_PUSH_ORDER CT_PUSH_QUEUE_MAX CT_KEEP_SNAPSHOTS CT_MAX_CLASS_DROP \
@@ -284,6 +291,32 @@ ensure_image() {
   printf '%s' "$tag"
 }
 
+# The files of this checkout that go into the serving image: Dockerfile.serve's COPY sources and
+# what its build reads (tests/test_job7.py checks the list against the Dockerfile).
+SERVE_IMAGE_SOURCES=(Dockerfile.serve requirements-serve.txt .dockerignore ct/__init__.py
+  ct/images.py ct/serving)
+
+# serve_image: print the serving image, built from this checkout's Dockerfile.serve only when no
+# image has the tag of its content (SERVE_IMAGE_SOURCES and CT_SERVE_BASE_IMAGE). It runs no
+# pushed code: the serving code is the pipeline's own, copied in.
+serve_image() {
+  local tag build=()
+  [[ -f "$CT_ROOT/Dockerfile.serve" ]] || die "no Dockerfile.serve in $CT_ROOT to build the serving image from" 2
+  tag="$CT_SERVE_IMAGE:$(cd "$CT_ROOT" && {
+    printf 'base=%s\n' "$CT_SERVE_BASE_IMAGE"
+    find "${SERVE_IMAGE_SOURCES[@]}" -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
+  } | sha256sum | cut -c1-16)"
+  if docker image inspect "$tag" >/dev/null 2>&1; then
+    log "serving image $tag exists (same Dockerfile.serve, requirements and code): not rebuilding"
+  else
+    log "building the serving image $tag from Dockerfile.serve"
+    [[ -n "$CT_SERVE_BASE_IMAGE" ]] && build+=(--build-arg "BASE_IMAGE=$CT_SERVE_BASE_IMAGE")
+    docker build "${build[@]}" --label ct.role=serve -f "$CT_ROOT/Dockerfile.serve" -t "$tag" \
+      "$CT_ROOT" >&2 || die "docker build of Dockerfile.serve failed"
+  fi
+  printf '%s' "$tag"
+}
+
 # ----------------------------------------------------------------------------------- after a run
 # after_run [--outbox-only] [--run-dir RUN_DIR]: what follows every finished training or tuning
 # run, whoever started it (job4, job5, job6 --follow), decided by ct.pipeline.after_run: judge,
@@ -313,32 +346,56 @@ after_run() {
 # runs/eval-<time>-<sha>/metrics.json, which promotion then reads. When that code is gone for good,
 # or cannot evaluate, nothing is promoted and the best model stays (exit 2).
 rescore() {
-  local commit="$1" model="$2" image code rc=0 args=()
-  resolve_runtime
+  local commit="$1" model="$2" rc=0
   # its own words, not ensure_snapshot's: what is at stake here is the best model, not a run
   (ensure_snapshot "$commit") 2>/dev/null ||
     die "the best model's code (commit $commit) is gone and cannot be made again from $CT_WORKSPACE/$WS_CODE_REPO, so the best model cannot be re-scored on the new test set: nothing promoted, the best model stays (run job1 for commit $commit to bring its code back, then job4)" 2
-  code="$(snapshot_path "$commit")"
-  [[ -f "$code/ct/trainer/evaluate.py" ]] ||
+  [[ -f "$(snapshot_path "$commit")/ct/trainer/evaluate.py" ]] ||
     die "commit $commit, which trained the best model, predates ct.trainer.evaluate, so the best model cannot be re-scored on the new test set: nothing promoted, the best model stays (evaluate $CT_WORKSPACE/$model by hand and run job4 again, or move $CT_WORKSPACE/$WS_BEST_FILE away to start a new best)" 2
-  use_commit "$commit"
-  image="$(select_image train)"
   log "re-scoring the best model $model (commit $commit) on the test set the data holds now"
-  require_increments_dir
-  if [[ "$CT_RUNTIME" == docker ]]; then
-    docker rm -f "$(container_name eval)" >/dev/null 2>&1 || true # one a killed job left behind
-    # as launch runs train.py: the snapshot read-only at /code, the other snapshots hidden, not root
-    sandbox_args eval "$(container_name eval)" "$commit"
-    docker run --rm "${SANDBOX[@]}" -e PYTHONPATH=/code "$image" -m ct.trainer.evaluate \
-      "/workspace/$model" --out /workspace "${INCREMENT_ARGS[@]}" >&2 || rc=$?
-  else
-    [[ -z "$CT_INCREMENTS_DIR" ]] || args+=(--increments "$CT_INCREMENTS_DIR")
-    (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" PYTHONPATH="$code" PYTHONDONTWRITEBYTECODE=1 \
-      exec "$CT_PYTHON" -m ct.trainer.evaluate "$CT_WORKSPACE/$model" --out "$CT_WORKSPACE" \
-      "${args[@]}") >&2 || rc=$?
-  fi
+  with_model_code eval "$commit" ct.trainer.evaluate "$model" >&2 || rc=$?
   ((rc == 0)) ||
     die "the best model could not be re-scored (exit $rc, see above): nothing promoted, the best model stays" "$((rc == 2 ? 2 : 1))"
+}
+
+# export_champion COMMIT MODEL: the champion (MODEL, a workspace path) to ONNX with the code of
+# COMMIT, which trained it, as rescore evaluates it (python -m ct.trainer.export writes
+# runs/export-<time>-<sha>/ and prints that folder last), then recorded on the host: checked,
+# copied into models/ and named in best.json's "export" (ct.pipeline.exported record).
+export_champion() {
+  local commit="$1" model="$2" out rc=0
+  (ensure_snapshot "$commit") 2>/dev/null ||
+    die "the champion's code (commit $commit) is gone and cannot be made again from $CT_WORKSPACE/$WS_CODE_REPO, so the champion cannot be exported: nothing deployed, the service keeps its model (run job1 for commit $commit to bring its code back, then job7)" 2
+  [[ -f "$(snapshot_path "$commit")/ct/trainer/export.py" ]] ||
+    die "commit $commit, which trained the champion, predates ct.trainer.export, so the champion cannot be exported: nothing deployed, the service keeps its model (a model trained by newer code deploys)" 2
+  log "exporting the champion $model (commit $commit) to ONNX"
+  out="$(with_model_code export "$commit" ct.trainer.export "$model")" || rc=$?
+  ((rc == 0)) || die "the champion could not be exported (exit $rc, see above): nothing deployed" "$((rc == 2 ? 2 : 1))"
+  ct_py ct.pipeline.exported record --workspace "$CT_WORKSPACE" "${out##*$'\n'}" >&2 ||
+    die "the champion's export was not recorded (see above): nothing deployed" 2
+}
+
+# with_model_code ROLE COMMIT MODULE MODEL: python -m MODULE MODEL --out <the workspace> with the
+# code of COMMIT (its snapshot; on docker its training image as a run of that commit, sandbox_args,
+# as container ct-ROLE-<id>; local: PYTHONPATH), the increments passed on, and wait for it. Its
+# stdout is this function's; its exit status too.
+with_model_code() {
+  local role="$1" commit="$2" module="$3" model="$4" image args=()
+  resolve_runtime
+  use_commit "$commit"
+  image="$(select_image train)"
+  require_increments_dir
+  if [[ "$CT_RUNTIME" == docker ]]; then
+    docker rm -f "$(container_name "$role")" >/dev/null 2>&1 || true # one a killed job left behind
+    # as launch runs train.py: the snapshot read-only at /code, the other snapshots hidden, not root
+    sandbox_args "$role" "$(container_name "$role")" "$commit"
+    docker run --rm "${SANDBOX[@]}" -e PYTHONPATH=/code "$image" -m "$module" \
+      "/workspace/$model" --out /workspace "${INCREMENT_ARGS[@]}"
+  else
+    [[ -z "$CT_INCREMENTS_DIR" ]] || args+=(--increments "$CT_INCREMENTS_DIR")
+    (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" PYTHONPATH="$CODE" PYTHONDONTWRITEBYTECODE=1 \
+      exec "$CT_PYTHON" -m "$module" "$CT_WORKSPACE/$model" --out "$CT_WORKSPACE" "${args[@]}")
+  fi
 }
 
 prepare_tuning_image() { # for the commit of the run this build judged

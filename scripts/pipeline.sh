@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The local chain runner: the six jobs in Jenkins' order, without Jenkins (what `make run` runs).
+# The local chain runner: the jobs in Jenkins' order, without Jenkins (what `make run` runs).
 #
 #   scripts/pipeline.sh [REPO [REF]]    (default: CT_REPO_URL = this checkout, CT_GIT_REF = HEAD)
 #
 # job1 pull (the push is queued) -> then, for each queued push, oldest first: job2 image -> job3
-# train -> job4 gate -> (below the threshold: job5 tune); a failed train or tune run: job6 monitor
-# --follow restarts it and then runs what follows every finished run (lib.sh after_run), as job4
-# does. When another chain is under way in the workspace (another pipeline.sh, or Jenkins), job3
+# train -> job4 gate -> (below the threshold: job5 tune) -> job7 deploy (the champion, whether or
+# not this chain replaced it: job7 does nothing when the service serves it already; CT_DEPLOY=0
+# skips it); a failed train or tune run: job6 monitor --follow restarts it and then runs what
+# follows every finished run (lib.sh after_run), as job4 does. When another chain is under way in the workspace (another pipeline.sh, or Jenkins), job3
 # leaves the push queued and this runner stops at once: the runner of that chain trains it next.
 # Exit 0 when every chain it ran went through; 1 when one failed (the others still ran).
 set -euo pipefail
@@ -50,10 +51,15 @@ chain() {
       }
     fi
   fi
+  # Jenkins starts job7 after every job4 and job5 that passed (jenkins/jobs.yaml)
+  if [[ "$CT_DEPLOY" == 1 ]]; then
+    step job7-deploy.sh || return 1
+  fi
 }
 
 main() {
   local best rc commit failed=0 chains=0
+  [[ "$CT_DEPLOY" =~ ^[01]$ ]] || die "CT_DEPLOY must be 1 (deploy the champion) or 0, not '$CT_DEPLOY'" 2
   resolve_runtime
   log "runtime: $CT_RUNTIME; workspace: $CT_WORKSPACE; threshold: $CT_THRESHOLD%"
   step job1-pull.sh "$@" >/dev/null

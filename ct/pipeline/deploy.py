@@ -19,8 +19,8 @@ passed its smoke test; GET /model says what it serves and how the last request w
 - prune: deletes models/champion-* files that neither best.json's export nor deployed.json's
   current/previous nor wanted.json names.
 - running: exit 0 when the service answers GET /healthz (waiting up to --wait seconds), else 1.
-- begin: job7's first call: forgets the last build's outcome and prints `champion`, or `none`
-  when there is no best.json. local-pid: the local runtime's service pid, when it runs for W.
+- begin: job7's first call: forgets the last build's outcome (status/deploy.json).
+  local-pid: prints the local runtime's service pid, when it runs for W (else exit 1).
   names: the files job7's scripts use (NAME=path lines, like `ct.workspace names`).
 Every deploy or rollback writes its outcome to W/status/deploy.json, which job7's failure mail
 reads (ct.pipeline.notify --event deploy-failed). Exit 2: bad input, one line.
@@ -243,7 +243,6 @@ def running(url: str, wait: float) -> int:
 def begin(workspace: Path) -> int:
     """job7's first call: the mail of this build must never tell an earlier build's outcome."""
     (workspace / RECORD).unlink(missing_ok=True)
-    print("champion" if (workspace / names.BEST_FILE).exists() else "none")
     return 0
 
 
