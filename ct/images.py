@@ -67,9 +67,11 @@ def decode(source: bytes | str | os.PathLike[str], limits: Limits = ANY) -> np.n
         limit = f"over the limit of {limits.max_pixels} pixels: " if limits.max_pixels else ""
         raise ImageError(TOO_LARGE, f"{limit}{exc}", "send a smaller image") from exc
     except Image.UnidentifiedImageError as exc:
-        wanted = " or ".join(limits.formats) if limits.formats else "an image format Pillow reads"
-        raise ImageError(NOT_IMAGE, f"not {wanted}",
-                         f"send {wanted if limits.formats else 'an image'}") from exc
+        if limits.formats:
+            wanted = " or ".join(limits.formats)
+            raise ImageError(NOT_IMAGE, f"not a {wanted} file",
+                             f"send a {wanted} image") from exc
+        raise ImageError(NOT_IMAGE, "not a file Pillow can read", "send an image") from exc
     except OSError as exc:
         if exc.errno is None:  # Pillow's own OSErrors: a truncated or broken stream
             raise ImageError(DAMAGED, f"{type(exc).__name__}: {exc}",

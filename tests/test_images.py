@@ -133,9 +133,11 @@ def test_the_service_reads_png_and_jpeg_only_training_reads_more() -> None:
     for fmt in ("GIF", "BMP", "WEBP", "TIFF"):
         data = encoded(noise((40, 40)), fmt)
         assert decode(data).shape == (3, 32, 32), fmt
-        with pytest.raises(ImageError, match="not an image: not PNG or JPEG") as caught:
+        with pytest.raises(ImageError) as caught:
             decode(data, SERVING)
         assert caught.value.kind == images.NOT_IMAGE
+        assert str(caught.value) == ("not an image: not a PNG or JPEG file; send a PNG or JPEG "
+                                     "image")
 
 
 BAD: dict[str, tuple[bytes, str]] = {

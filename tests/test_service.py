@@ -144,7 +144,7 @@ BAD: dict[str, tuple[dict, int, str]] = {
     "decompression bomb": ({"content": png_header(20000, 20000),
                             "headers": {"content-type": "image/png"}}, 413, "pixels"),
     "a GIF": ({"content": b"GIF89a" + bytes(40), "headers": {"content-type": "image/png"}},
-              400, "not PNG or JPEG"),
+              400, "not a PNG or JPEG file"),
     "over the size limit": ({"content": os.urandom(MAX_BYTES + 1),
                              "headers": {"content-type": "application/octet-stream"}},
                             413, f"over the limit of {MAX_BYTES}"),
