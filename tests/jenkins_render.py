@@ -11,7 +11,7 @@ from tests import test_jenkins_checks as jc
 REPO = jc.REPO
 JENKINS = jc.JENKINS
 TOKEN = "test-only-token-7f3a"  # what the fixture puts on JJB's include path, never in jenkins/
-JOBS = ["job1", "job2", "job3", "job4", "job5", "job6"]
+JOBS = ["job1", "job2", "job3", "job4", "job5", "job6", "job7"]
 VIEW = "CT pipeline"
 PT = "hudson.plugins.parameterizedtrigger."
 

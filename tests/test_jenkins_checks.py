@@ -31,6 +31,7 @@ CLASS_PLUGINS: dict[str, str | None] = {
     "hudson.triggers.TimerTrigger": None,
     "hudson.scm.NullSCM": None,
     "jenkins.model.BuildDiscarderProperty": None,
+    "jenkins.triggers.ReverseBuildTrigger": None,
     "java.util.": None,
     "string-array": None,
     "hudson.plugins.git.": "git",

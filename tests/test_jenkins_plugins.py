@@ -21,7 +21,8 @@ from tests.jenkins_render import (
 def test_every_shell_step_calls_an_existing_executable_script(rendered):
     assert jc.script_problems(rendered) == []
     assert {job_script(rendered[j]) for j in JOBS} == {
-        "job1-pull", "job2-image", "job3-train", "job4-gate", "job5-tune", "job6-monitor"}
+        "job1-pull", "job2-image", "job3-train", "job4-gate", "job5-tune", "job6-monitor",
+        "job7-deploy"}
 
 
 def test_plugins_txt_is_pinned_and_lists_exactly_the_plugins_used(rendered):
