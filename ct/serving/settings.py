@@ -3,6 +3,7 @@ lists them). A value that is not a number in range is refused with one line nami
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ def from_environment(env: Mapping[str, str] | None = None) -> Settings:
             what = "an integer" if kind is int else "a number"
             raise SettingError(f"{variable}={text!r} is not {what}; unset it for the "
                                "default") from None
-        if not value >= least:  # NaN too
-            raise SettingError(f"{variable}={text!r} must be at least {least}")
+        if not least <= value < math.inf:  # NaN fails too
+            raise SettingError(f"{variable}={text!r} must be a finite number, at least {least}")
         values[field] = value
     return Settings(**values)  # type: ignore[arg-type]
