@@ -4,17 +4,15 @@ Standard library only.
     python3 -m ct.pipeline.exported record --workspace W RUN_DIR
     python3 -m ct.pipeline.exported needs --workspace W
 
-`record` takes RUN_DIR, the folder `python -m ct.trainer.export` wrote and printed last
-(runs/export-..., relative to W, or the same path absolute). Everything in it was written by the
-container and is checked before use: the folders and files are opened without following
-symlinks, export.json must hold every field of the manifest with its type (format ct-export/1),
-its parity figures within the host's own bounds (max |logit difference| <= 0.001, top-1
-agreement >= 99.9 %), model_sha256 must be best.json's (else the export is of another model),
-the ONNX file must hash to onnx_sha256 and smoke.npz must hold `images` uint8 (S, 3, 32, 32) and
-`labels` int64 (S,) for the manifest's S. Then, under the promotion lock, with X the ONNX file's
-sha256[:16]: W/models/champion-X.onnx, champion-X-smoke.npz and champion-X.json (the manifest,
-its "onnx" and smoke "file" renamed to those files, which lie beside it, and "run_dir" added),
-and best.json rewritten at once with
+`record` takes RUN_DIR, the folder `python -m ct.trainer.export` printed last (runs/export-...,
+relative to W or absolute). The container wrote it, so all is checked and no symlink followed:
+export.json must hold every field of the manifest (ct-export/1) with its type, the parity within
+the host's own bounds (max |logit difference| <= 0.001, top-1 agreement >= 99.9 %) and
+best.json's model_sha256 (else it is an export of another model); the ONNX file must hash to
+onnx_sha256 and smoke.npz hold `images` uint8 (S, 3, 32, 32) and `labels` int64 (S,). Then,
+under the promotion lock, with X the ONNX file's sha256[:16]: W/models/champion-X.onnx,
+champion-X-smoke.npz and champion-X.json (the manifest, "onnx" and the smoke "file" renamed to
+those files beside it, "run_dir" added), and best.json rewritten at once with
     "export": {"onnx": "models/champion-X.onnx", "onnx_sha256", "manifest":
                "models/champion-X.json", "served_accuracy", "parity", "exported_at", "run_dir"}
 and lineage.onnx_sha256. `needs` prints `export COMMIT MODEL` when best.json's model has no
@@ -199,8 +197,6 @@ def check_manifest(manifest: Mapping[str, Any], path: Path) -> None:
             shown = json.dumps(manifest[key])[:80]
             raise PipelineError(f"{path} has {key} {shown}, which is not valid (or not within "
                                 "the host's bounds); run job7's export again")
-    if manifest["smoke"]["file"] == manifest["onnx"]:
-        raise PipelineError(f"{path} names {manifest['onnx']!r} as the model and the smoke set")
     if manifest["smoke"]["images"] > manifest["test_images"]:
         raise PipelineError(f"{path} has more smoke images than test images")
 
@@ -317,10 +313,6 @@ def install(workspace: Path, run_dir: str, manifest: dict[str, Any], onnx_fd: in
     sha256 = manifest["onnx_sha256"]
     onnx_name, manifest_name, smoke_name = stored_names(sha256)
     folder = models_dir(workspace)
-    where = workspace / run_dir
-    copy_checked(onnx_fd, folder / onnx_name, check_onnx(sha256, where / manifest["onnx"]))
-    copy_checked(smoke_fd, folder / smoke_name,
-                 check_smoke(manifest["smoke"]["images"], where / manifest["smoke"]["file"]))
     stored = {**manifest, "onnx": onnx_name, "smoke": {**manifest["smoke"], "file": smoke_name},
               "run_dir": run_dir}
     models = names.MODELS_DIR
@@ -333,10 +325,21 @@ def install(workspace: Path, run_dir: str, manifest: dict[str, Any], onnx_fd: in
     (lineage if isinstance(lineage, dict) else best)[ONNX_SHA256] = sha256
     remedy = records.fix_workspace(workspace, "best.json is unchanged",
                                    "rerun ct.pipeline.exported record")
-    records.write_files({  # best.json last: its rename is the commit point
-        folder / manifest_name: json.dumps(stored, indent=2, sort_keys=True) + "\n",
-        workspace / names.BEST_FILE: json.dumps(best, indent=2, sort_keys=True) + "\n",
-    }, remedy)
+    where = workspace / run_dir
+    added = [folder / name for name in (onnx_name, smoke_name, manifest_name)
+             if not os.path.lexists(folder / name)]
+    try:
+        copy_checked(onnx_fd, folder / onnx_name, check_onnx(sha256, where / manifest["onnx"]))
+        copy_checked(smoke_fd, folder / smoke_name,
+                     check_smoke(manifest["smoke"]["images"], where / manifest["smoke"]["file"]))
+        records.write_files({  # best.json last: its rename is the commit point
+            folder / manifest_name: json.dumps(stored, indent=2, sort_keys=True) + "\n",
+            workspace / names.BEST_FILE: json.dumps(best, indent=2, sort_keys=True) + "\n",
+        }, remedy)
+    except PipelineError:
+        for path in added:  # new files that no record names: gone again, models/ as it was
+            path.unlink(missing_ok=True)
+        raise
     return (f"recorded {run_dir} for the champion ({best['model']}): {models}/{onnx_name}, "
             f"served {records.fmt_number(manifest['served_accuracy'])}%, max |logit "
             f"difference| {manifest['parity']['max_abs_logit_diff']:.3g}")
