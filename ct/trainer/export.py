@@ -50,6 +50,7 @@ from torch import nn
 
 from ct import atomic
 from ct import workspace as names
+from ct.trainer.data import Cifar
 from ct.trainer.engine import (
     evaluate_as_configured,
     make_compute,
@@ -78,7 +79,7 @@ class ExportError(Exception):
 
 
 class Served(nn.Module):
-    """What the service computes: uint8 images in, the logits of the recipe's test in
+    """What the service computes: uint8 images in, out the logits of the recipe's test
     (ct.trainer.engine.evaluate_as_configured's, view for view), fp32."""
 
     def __init__(self, model: nn.Module, cfg: dict[str, Any]) -> None:
@@ -109,9 +110,10 @@ def write_onnx(served: Served, example: torch.Tensor, path: Path, opset: int,
     """Trace `served` into an ONNX file at `path`, its batch axis dynamic, and check it."""
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as said:
-        # The legacy exporter announces its deprecation and that normalise's constants are
-        # traced as constants; both are expected. Any other note is logged, and whatever the
-        # trace got wrong, the parity check below finds.
+        # Expected (_expected): the legacy exporter announces its deprecation, normalise's
+        # constants are traced as constants, and the constant folder leaves the mirror's
+        # reversed slices alone. Any other note is logged; whatever the trace got wrong, the
+        # parity check below finds.
         warnings.simplefilter("always")
         try:
             torch.onnx.export(served, (example,), str(path), dynamo=False, opset_version=opset,
@@ -121,8 +123,7 @@ def write_onnx(served: Served, example: torch.Tensor, path: Path, opset: int,
         except Exception as exc:  # the exporter and the checker raise many types
             raise ExportError(f"the model cannot be exported to ONNX opset {opset} "
                               f"({one_line(exc)}); change network.py, or pass --opset") from exc
-    notes = sorted({one_line(w.message) for w in said}
-                   - {n for n in (one_line(w.message) for w in said) if _expected(n)})
+    notes = sorted({note for note in (one_line(w.message) for w in said) if not _expected(note)})
     for note in notes:
         log(f"exporter: {note[:200]}")
     log(f"exported {path.name} (opset {opset}, {path.stat().st_size / 1e6:.1f} MB) in "
@@ -194,12 +195,12 @@ def write_smoke(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def manifest(ws: Workspace, path: Path, sha256: str, onnx_path: Path, opset: int,
-             cfg: dict[str, Any], scores: Scores, torch_accuracy: float, data: Any,
-             test_y: torch.Tensor) -> dict[str, Any]:
+             cfg: dict[str, Any], scores: Scores, torch_accuracy: float, data: Cifar
+             ) -> dict[str, Any]:
     """export.json (the fields ct.pipeline.exported checks and the service reads)."""
     shown = path.resolve()
-    smoke = min(SMOKE_IMAGES, len(test_y))
-    smoke_right = scores.logits[:smoke].argmax(1) == test_y[:smoke].numpy()
+    smoke = min(SMOKE_IMAGES, len(data.test_y))
+    smoke_right = scores.logits[:smoke].argmax(1) == data.test_y[:smoke].numpy()
     return {
         "format": FORMAT,
         "model": (shown.relative_to(ws.root).as_posix() if shown.is_relative_to(ws.root)
@@ -213,7 +214,7 @@ def manifest(ws: Workspace, path: Path, sha256: str, onnx_path: Path, opset: int
         "parity": scores.parity,
         "served_accuracy": round(scores.served_accuracy, 2),
         "torch_accuracy": round(torch_accuracy, 2),
-        "test_images": len(test_y), "test_version": test_version(data),
+        "test_images": len(data.test_y), "test_version": test_version(data),
         "data_version": data.version,
         "smoke": {"file": SMOKE_FILE, "images": smoke,
                   "accuracy": round(100.0 * float(smoke_right.mean()), 2)},
@@ -249,8 +250,7 @@ def export_model(path: Path, ws: Workspace, opts: RunOptions, opset: int, tolera
             f"({time.perf_counter() - t0:.1f}s); the classes agree on {same:.2f}% of it")
         smoke = min(SMOKE_IMAGES, len(data.test_x))
         write_smoke(staging / SMOKE_FILE, data.test_x[:smoke], data.test_y[:smoke])
-        summary = manifest(ws, path, sha256, onnx_path, opset, cfg, scores, torch_accuracy,
-                           data, data.test_y)
+        summary = manifest(ws, path, sha256, onnx_path, opset, cfg, scores, torch_accuracy, data)
         for name in (ONNX_FILE, SMOKE_FILE):
             _fsync(staging / name)
         atomic.write_json(staging / MANIFEST, summary)
