@@ -1,5 +1,7 @@
 """The package layout: the Jenkins side (ct.pipeline and the shared top-level ct modules) runs
-on the host's plain python3, so it must import without torch and never reach into ct.trainer."""
+on the host's plain python3, so it must import without torch and never reach into ct.trainer. The
+serving side (ct.serving, and ct.images which the trainer's increments share with it) runs in the
+serving image: numpy, Pillow and ONNX Runtime, never torch, and nothing of the other two sides."""
 
 from __future__ import annotations
 
@@ -13,22 +15,28 @@ from pathlib import Path
 
 import ct
 import ct.pipeline
+import ct.serving
 import ct.trainer
 from tests.conftest import REPO
 
-SHARED = sorted(f"ct.{m.name}" for m in pkgutil.iter_modules(ct.__path__) if not m.ispkg)
+IMAGES = ["ct.images"]  # shared by the trainer and the serving image: numpy and Pillow
+SHARED = sorted(f"ct.{m.name}" for m in pkgutil.iter_modules(ct.__path__)
+                if not m.ispkg and f"ct.{m.name}" not in IMAGES)
 HOST_SIDE = SHARED + sorted(f"ct.pipeline.{m.name}" for m in pkgutil.iter_modules(
     ct.pipeline.__path__))
 TRAINER = sorted(f"ct.trainer.{m.name}" for m in pkgutil.iter_modules(ct.trainer.__path__))
+SERVING = IMAGES + sorted(f"ct.serving.{m.name}" for m in pkgutil.iter_modules(
+    ct.serving.__path__))
 
-# Imports every host-side module with torch and numpy made unimportable (as on a Jenkins host
-# without them), then reports the modules those imports loaded from outside the standard library.
+# Imports the given modules with the packages named in argv[2] made unimportable (torch and numpy
+# for the host side, as on a Jenkins host without them; torch for the serving image), then reports
+# the modules those imports loaded from outside the standard library.
 PROBE = """
 import importlib, json, sys
 
 class NoContainerPackages:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "numpy"):
+        if name.split(".")[0] in json.loads(sys.argv[2]):
             raise ImportError(f"{name} is not installed on the host (test_layout)")
         return None
 
@@ -60,19 +68,30 @@ def imported_names(path: Path) -> set[str]:
 
 def test_the_layout_is_what_the_tests_expect() -> None:
     assert SHARED == ["ct.atomic", "ct.data_version", "ct.workspace"]
+    assert {"ct.images", "ct.serving.app", "ct.serving.predict"} <= set(SERVING)
     assert {"ct.pipeline.gate", "ct.pipeline.notify"} <= set(HOST_SIDE)
     assert {"ct.trainer.run", "ct.trainer.tune", "ct.trainer.engine"} <= set(TRAINER)
 
 
-def test_host_side_modules_import_without_torch() -> None:
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(HOST_SIDE)], cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+def imports_without(modules: list[str], missing: list[str]) -> list[str]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(modules), json.dumps(missing)],
+                          cwd=REPO, env={"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
-    loaded = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_host_side_modules_import_without_torch() -> None:
+    loaded = imports_without(HOST_SIDE, ["torch", "numpy"])
     outside = [n for n in loaded if n.split(".")[0] != "ct"]
     assert outside == [], "host-side modules may use the standard library only"
     assert not [n for n in loaded if n.startswith("ct.trainer")]
+
+
+def test_the_serving_side_imports_without_torch_and_nothing_of_the_other_sides() -> None:
+    loaded = imports_without(SERVING, ["torch"])
+    assert "numpy" in loaded and "PIL" in loaded
+    assert not [n for n in loaded if n.startswith(("ct.trainer", "ct.pipeline"))]
 
 
 def test_no_host_side_module_imports_the_trainer() -> None:
@@ -87,7 +106,8 @@ def test_package_docstrings_list_what_is_there() -> None:
     listed = {word.strip("`:") for word in doc.split() if word.startswith("`ct.")}
     present = {f"ct.{m.name}" for m in pkgutil.iter_modules(ct.__path__)}
     assert listed == present
-    for package, modules in ((ct.trainer, TRAINER), (ct.pipeline, HOST_SIDE[len(SHARED):])):
+    for package, modules in ((ct.trainer, TRAINER), (ct.pipeline, HOST_SIDE[len(SHARED):]),
+                             (ct.serving, SERVING[len(IMAGES):])):
         for name in modules:
             assert f"`{name.rsplit('.', 1)[1]}`" in (package.__doc__ or ""), name
 
