@@ -20,8 +20,10 @@ STEP="starting job7"
 # on_exit: what this build keeps, and, when it failed, the mail that says why (once per build:
 # ct.pipeline.deploy begin forgot the previous build's outcome, so the mail tells this one's).
 on_exit() {
-  local rc=$?
-  [[ ! -f "$CT_WORKSPACE/$SERVE_RECORD" ]] || keep_artifact "$CT_WORKSPACE/$SERVE_RECORD"
+  local rc=$? kept
+  for kept in "$SERVE_RECORD" "$SERVE_DEPLOYED"; do
+    [[ ! -f "$CT_WORKSPACE/$kept" ]] || keep_artifact "$CT_WORKSPACE/$kept"
+  done
   if ((rc != 0)); then
     log "job7 failed while $STEP (exit $rc): mailing why"
     ct_py ct.pipeline.notify --workspace "$CT_WORKSPACE" --event deploy-failed \

@@ -96,8 +96,14 @@ def test_job7_deploys_keeps_the_old_model_on_a_failed_smoke_test_and_rolls_back(
 
     # a champion that fails its smoke test: red, mailed, the old model keeps serving
     bad = crown(ws, 2, accuracy_offset=30.0)
-    failed = run_script("job7-deploy.sh", env, check=False)
+    artifacts = ws.parent / "artifacts" / "job7"  # what Jenkins archives of this build
+    failed = run_script("job7-deploy.sh", {**env, "CT_ARTIFACTS_DIR": str(artifacts)},
+                        check=False)
     assert failed.returncode == 1, failed.stderr
+    kept = json.loads((artifacts / "deploy.json").read_text())
+    assert kept["outcome"] == "failed" and kept["target"]["sha256"] == bad.sha256
+    assert json.loads((artifacts / "deployed.json").read_text())["current"]["sha256"] == \
+        first.sha256
     assert f"ct.deploy: the service refused {bad.onnx}" in failed.stderr
     assert get_model(env)["model"]["sha256"] == first.sha256
     assert json.loads((ws / "serving" / "wanted.json").read_text())["sha256"] == first.sha256
@@ -177,3 +183,35 @@ def test_the_local_chain_trains_exports_and_deploys(source_repo, job7_env, smtp_
     manifest = json.loads((ws / export["manifest"]).read_text())
     assert manifest["commit"] == best["commit"] and manifest["format"] == "ct-export/1"
     assert len(inbox.messages) == 1  # the promotion's mail; a deploy that went well sends none
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_the_docker_chain_deploys_into_a_locked_down_container(source_repo, docker_env,
+                                                               docker_engine):
+    """The same on docker: the export in the champion's training image, the serving image built
+    from Dockerfile.serve (on the tests' serve base), the service's container as job7 runs it."""
+    from tests import docker_engine as de
+
+    env = {**docker_env, **SERVICE_ENV, "CT_DEPLOY": "1",
+           "CT_SERVE_PORT": str(served_model.free_port()),
+           "CT_SERVE_BASE_IMAGE": de.ensure_serve_base_image(docker_engine)}
+    run_script("pipeline.sh", env, str(source_repo), timeout=1800)
+    ws = Path(env["CT_WORKSPACE"])
+    export = json.loads((ws / "best.json").read_text())["export"]
+    assert get_model(env)["model"]["sha256"] == export["onnx_sha256"]
+    (name,) = docker_engine.docker("ps", "-q", "--filter", "label=ct.role=serve", "--filter",
+                                   f"label=ct.workspace={ws}").split()
+    config = json.loads(docker_engine.docker("inspect", name))[0]
+    host = config["HostConfig"]
+    assert config["Config"]["User"] == "1000:1000" and host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"] and "no-new-privileges" in host["SecurityOpt"]
+    assert host["Memory"] > 0 and host["RestartPolicy"]["Name"] == "unless-stopped"
+    assert host["NetworkMode"] == "host"
+    mounts = {m["Destination"]: m["RW"] for m in config["Mounts"]}
+    assert mounts == {"/workspace/models": False, "/workspace/serving": False}
+    # a second job7 finds the champion served by the same container
+    again = run_script("job7-deploy.sh", env)
+    assert "serves the champion" in again.stdout and "not rebuilding" in again.stderr
+    assert docker_engine.docker("ps", "-q", "--filter", "label=ct.role=serve", "--filter",
+                                f"label=ct.workspace={ws}").split() == [name]

@@ -31,7 +31,7 @@ DEPLOYED = f"{SERVING_DIR}/deployed.json"  # what deploy/rollback put there: cur
 PID_FILE = f"{SERVING_DIR}/service.pid"  # the local runtime's service process
 SERVICE_LOG = f"{SERVING_DIR}/service.log"
 RECORD = f"{names.STATUS_DIR}/deploy.json"  # this job7 build's outcome, for its mail
-SHELL_NAMES = {"SERVING_DIR": SERVING_DIR, "MODELS_DIR": names.MODELS_DIR,
+SHELL_NAMES = {"SERVING_DIR": SERVING_DIR, "MODELS_DIR": names.MODELS_DIR, "DEPLOYED": DEPLOYED,
                "PID_FILE": PID_FILE, "SERVICE_LOG": SERVICE_LOG, "RECORD": RECORD}
 _ONNX = re.compile(rf"{names.MODELS_DIR}/champion-([0-9a-f]{{16}})\.onnx")
 _STORED = re.compile(r"champion-([0-9a-f]{16})(\.onnx|\.json|-smoke\.npz)")
