@@ -124,6 +124,7 @@ def script_env(tmp_path: Path, tiny_cifar_root: Path) -> dict[str, str]:
         CT_TUNE_TRIALS="2",
         CT_TUNE_BUDGET="120",
         CT_RUNTIME="local",
+        CT_DEPLOY="0",  # chains end at the verdict; tests/test_job7.py runs the deploy step
     )
     return env
 

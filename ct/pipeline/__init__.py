@@ -24,6 +24,8 @@ The job scripts invoke; the decisions about what follows from recorded state are
   per-class comparison the mail and the report share.
 - `notify`: `python3 -m ct.pipeline.notify`: the mail (best model, tuning result, failure, a
   failed deploy); `mail_delivery` is where it goes (SMTP from the settings, or outbox/).
+- `exported`: `python3 -m ct.pipeline.exported record|needs`: an export of the champion to ONNX
+  (ct.trainer.export) checked and stored content-addressed in models/, named in best.json (job7).
 - `deploy`: `python3 -m ct.pipeline.deploy deploy|rollback|status|prune|running`: point the
   model service (ct.serving) at the champion's export, wait for its smoke test, roll back (job7);
   `deploy_records` keeps serving/wanted.json, serving/deployed.json and the models it names;

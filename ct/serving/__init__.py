@@ -11,5 +11,6 @@ Pillow, starlette, uvicorn; no torch): docs/serving.md.
 - `settings`: the CT_SERVE_* settings and their defaults.
 - `swap`: which model serves; serving/wanted.json polled, candidates smoke-tested, swapped.
 
-`python -m ct.serving --workspace WS [--host 127.0.0.1] [--port 8500]` runs the service.
+- `__main__`: `python -m ct.serving --workspace WS [--host 127.0.0.1] [--port 8500]` runs the
+  service (uvicorn).
 """

@@ -14,6 +14,8 @@ train.py, and imports torch.
   modes.
 - `evaluate`: `python -m ct.trainer.evaluate MODEL --out W`: a saved model re-scored on the test
   set the data holds now (the champion, before a run on a new test set is compared with it).
+- `export`: `python -m ct.trainer.export MODEL --out W`: the champion as an ONNX graph (uint8
+  images in, the recipe's test-time augmentation inside), checked against torch (job7).
 - `tune`: one bounded tuning round and its workers; `train.py --tune` (imports optuna).
 - `plan`: a tuning round's plan (the flags checked and frozen), and trial params as config keys.
 - `study`: the Optuna study: search space, sampler, pruner, storage, a round's trial slots.
