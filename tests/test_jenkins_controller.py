@@ -192,12 +192,12 @@ def test_deploy_script_refuses_to_upload_without_its_settings():
     assert proc.returncode == 2 and "CT_REPO_URL is not set" in proc.stderr
 
 
-def test_the_readme_fan_out_for_tuning_renders_and_does_not_block_job5(tmp_path: Path) -> None:
-    """docs/jenkins.md "Tuning on several agents": its JJB snippet renders with the real renderer into a
-    concurrent job on ct-docker agents and a trigger step without <block>. parameterized-trigger
-    859.vb_e3907a_07a_16 BlockableBuildTriggerConfig.perform3 returns no futures when block is
-    null, and TriggerBuilder.perform then only logs "Triggering projects" and goes on: job5's own
-    round starts at once, beside its helpers."""
+def test_the_guides_fan_out_for_tuning_renders_and_does_not_block_job5(tmp_path: Path) -> None:
+    """docs/jenkins.md "Tuning on several agents": its JJB snippet renders with the real renderer
+    into a concurrent job on ct-docker agents and a trigger step without <block>.
+    parameterized-trigger 859.vb_e3907a_07a_16 BlockableBuildTriggerConfig.perform3 returns no
+    futures when block is null, and TriggerBuilder.perform then only logs "Triggering projects"
+    and goes on: job5's own round starts at once, beside its helpers."""
     guide = (REPO / "docs" / "jenkins.md").read_text()
     (snippet,) = [block for block in re.findall(r"```yaml\n(.*?)```", guide, re.S)
                   if "name: job5-worker" in block]
