@@ -3,11 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-tune.txt requirements-dev.txt jenkins/requirements.txt | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-tune.txt requirements-serve.txt requirements-dev.txt jenkins/requirements.txt | sha256sum | cut -c1-12)
 
 .PHONY: venv run train test test-slow test-all lint bench clean
 
-$(STAMP): requirements.txt requirements-tune.txt requirements-dev.txt jenkins/requirements.txt
+$(STAMP): requirements.txt requirements-tune.txt requirements-serve.txt requirements-dev.txt jenkins/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	rm -f $(VENV)/.installed-* && touch $@
