@@ -64,9 +64,10 @@ def ask(running: RunningService, ws: Path, champion: Champion | None = None,
         request = raw.get("request", "") if isinstance(raw, dict) else ""
         text = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
         path = ws / "serving" / "wanted.json"
+        # read before the write: the service may judge the new content before a read after it
+        before = httpx.get(f"{running.url}/model").json()["swap"]
         path.write_bytes(text)
         if not request:  # no request id to wait for: wait for the content to be judged
-            before = httpx.get(f"{running.url}/model").json()["swap"]
             deadline = time.monotonic() + 30
             while httpx.get(f"{running.url}/model").json()["swap"] == before:
                 assert time.monotonic() < deadline, "wanted.json was not judged"

@@ -58,42 +58,44 @@ class Watcher:
 
     def __init__(self, workspace: Path, settings: Settings, state: State) -> None:
         self.workspace, self.settings, self.state = workspace, settings, state
-        self.seen_stat: tuple[int, int, int] | None = None
         self.seen_content: bytes | None = None
         self.unreadable: str | None = None  # told once, not at every poll
 
     async def run(self) -> None:
         while True:
-            await asyncio.to_thread(self.check)
+            try:
+                await asyncio.to_thread(self.check)
+            except Exception as exc:  # the watcher outlives any one bad look
+                self._refuse_once(f"cannot handle {WANTED} ({type(exc).__name__}: {exc})")
             await asyncio.sleep(self.settings.poll_s)
 
     def check(self) -> None:
-        """Handle wanted.json when it changed since the last look (mtime, size, inode, then
-        the content: a rewrite of the same request is no new request)."""
+        """Handle wanted.json when its content changed since the last look (a rewrite of the
+        same request is no new request). The content is compared, not the file's times: two
+        writes within one tick of the file system's clock, of the same size, look alike to
+        stat, and the file is small."""
         path = self.workspace / WANTED
         try:
-            info = os.stat(path, follow_symlinks=False)
+            os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
             return  # nothing asked yet: serve what serves
         except OSError as exc:
-            reason = f"cannot read {path}: {exc.strerror}"
-            if reason != self.unreadable:
-                self.unreadable = reason
-                self._refuse(None, reason)
-            return
-        self.unreadable = None
-        marker = (info.st_mtime_ns, info.st_size, info.st_ino)
-        if marker == self.seen_stat:
-            return
-        self.seen_stat = marker
+            return self._refuse_once(f"cannot read {path}: {exc.strerror}")
         try:
             content = files.read_plain(path, MAX_WANTED_BYTES)
         except files.UnsafeFile as exc:
-            return self._refuse(None, str(exc))
+            return self._refuse_once(str(exc))
+        self.unreadable = None
         if content == self.seen_content:
             return
         self.seen_content = content
         self.handle(content)
+
+    def _refuse_once(self, reason: str) -> None:
+        """An unreadable wanted.json is told once, not at every poll."""
+        if reason != self.unreadable:
+            self.unreadable = reason
+            self._refuse(None, reason)
 
     def handle(self, content: bytes) -> None:
         try:
