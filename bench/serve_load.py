@@ -181,8 +181,7 @@ class Bench:
         np.savez(self.smoke, images=images[:SMOKE], labels=self.labels[:SMOKE])
         self.installed: dict[str, tuple[str, str]] = {}
         self.log = scratch / "services.log"
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2",
-                    "CT_SERVE_SMOKE_P99_MS": "1000"}
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
 
     def graphs(self) -> None:
         """Export, quantize, score and cost every graph, and store each in the workspace."""
@@ -201,7 +200,7 @@ class Bench:
             sm.score(variant, self.images, self.labels, SMOKE)
             costs = [sm.call_cost(variant.path, self.images, batch, threads, self.args.call_s)
                      for threads in (1, 2) for batch in (1, 256)]
-            print(f"{variant.name:<22} {variant.views} view(s): {variant.accuracy:.2f}% "
+            print(f"{variant.name:<26} {variant.views} view(s): {variant.accuracy:.2f}% "
                   f"({variant.calibration_accuracy:.2f}% past the first {SMOKE}); images/s, "
                   f"1 thread: {costs[0]:,.0f} (1 a call) {costs[1]:,.0f} (256); 2 threads: "
                   f"{costs[2]:,.0f} {costs[3]:,.0f}", flush=True)
@@ -250,9 +249,11 @@ class Bench:
         for k in range(count):
             name, sha = self.installed[graphs[(k + 1) % 2]]
             t0, request = time.perf_counter(), want(self.ws, name, sha)
-            while True:
-                swap = get_json(server.port, "/model")[1]["swap"] or {}
-                if swap.get("request") == request:
+            swap: dict[str, Any] = {"ok": False, "reason": "no answer to the request in 60 s"}
+            while time.perf_counter() - t0 < 60:
+                seen = get_json(server.port, "/model")[1]["swap"] or {}
+                if seen.get("request") == request:
+                    swap = seen
                     break
                 time.sleep(0.05)
             print(f"  swap {k + 1} to {sha[:16]} ({graphs[(k + 1) % 2]}): "
