@@ -64,9 +64,10 @@ def run_export(ws: Path, model: Path, data: Path, *flags: str) -> tuple[int, str
     return status, out.getvalue(), err.getvalue()
 
 
-def exported(ws: Path, model: Path, data: Path) -> Path:
-    """Export `model`; the run folder it printed last."""
-    status, out, err = run_export(ws, model, data)
+def exported(ws: Path, model: Path, data: Path, views: str = "recipe") -> Path:
+    """Export `model` (the recipe's whole test, unless `views` says otherwise); the run folder
+    it printed last."""
+    status, out, err = run_export(ws, model, data, "--views", views)
     assert status == 0, err
     return ws / out.splitlines()[-1]
 
@@ -328,3 +329,28 @@ def test_data_that_cannot_be_read_is_exit_2_and_writes_nothing(tmp_path, mirror)
     status, _, err = run_export(ws, model, tmp_path / "no-data-here")
     assert status == 2 and len(err.splitlines()) == 1, err
     assert exports(ws) == before
+
+
+@pytest.mark.parametrize("views", ["mirror", "none"])
+def test_fewer_views_serve_the_recipes_test_without_its_shifts_or_its_mirror(
+        shifts, data, views: str) -> None:
+    """--views mirror (the default, so no flag here) drops the shifted copies of a recipe that
+    has them, --views none the mirror too: the graph computes exactly those views, and the
+    manifest's tta and accuracies are theirs."""
+    ws, model = shifts
+    status, out, err = run_export(ws, model, data, *([] if views == "mirror" else
+                                                     ["--views", views]))
+    assert status == 0, err
+    run_dir = ws / out.splitlines()[-1]
+    manifest = json.loads((run_dir / "export.json").read_text())
+    assert manifest["tta"] == {"mirror": views == "mirror", "translate": False}
+    images = np.load(run_dir / "smoke.npz", allow_pickle=False)["images"]
+    served = session(run_dir / "model.onnx").run(["logits"], {"images": images})[0]
+    net, _ = load_model(model, make_compute("cpu", "fp32"))
+    net.eval()
+    with torch.no_grad():
+        reference = view_logits(net, normalise(torch.from_numpy(images)), views == "mirror")
+    assert np.abs(served - reference.numpy()).max() <= 1e-3
+    whole, _ = torch_reference(model, torch.from_numpy(images))  # mirror and shifts
+    assert np.abs(served - whole).max() > 1e-3, "the shifts must be gone from the graph"
+    assert manifest["served_accuracy"] == manifest["torch_accuracy"]

@@ -26,7 +26,10 @@ class Settings:
     max_pixels: int = 4096 * 4096  # CT_SERVE_MAX_PIXELS: an image's width * height
     max_images: int = 256  # CT_SERVE_MAX_IMAGES: images in one request
     max_batch: int = 256  # CT_SERVE_MAX_BATCH: images in one ONNX Runtime call
-    batch_wait_ms: float = 2.0  # CT_SERVE_BATCH_WAIT_MS: how long a batch waits for company
+    # CT_SERVE_BATCH_WAIT_MS: how long a batch waits for company. 0: batches still form under
+    # load (what queued during a call is the next batch); a wait only adds latency (measured:
+    # docs/benchmarks.md, Serving)
+    batch_wait_ms: float = 0.0
     threads: int = 0  # CT_SERVE_THREADS: ONNX Runtime intra-op threads (0: the usable cores)
     smoke_p99_ms: float = 50.0  # CT_SERVE_SMOKE_P99_MS: a candidate's single-image p99
     poll_s: float = 0.5  # CT_SERVE_POLL_S: how often serving/wanted.json is looked at

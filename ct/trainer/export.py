@@ -2,14 +2,21 @@
 (ct.pipeline.exported) and the service loads it (ct.serving).
 
     python -m ct.trainer.export MODEL --out WORKSPACE [--data-dir D] [--increments I]
-                                [--opset 17] [--tolerance 0.001]
+                                [--views mirror|recipe|none] [--opset 17] [--tolerance 0.001]
 
 Run with the code of the commit that trained MODEL (its network.py builds the model back), as
 ct.trainer.evaluate is. The graph takes uint8 images (N, 3, 32, 32), RGB, NCHW, exactly the
 training tensors' layout, as input "images" (N dynamic) and gives float32 "logits" (N, 10):
-the normalisation and the recipe's test-time augmentation (mirror, shifts: the very functions
-of ct.trainer.engine that a run's test uses) are in the graph, so a runtime only decodes and
+the normalisation and the test-time augmentation (mirror, shifts: the very functions of
+ct.trainer.engine that a run's test uses) are in the graph, so a runtime only decodes and
 resizes to 32x32. TorchScript exporter (dynamo=False), opset 17 or more.
+
+--views picks the views served: `mirror` (the default) the recipe's test without its shifted
+copies, `recipe` its whole test, `none` the image alone. Each view costs a forward pass: the
+default recipe's whole test is 6 of them, and measured on 2 cores (docs/benchmarks.md, Serving)
+its shifts bought 0.35 points for 3x the work, where the mirror alone answers within 20 ms at
+concurrency 8. The manifest's tta and served_accuracy are those of the views served; the
+recipe's own accuracy stays best.json's.
 
 Before anything is written the export is checked with ONNX Runtime against torch (fp32, on the
 CPU: the graph's number format) on the first 1,000 test images: the largest logit difference
@@ -79,8 +86,8 @@ class ExportError(Exception):
 
 
 class Served(nn.Module):
-    """What the service computes: uint8 images in, out the logits of the recipe's test
-    (ct.trainer.engine.evaluate_as_configured's, view for view), fp32."""
+    """What the service computes: uint8 images in, out the logits of the test `cfg` describes
+    (ct.trainer.engine.evaluate_as_configured's, view for view; served_config), fp32."""
 
     def __init__(self, model: nn.Module, cfg: dict[str, Any]) -> None:
         super().__init__()
@@ -103,6 +110,16 @@ class Scores:
     logits: np.ndarray  # (N, 10) float32
     parity: dict[str, Any]
     served_accuracy: float
+
+
+VIEWS = ("mirror", "recipe", "none")
+
+
+def served_config(cfg: dict[str, Any], views: str) -> dict[str, Any]:
+    """The model's config with the test-time augmentation of the views served (--views)."""
+    if views == "recipe":
+        return cfg
+    return {**cfg, "tta": views == "mirror" and bool(cfg["tta"]), "tta_translate": False}
 
 
 def write_onnx(served: Served, example: torch.Tensor, path: Path, opset: int,
@@ -226,13 +243,15 @@ def manifest(ws: Workspace, path: Path, sha256: str, onnx_path: Path, opset: int
 
 
 def export_model(path: Path, ws: Workspace, opts: RunOptions, opset: int, tolerance: float,
-                 log: LogLine) -> Path:
+                 log: LogLine, views: str = "mirror") -> Path:
     """Export the model at `path`, check it, and write its run folder; returns that folder.
     The model is checked before the data is read: a bad model costs nothing."""
     sha256 = model_digest(path)
     compute = make_compute("cpu", "fp32")  # the graph computes in fp32 on any runtime
-    model, cfg = load_saved(path, compute)
+    model, recipe = load_saved(path, compute)
     model.eval()
+    cfg = served_config(recipe, views)
+    log(f"views served: {views} (mirror {cfg['tta']}, shifts {cfg['tta_translate']})")
     served = Served(model, cfg).eval()
     data = load_data(opts, ws, log)
     staging = Path(tempfile.mkdtemp(prefix=f".{KIND}-", suffix=".tmp", dir=ws.runs))
@@ -294,6 +313,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, help="folder with CIFAR-10 (default: OUT/data)")
     parser.add_argument("--increments", type=Path, metavar="DIR",
                         help="the increments folder (default: the data dir's increments/)")
+    parser.add_argument("--views", choices=VIEWS, default="mirror",
+                        help="test-time views served: mirror (default: the recipe's without its "
+                             "shifts), recipe (all of them), none")
     parser.add_argument("--opset", type=int, default=MIN_OPSET,
                         help=f"ONNX opset, {MIN_OPSET} or more (default: {MIN_OPSET})")
     parser.add_argument("--tolerance", type=float, default=1e-3,
@@ -315,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--out {args.out} is not a folder; give the pipeline's workspace")
         ws.check_writable()
         opts = RunOptions(data_dir=args.data_dir, increments=args.increments)
-        run_dir = export_model(args.model, ws, opts, args.opset, args.tolerance, Log())
+        run_dir = export_model(args.model, ws, opts, args.opset, args.tolerance, Log(),
+                               args.views)
     except UsageError as exc:
         fail(str(exc))
     except ExportError as exc:
