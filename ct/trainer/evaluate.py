@@ -91,37 +91,55 @@ def evaluate_model(path: Path, ws: Workspace, opts: RunOptions, compute: Compute
     return summary
 
 
-def fail(message: str) -> NoReturn:
-    print(f"ct.trainer.evaluate: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+# ---------------------------------------------------------------- the commands on a saved model
+# (this one and ct.trainer.export): the same arguments, workspace and one-line errors
 
 
-class _OneLineParser(argparse.ArgumentParser):
+def fail(prog: str, message: str, status: int = 2) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2, like every other error of the command."""
+
     def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see --help)")
+        fail(self.prog, f"{message} (see --help)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _OneLineParser(prog="ct.trainer.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("model", type=Path, help="the model.pt to evaluate")
+def model_parser(prog: str, doc: str, verb: str, writes: str) -> OneLineParser:
+    """The arguments of a command on a saved model in the pipeline's workspace."""
+    parser = OneLineParser(prog=prog, description=doc.split("\n")[0])
+    parser.add_argument("model", type=Path, help=f"the model.pt to {verb}")
     parser.add_argument("--out", type=Path, required=True,
-                        help="the workspace: its data, and runs/ for the result")
+                        help=f"the workspace: its data, and runs/ for {writes}")
     parser.add_argument("--data-dir", type=Path, help="folder with CIFAR-10 (default: OUT/data)")
     parser.add_argument("--increments", type=Path, metavar="DIR",
                         help="the increments folder (default: the data dir's increments/)")
+    return parser
+
+
+def open_workspace(out: Path) -> Workspace:
+    """--out as the workspace to write into; UsageError when it is no writable folder."""
+    ws = Workspace(out.resolve())
+    if not ws.root.is_dir():
+        raise UsageError(f"--out {out} is not a folder; give the pipeline's workspace")
+    ws.check_writable()
+    return ws
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = model_parser("ct.trainer.evaluate", __doc__, "evaluate", "the result")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     args = parser.parse_args(argv)
     try:
-        ws = Workspace(args.out.resolve())
-        if not ws.root.is_dir():
-            raise UsageError(f"--out {args.out} is not a folder; give the pipeline's workspace")
-        ws.check_writable()
+        ws = open_workspace(args.out)
         compute = make_compute(args.device, args.precision)
         opts = RunOptions(data_dir=args.data_dir, increments=args.increments)
         summary = evaluate_model(args.model, ws, opts, compute, Log())
     except UsageError as exc:
-        fail(str(exc))
+        fail(parser.prog, str(exc))
     print(f"accuracy {summary['accuracy']:.2f}% (eval, run {summary['run_id']})", flush=True)
     return 0
 

@@ -57,6 +57,7 @@ from torch import nn
 
 from ct import atomic
 from ct import workspace as names
+from ct.trainer import evaluate
 from ct.trainer.data import Cifar
 from ct.trainer.engine import (
     evaluate_as_configured,
@@ -295,24 +296,15 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+PROG = "ct.trainer.export"
+
+
 def fail(message: str, status: int = 2) -> NoReturn:
-    print(f"ct.trainer.export: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see --help)")
+    evaluate.fail(PROG, message, status)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="ct.trainer.export", description=__doc__.split("\n")[0])
-    parser.add_argument("model", type=Path, help="the model.pt to export")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="the workspace: its data, and runs/ for the export")
-    parser.add_argument("--data-dir", type=Path, help="folder with CIFAR-10 (default: OUT/data)")
-    parser.add_argument("--increments", type=Path, metavar="DIR",
-                        help="the increments folder (default: the data dir's increments/)")
+    parser = evaluate.model_parser(PROG, __doc__, "export", "the export")
     parser.add_argument("--views", choices=VIEWS, default="mirror",
                         help="test-time views served: mirror (default: the recipe's without its "
                              "shifts), recipe (all of them), none")
@@ -332,10 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.tolerance >= 0:
         fail(f"--tolerance {args.tolerance}: give a logit difference of 0 or more")
     try:
-        ws = Workspace(args.out.resolve())
-        if not ws.root.is_dir():
-            raise UsageError(f"--out {args.out} is not a folder; give the pipeline's workspace")
-        ws.check_writable()
+        ws = evaluate.open_workspace(args.out)
         opts = RunOptions(data_dir=args.data_dir, increments=args.increments)
         run_dir = export_model(args.model, ws, opts, args.opset, args.tolerance, Log(),
                                args.views)
