@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.devtools import DevTools
 from tests.synthetic_cifar import make_cifar
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,6 +199,17 @@ def browser() -> str:
         pytest.skip("chromium is not installed (apt-get install chromium); CI sets "
                     "CT_REQUIRE_BROWSER=1 to make this a failure")
     return found
+
+
+@pytest.fixture
+def devtools(browser: str, tmp_path: Path) -> Iterator[DevTools]:
+    """A fresh page in that browser, driven over the DevTools protocol; closed after the test."""
+    tools = DevTools(browser, tmp_path)
+    try:
+        tools.open_page()
+        yield tools
+    finally:
+        tools.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The service's web page: HTML, a script and a style sheet of its own origin only (the
 Content-Security-Policy default-src 'self' allows nothing inline), and in a real headless
-chromium, driven over the DevTools protocol (tests/test_report_browser.DevTools): an image chosen
+chromium, driven over the DevTools protocol (tests/devtools.py): an image chosen
 or dropped shows the top 3 classes with their probabilities and the model that answered."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from tests import served_model
+from tests.devtools import DevTools
 from tests.served_model import Champion, RunningService
 from tests.test_predict import picture
-from tests.test_report_browser import DevTools
 
 Served = tuple[RunningService, Champion]
 
@@ -81,16 +81,6 @@ def test_the_page_and_its_files_carry_no_inline_code(service: Served) -> None:
 
 
 # ---------------------------------------------------------------- in chromium
-
-
-@pytest.fixture
-def devtools(browser: str, tmp_path: Path) -> Iterator[DevTools]:
-    tools = DevTools(browser, tmp_path)
-    try:
-        tools.open_page()
-        yield tools
-    finally:
-        tools.close()
 
 
 def text(devtools: DevTools, selector: str) -> str:
