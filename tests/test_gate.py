@@ -213,7 +213,7 @@ def check_cli(ws: Path) -> subprocess.CompletedProcess[str]:
     [
         ("plot", "plot/accuracy.csv", "Not a directory"),  # a file where the folder must be
         ("gate.properties/", "gate.properties", "Is a directory"),
-        ("accuracy-history.csv/", "accuracy-history.csv", "Is a directory"),
+        ("accuracy-history.csv/", "accuracy-history.csv", "not a regular file"),
         ("plot/accuracy.csv/", "plot/accuracy.csv", "Is a directory"),
     ],
 )

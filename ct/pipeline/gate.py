@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ct import untrusted
 from ct import workspace as names
 from ct.pipeline import cli
 from ct.pipeline.errors import PipelineError
@@ -32,13 +33,13 @@ from ct.pipeline.records import (
     fmt_number,
     format_properties,
     load_metrics,
-    os_reason,
-    read_text,
     utc_now,
     write_files,
 )
 
 HISTORY_HEADER = ("time", "build", "commit", "accuracy", "threshold", "passed", "run")
+MAX_ACCURACY_BYTES = 4096  # one number and a newline; more is not an accuracy file
+MAX_HISTORY_BYTES = 64 << 20  # about a million judged runs
 AGREEMENT = 0.01  # largest allowed gap between accuracy.txt and metrics.json, in points
 
 _DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
@@ -114,8 +115,15 @@ def parse_accuracy_text(text: str, path: Path) -> float:
 
 
 def read_accuracy(workspace: Path) -> float:
+    """W/accuracy.txt: a regular file of the workspace, never a link (whose target's first
+    characters an error would show), at most MAX_ACCURACY_BYTES."""
     path = workspace / names.ACCURACY_FILE
-    text = read_text(path, RERUN_TRAINING, if_missing="run job3 (training) to write it")
+    try:
+        text = untrusted.read_text(path, MAX_ACCURACY_BYTES, root=workspace)
+    except untrusted.Missing:
+        raise PipelineError(f"{path} is missing; run job3 (training) to write it") from None
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"{err}; {RERUN_TRAINING}") from None
     return parse_accuracy_text(text, path)
 
 
@@ -142,12 +150,12 @@ def read_history(path: Path, remedy: str) -> bytes:
     """The history so far under today's header (b"" when there is none), ending in a newline
     for the next row. A history without the `run` column gets it in its header; its rows name
     no run."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    try:  # rewritten with a row added: a link to a host file would copy it into the workspace
+        data = untrusted.read_bytes(path, MAX_HISTORY_BYTES, root=path.parent)
+    except untrusted.Missing:
         return b""
-    except OSError as err:
-        raise PipelineError(f"cannot read {path} ({os_reason(err)}); {remedy}") from None
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"cannot read {err}; {remedy}") from None
     if not data:
         return b""
     header, _, rows = data.partition(b"\n")

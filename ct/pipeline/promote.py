@@ -21,6 +21,7 @@ test set). Errors, I/O errors included, are one line on stderr and exit 2, with 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ct import atomic
+from ct import atomic, untrusted
 from ct.pipeline import cli, records
 from ct.pipeline.class_guard import class_guard, max_class_drop, per_class
 from ct.pipeline.errors import PipelineError
@@ -64,36 +65,43 @@ from ct.workspace import (
     METRICS_FILE,
     MODELS_DIR,
     PROMOTION_PROPERTIES,
+    RUNS_DIR,
     commit_of_run,
 )
 
 STORED_NAME = ("best-", ".pt")  # models/best-<sha256[:16]>.pt
 _STORED_MODEL = re.compile(r"best-[0-9a-f]{16}\.pt")
+_LEFTOVER = re.compile(r"\.best-(incoming|[0-9a-f]{16})\.pt\..*\.tmp")  # a write killed midway
+MAX_MODEL_BYTES = 1 << 30  # a CIFAR-10 CNN's state is megabytes; this only stops the absurd
 
 
 def promote_remedy(workspace: Path) -> str:
     return fix_workspace(workspace, "the best model is unchanged", "rerun ct.pipeline.promote")
 
 
-def model_path(workspace: Path, metrics: Mapping[str, Any]) -> Path:
-    """The model metrics.json names (relative to W), checked to be a non-empty, readable file."""
-    path = workspace / metrics["model"]
-    if not path.is_file():
+def run_model(workspace: Path, metrics: Mapping[str, Any]) -> tuple[str, bytes]:
+    """The model metrics.json names (relative to W) and its bytes. It must lie in the run's own
+    folder (runs/<run id>/), reached without a symbolic link, and be a non-empty regular file of
+    at most MAX_MODEL_BYTES: metrics.json is the container's word, and "model": "/etc/shadow"
+    must not become best-model.pt."""
+    name, run_dir = metrics["model"], metrics["run_dir"]
+    where = workspace / METRICS_FILE
+    if not (untrusted.within(run_dir, RUNS_DIR) and len(untrusted.inside(run_dir)) == 2
+            and untrusted.within(name, run_dir)):
         raise PipelineError(
-            f"{path} (named by {workspace / METRICS_FILE}) is missing; nothing promoted; "
-            f"{RERUN_TRAINING}"
-        )
+            f"{where} names model {str(name)[:80]!r}, not a file in its run folder "
+            f"{str(run_dir)[:80]!r} (runs/<run id>/); nothing promoted; {RERUN_TRAINING}")
+    path = workspace / name
     try:
-        with open(path, "rb") as handle:
-            empty = os.fstat(handle.fileno()).st_size == 0
-    except OSError as err:
+        data = untrusted.read_bytes(path, MAX_MODEL_BYTES, root=workspace)
+    except untrusted.Missing:
         raise PipelineError(
-            f"cannot read {path} ({os_reason(err)}); nothing promoted; make it readable for "
-            "this user, then rerun ct.pipeline.promote"
-        ) from None
-    if empty:
+            f"{path} (named by {where}) is missing; nothing promoted; {RERUN_TRAINING}") from None
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"{err}; nothing promoted; {RERUN_TRAINING}") from None
+    if not data:
         raise PipelineError(f"{path} is empty; nothing promoted; {RERUN_TRAINING}")
-    return path
+    return name, data
 
 
 def load_best(workspace: Path) -> dict[str, Any] | None:
@@ -214,7 +222,7 @@ def promote(workspace: Path, env: Mapping[str, str] = os.environ, rescore: bool 
     limit = max_class_drop(env)  # first: a nonsense setting promotes nothing
     with promotion_lock(workspace):
         metrics = load_metrics(workspace)
-        source = model_path(workspace, metrics)
+        source = run_model(workspace, metrics)
         best = load_best(workspace)
         accuracy = fmt_number(metrics["accuracy"])
         missing = best is not None and best_model_missing(workspace, best)
@@ -257,7 +265,7 @@ def keep(workspace: Path, best: Mapping[str, Any], accuracy: str, yard: Yardstic
     return f"kept the current best {best_accuracy}% (run {best.get('run_id')}{how}); {why}"
 
 
-def install(workspace: Path, metrics: Mapping[str, Any], source: Path,
+def install(workspace: Path, metrics: Mapping[str, Any], source: tuple[str, bytes],
             replaced: Mapping[str, Any] | None = None) -> str:
     """Make the run's model the best; returns the stored model's name (relative to W).
 
@@ -283,13 +291,22 @@ def install(workspace: Path, metrics: Mapping[str, Any], source: Path,
     return model
 
 
-def store_model(workspace: Path, source: Path, remedy: str) -> tuple[str, str]:
-    """Copy the model to models/ under its content's name; (name relative to W, sha256)."""
-    folder = workspace / MODELS_DIR
+def store_model(workspace: Path, source: tuple[str, bytes], remedy: str) -> tuple[str, str]:
+    """Write the model's bytes to models/ under their content's name; (name relative to W,
+    sha256). models/ must be a real folder of W: through a symbolic link there, the write (and
+    the pruning after it) would land outside the workspace."""
+    name, data = source
     try:
-        stored, sha256 = atomic.store_by_content(source, folder, *STORED_NAME)
-    except atomic.WriteError as err:
-        raise PipelineError(f"cannot store {source} in {folder} ({err.reason}); {remedy}") from None
+        folder = untrusted.real_folder(workspace, MODELS_DIR, create=True)
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"cannot store {name} in {MODELS_DIR}/ ({err}); {remedy}") from None
+    sha256 = hashlib.sha256(data).hexdigest()
+    stored = folder / f"{STORED_NAME[0]}{sha256[:16]}{STORED_NAME[1]}"
+    try:
+        atomic.write_bytes(stored, data)
+    except OSError as err:
+        raise PipelineError(f"cannot store {name} in {folder} ({os_reason(err)}); {remedy}"
+                            ) from None
     return stored.relative_to(workspace).as_posix(), sha256
 
 
@@ -324,19 +341,19 @@ def prune_unnamed(workspace: Path) -> None:
 
 def prune_models(workspace: Path, keep: str | None) -> None:
     """Delete the stored models other than `keep`, and copies killed midway. Best effort: a file
-    left over costs disk space, not consistency, and the next promotion tries again."""
-    folder = workspace / MODELS_DIR
+    left over costs disk space, not consistency, and the next promotion tries again. Deleted
+    through a descriptor of models/ opened without following links: never a file elsewhere."""
     try:
-        names = [path.name for path in folder.iterdir()]
-    except OSError:
+        with untrusted.folder(workspace, (MODELS_DIR,)) as fd:
+            for name in os.listdir(fd):
+                ours = _STORED_MODEL.fullmatch(name) or _LEFTOVER.fullmatch(name)
+                if ours and name != keep:
+                    try:
+                        os.unlink(name, dir_fd=fd)
+                    except OSError:
+                        pass
+    except (untrusted.UntrustedFile, OSError):
         return
-    for name in names:
-        ours = _STORED_MODEL.fullmatch(name) or atomic.is_incoming_leftover(name, *STORED_NAME)
-        if ours and name != keep:
-            try:
-                (folder / name).unlink()
-            except OSError:
-                pass
 
 
 # ---------------------------------------------------------------- command line
