@@ -34,7 +34,12 @@ _FILE_FLAGS = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0)  # a FIFO m
 
 
 class UntrustedFile(Exception):
-    """A name or file refused (or unreadable); str() is one line naming the path and why."""
+    """A name or file refused (or unreadable): `path` (None for a bad name) and `cause`, a few
+    words; str() is one line, "path: cause"."""
+
+    def __init__(self, path: Path | None, cause: str) -> None:
+        super().__init__(cause if path is None else f"{path}: {cause}")
+        self.path, self.cause = path, cause
 
 
 class Missing(UntrustedFile):
@@ -46,7 +51,7 @@ def plain_name(name: str, prefix: str = "") -> str:
     folder, no '..', no leading dot)."""
     base = name[len(prefix):] if prefix and name.startswith(prefix) else name
     if not PLAIN.fullmatch(base) or ".." in base:
-        raise UntrustedFile(f"{name!r} is not a plain file name in {prefix or 'the folder'}")
+        raise UntrustedFile(None, f"{name!r} is not a plain file name in {prefix or 'the folder'}")
     return base
 
 
@@ -54,10 +59,10 @@ def inside(name: Any) -> tuple[str, ...]:
     """The components of `name`, a relative path that stays inside its root: a non-empty string
     with no absolute start, no '..', no control character; else UntrustedFile."""
     if not isinstance(name, str) or not name or any(ord(c) < 0x20 or c == "\x7f" for c in name):
-        raise UntrustedFile(f"{str(name)[:80]!r} is not a file name")
+        raise UntrustedFile(None, f"{str(name)[:80]!r} is not a file name")
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise UntrustedFile(f"{name[:80]!r} is not a path inside the workspace")
+        raise UntrustedFile(None, f"{name[:80]!r} is not a path inside the workspace")
     return path.parts
 
 
@@ -73,12 +78,10 @@ def within(name: Any, folder: str) -> bool:
 
 def _why(err: OSError, path: Path) -> UntrustedFile:
     if err.errno in (errno.ELOOP, errno.EMLINK):  # FreeBSD says EMLINK for O_NOFOLLOW
-        return UntrustedFile(f"{path} is a symbolic link, refused")
+        return UntrustedFile(path, "a symbolic link, refused")
     if err.errno == errno.ENOENT:
-        return Missing(f"{path} is missing")
-    if err.errno == errno.ENOTDIR:
-        return UntrustedFile(f"{path} is not a folder (or a folder on its way is not)")
-    return UntrustedFile(f"{path} cannot be read ({err.strerror or err})")
+        return Missing(path, "missing")
+    return UntrustedFile(path, err.strerror or str(err))
 
 
 def _linked(err: OSError, name: str, at: int) -> OSError:
@@ -96,7 +99,7 @@ def _relative(path: Path, root: Path) -> tuple[str, ...]:
     try:
         rel = Path(path).relative_to(root)
     except ValueError:
-        raise UntrustedFile(f"{path} is not inside {root}") from None
+        raise UntrustedFile(path, f"not inside {root}") from None
     return inside(rel.as_posix()) if rel.parts else ()
 
 
@@ -144,12 +147,12 @@ def _open_regular(at: int | None, name: str, path: Path, limit: int) -> tuple[in
     except OSError as err:
         raise _why(err, path) from None
     info = os.fstat(fd)
-    problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode) else
-               f"has {info.st_size} bytes, over the {limit} allowed"
+    problem = ("not a regular file" if not stat.S_ISREG(info.st_mode) else
+               f"{info.st_size} bytes, over the {limit} allowed"
                if info.st_size > limit else "")
     if problem:
         os.close(fd)
-        raise UntrustedFile(f"{path} {problem}")
+        raise UntrustedFile(path, problem)
     return fd, info.st_size
 
 
@@ -164,7 +167,7 @@ def opened(path: Path, limit: int, root: Path | None = None) -> Iterator[int]:
     else:
         parts = _relative(path, root)
         if not parts:
-            raise UntrustedFile(f"{path} is the workspace itself, not a file in it")
+            raise UntrustedFile(path, "the workspace itself, not a file in it")
         with folder(root, parts[:-1]) as at:
             fd, _ = _open_regular(at, parts[-1], path, limit)
     try:
@@ -183,7 +186,7 @@ def read_fd(fd: int, path: Path, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     if size > limit:
-        raise UntrustedFile(f"{path} grew over the {limit} bytes allowed while read")
+        raise UntrustedFile(path, f"grew over the {limit} bytes allowed while read")
     return b"".join(chunks)
 
 
@@ -202,7 +205,7 @@ def read_text(path: Path, limit: int, root: Path | None = None) -> str:
     try:
         return read_bytes(path, limit, root).decode("utf-8")
     except UnicodeDecodeError:
-        raise UntrustedFile(f"{path} is not UTF-8 text") from None
+        raise UntrustedFile(Path(path), "not UTF-8 text") from None
 
 
 def read_json(path: Path, limit: int, root: Path | None = None) -> Any:
@@ -212,7 +215,7 @@ def read_json(path: Path, limit: int, root: Path | None = None) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise UntrustedFile(f"{path} is not valid JSON (line {err.lineno} column "
+        raise UntrustedFile(Path(path), f"not valid JSON (line {err.lineno} column "
                             f"{err.colno}: {err.msg})") from None
     except RecursionError:
-        raise UntrustedFile(f"{path} nests too deeply to be read") from None
+        raise UntrustedFile(Path(path), "nested too deeply to be read") from None

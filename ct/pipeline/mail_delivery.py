@@ -6,6 +6,8 @@ sending fails. What a message says is ct.pipeline.notify's.
 
 from __future__ import annotations
 
+import os
+import re
 import smtplib
 import ssl
 import sys
@@ -15,7 +17,7 @@ from datetime import datetime, timezone
 from email.message import EmailMessage
 from pathlib import Path
 
-from ct import atomic
+from ct import atomic, untrusted
 from ct import workspace as names
 from ct.pipeline.errors import PipelineError
 
@@ -79,18 +81,25 @@ def _flag(name: str, text: str) -> bool:
 
 
 def short_commit(commit: str) -> str:
-    return commit[:7] if commit else "nocommit"
+    """The commit's first 7 hex digits (the commit may come from metrics.json: in a file name
+    and a subject, nothing else of it is used)."""
+    return commit[:7] if re.fullmatch(r"[0-9a-f]{7,64}", commit or "") else "nocommit"
 
 
 def keep_in_outbox(workspace: Path, msg: EmailMessage, commit: str) -> Path:
     """Write the message to W/outbox/<UTC time>-<commit7>.eml, never over an older one."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     stem = f"{stamp}-{short_commit(commit)}"
-    path = workspace / OUTBOX / f"{stem}.eml"
+    try:  # outbox/ a link would put the message (and its attachments) outside the workspace
+        outbox = untrusted.real_folder(workspace, OUTBOX, create=True)
+    except untrusted.UntrustedFile as err:
+        raise NotifyError(f"cannot keep the message in {err.path} ({err.cause}); nothing "
+                          f"written; move {err.path} away, then rerun") from None
+    path = outbox / f"{stem}.eml"
     count = 1
-    while path.exists():
+    while os.path.lexists(path):
         count += 1
-        path = workspace / OUTBOX / f"{stem}-{count}.eml"
+        path = outbox / f"{stem}-{count}.eml"
     try:
         atomic.write_files({path: msg.as_bytes()})
     except atomic.WriteError as err:

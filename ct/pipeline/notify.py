@@ -29,13 +29,15 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
-from ct import data_version
+from ct import data_version, untrusted
 from ct import workspace as names
 from ct.pipeline import class_guard, cli, deploy_records, promote, records
 from ct.pipeline.errors import PipelineError
 from ct.pipeline.mail_delivery import NotifyError, SmtpSettings, deliver, short_commit
 
 ATTACHMENTS = (names.METRICS_FILE, names.BEST_FILE)
+MAX_JSON_ATTACHMENT = 1 << 20
+MAX_PICTURE = 16 << 20  # curves.png is a few hundred kB
 EVENTS = {
     "best-model": "the best model is being created",
     "tuned": "tuning finished",
@@ -219,11 +221,11 @@ def build_message(workspace: Path, facts: Facts, settings: SmtpSettings) -> Emai
     msg["Message-ID"] = make_msgid(domain=settings.sender.rpartition("@")[2] or "localhost")
     msg.set_content(body(facts))
     for name in ATTACHMENTS:
-        data = read_attachment(workspace / name)
+        data = read_attachment(workspace, workspace / name, MAX_JSON_ATTACHMENT)
         if data is not None:
             msg.add_attachment(data, maintype="application", subtype="json", filename=name)
     curves = curves_of(workspace, facts.metrics)
-    data = read_attachment(curves) if curves is not None else None
+    data = read_attachment(workspace, curves, MAX_PICTURE) if curves is not None else None
     if data is not None:
         msg.add_attachment(data, maintype="image", subtype="png", filename=names.RUN_CURVES)
     return msg
@@ -238,17 +240,17 @@ def curves_of(workspace: Path, metrics: Mapping[str, Any] | None) -> Path | None
     return workspace / names.RUNS_DIR / run_id / names.RUN_CURVES
 
 
-def read_attachment(path: Path) -> bytes | None:
-    """The file's bytes, None when there is no such file; an unreadable one is a NotifyError."""
-    if not path.is_file():
-        return None
+def read_attachment(workspace: Path, path: Path, limit: int) -> bytes | None:
+    """The file's bytes, None when there is no such file. It is the container's: a symbolic
+    link anywhere below W (runs/x/curves.png -> a host secret), a file that is not regular or
+    one over `limit` is a NotifyError, and nothing is sent."""
     try:
-        return path.read_bytes()
-    except OSError as err:
-        raise NotifyError(
-            f"cannot read {path} ({records.os_reason(err)}); nothing sent; make it readable for "
-            "this user, then rerun"
-        ) from None
+        return untrusted.read_bytes(path, limit, root=workspace)
+    except untrusted.Missing:
+        return None
+    except untrusted.UntrustedFile as err:
+        raise NotifyError(f"cannot read {err.path} ({err.cause}); nothing sent; remove it or "
+                          "rerun the run that writes it, then rerun") from None
 
 
 # ---------------------------------------------------------------- where the message goes
