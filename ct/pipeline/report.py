@@ -31,7 +31,7 @@ from string import Template
 from typing import Any
 from urllib.parse import quote
 
-from ct import atomic, data_version
+from ct import atomic, data_version, untrusted
 from ct import workspace as names
 from ct.pipeline import class_guard, cli, lineage, records, report_chart
 from ct.pipeline.errors import PipelineError
@@ -215,7 +215,7 @@ def run_row(run: Run) -> str:
                 f"{html.escape(run.problem)}</td><td>{curves_cell(run)}</td></tr>")
     m = run.metrics
     resumes = m.get("resumes")
-    wall = seconds(m.get("wall_time_s")) + (f" ({resumes} resume(s))" if resumes else "")
+    wall = seconds(m.get("wall_time_s")) + (f" ({esc(resumes)} resume(s))" if resumes else "")
     return (f'<tr class="run" id="run-{rid}"><td><code>{rid}</code></td>'
             f"<td>{esc(run.mode)}</td><td class=\"num\">{pct(m.get('accuracy'))}</td>"
             f"<td>{short(m.get('commit'), 7)}</td><td>{wall}</td>"
@@ -343,6 +343,11 @@ def stylesheet() -> bytes:
 def write_report(root: Path, limit: int = DEFAULT_RUNS) -> Path:
     inputs = collect(root)
     page = render(inputs, limit)
+    try:  # report/ a link would have the page (and the picture) written outside the workspace
+        untrusted.real_folder(root, names.REPORT_DIR, create=True)
+    except untrusted.UntrustedFile as err:
+        raise ReportError(f"cannot write {err.path} ({err.cause}); move {err.path} away, "
+                          "then rerun") from None
     target = root / names.REPORT_INDEX
     # One change, the style sheet (and picture) first: a reader never gets a page without them.
     files = {target.with_name(STYLESHEET): stylesheet(), target: page.encode("utf-8")}

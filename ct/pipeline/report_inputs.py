@@ -6,12 +6,14 @@ only."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ct import untrusted
 from ct import workspace as names
 from ct.pipeline import records
 
@@ -19,6 +21,11 @@ _STAMP = re.compile(r"-(\d{8}-\d{6})-")  # runs/<kind>-<UTC time>-<config hash>[
 # A run folder's confusion-matrix picture, as ct.trainer.plots.CONFUSION names it (the host side
 # imports nothing of the trainer's; tests/test_per_class.py checks that the two agree).
 RUN_CONFUSION = "confusion.png"
+# Everything here is the container's: read through ct.untrusted (no link below the workspace
+# followed, regular files only) under these caps.
+MAX_JSON = 4 << 20
+MAX_TEXT = 64 << 20  # the accuracy history, the status records
+MAX_PICTURE = 16 << 20
 
 
 @dataclass
@@ -64,25 +71,49 @@ def run_sort_key(path: Path) -> tuple[str, float, str]:
     return (match.group(1) if match else "", mtime, path.name)
 
 
-def read_run(path: Path) -> Run:
-    metrics, problem = records.read_json_object(path / names.RUN_METRICS)
+def read_object(root: Path, path: Path) -> tuple[dict[str, Any] | None, str]:
+    """For display: (the JSON object in `path`, "") or (None, why not: "no <name>" when it is
+    missing); never an exception, never a link followed."""
+    try:
+        text = untrusted.read_text(path, MAX_JSON, root=root)
+    except untrusted.Missing:
+        return None, f"no {path.name}"
+    except untrusted.UntrustedFile as err:
+        return None, f"{path.name} cannot be read ({err.cause})"
+    obj, problem = records.parse_json_object(text)
+    return obj, f"{path.name} {problem}" if problem else ""
+
+
+def regular(root: Path, path: Path) -> bool:
+    """Whether `path` is a regular file reached without a link (one the page may show)."""
+    try:
+        with untrusted.opened(path, MAX_PICTURE, root=root):
+            return True
+    except untrusted.UntrustedFile:
+        return False
+
+
+def read_run(root: Path, path: Path) -> Run:
+    metrics, problem = read_object(root, path / names.RUN_METRICS)
     if metrics is None and problem == f"no {names.RUN_METRICS}":
         started = (path / names.RUN_CHECKPOINT).exists() or (path / names.RUN_EPOCHS).exists()
         problem += " (not finished: still running, stopped or crashed)" if started else ""
     elif metrics is not None and not records.is_percentage(metrics.get("accuracy")):
         problem = f"{names.RUN_METRICS} has accuracy {metrics.get('accuracy')!r}, not a percentage"
         metrics = None
-    return Run(path.name, path, metrics, problem, (path / names.RUN_CURVES).is_file(),
-               (path / names.RUN_TRIALS_PLOT).is_file())
+    return Run(path.name, path, metrics, problem, regular(root, path / names.RUN_CURVES),
+               regular(root, path / names.RUN_TRIALS_PLOT))
 
 
-def read_history(path: Path) -> tuple[list[dict[str, str]], str]:
+def read_history(root: Path, path: Path) -> tuple[list[dict[str, str]], str]:
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except FileNotFoundError:
+        text = untrusted.read_text(path, MAX_TEXT, root=root)
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except untrusted.Missing:
         return [], ""
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+    except untrusted.UntrustedFile as err:
+        return [], f"{path.name} cannot be read ({err.cause})"
+    except csv.Error as err:
         return [], f"{path.name} cannot be read ({err})"
     good = [r for r in rows if number(r.get("accuracy")) is not None]
     skipped = len(rows) - len(good)
@@ -99,22 +130,32 @@ def number(text: Any) -> float | None:
 
 def collect(root: Path) -> ReportInputs:
     inputs = ReportInputs(root)
-    best, problem = records.read_json_object(root / names.BEST_FILE)
+    best, problem = read_object(root, root / names.BEST_FILE)
     inputs.best, inputs.best_problem = best, ("" if problem == f"no {names.BEST_FILE}" else problem)
-    inputs.history, inputs.history_problem = read_history(root / names.HISTORY_FILE)
-    inputs.latest, _ = records.read_json_object(root / names.METRICS_FILE)
+    inputs.history, inputs.history_problem = read_history(root, root / names.HISTORY_FILE)
+    inputs.latest, _ = read_object(root, root / names.METRICS_FILE)
     inputs.confusion, inputs.confusion_problem = read_confusion(root, inputs.latest)
     try:
-        folders = [p for p in (root / names.RUNS_DIR).iterdir() if p.is_dir()]
-    except OSError:
+        with untrusted.folder(root, (names.RUNS_DIR,)):  # runs/ itself no link
+            folders = [p for p in (root / names.RUNS_DIR).iterdir()
+                       if p.is_dir() and not p.is_symlink()]
+    except (untrusted.UntrustedFile, OSError):
         folders = []
     folders.sort(key=run_sort_key, reverse=True)
-    inputs.runs = [read_run(p) for p in folders]
+    inputs.runs = [read_run(root, p) for p in folders]
     for role, name in (("training", names.TRAIN_STATUS), ("tuning", names.TUNE_STATUS)):
-        props = records.read_properties(root / name)
+        props = read_properties(root, root / name)
         if props:
             inputs.status[role] = props
     return inputs
+
+
+def read_properties(root: Path, path: Path) -> dict[str, str]:
+    """A status record for display: {} when absent, unreadable, linked or damaged."""
+    try:
+        return records.parse_properties(untrusted.read_text(path, MAX_TEXT, root=root))
+    except (untrusted.UntrustedFile, ValueError):
+        return {}
 
 
 def read_confusion(root: Path, latest: dict[str, Any] | None) -> tuple[bytes | None, str]:
@@ -124,10 +165,9 @@ def read_confusion(root: Path, latest: dict[str, Any] | None) -> tuple[bytes | N
     if not isinstance(run_id, str) or not records.is_workspace_file(run_id) or "/" in run_id:
         return None, ""
     path = root / names.RUNS_DIR / run_id / RUN_CONFUSION
-    try:
-        return path.read_bytes(), ""
-    except FileNotFoundError:
+    try:  # copied beside the page: a link here would publish the file it points at
+        return untrusted.read_bytes(path, MAX_PICTURE, root=root), ""
+    except untrusted.Missing:
         return None, ""
-    except OSError as err:
-        return None, f"{names.RUNS_DIR}/{run_id}/{RUN_CONFUSION} cannot be read " \
-            f"({records.os_reason(err)})"
+    except untrusted.UntrustedFile as err:
+        return None, f"{names.RUNS_DIR}/{run_id}/{RUN_CONFUSION} cannot be read ({err.cause})"
