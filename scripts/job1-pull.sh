@@ -28,19 +28,24 @@ fetch_commit() {
 }
 
 main() {
-  local repo="${1:-$CT_REPO_URL}" ref="${2:-$CT_GIT_REF}" commit
+  local repo="${1:-$CT_REPO_URL}" ref="${2:-$CT_GIT_REF}" commit keys
   (($# <= 2)) || die "usage: job1-pull.sh [REPO [REF]]" 2
   [[ -n "$repo" ]] || die "no repository: give one as argument or set CT_REPO_URL" 2
-  # a repository or ref starting with "-" would be read by git as an option
-  [[ "$repo" != -* && "$ref" != -* && -n "$ref" ]] ||
-    die "the repository and ref must not be empty or start with '-' (got '$repo' '$ref')" 2
-  # A local path is made absolute: the workspace's remote must not depend on the current folder.
-  if [[ -d "$repo" ]]; then repo="$(cd "$repo" && pwd -P)"; fi
+  # untrusted (a build parameter, a webhook): checked before git reads either
+  ct_py ct.pipeline.push_source check -- "$repo" "$ref" || exit $?
+  # A local path is made absolute: the workspace's remote must not depend on the current folder,
+  # and a bare word must never be taken for a remote of the workspace's repository.
+  if [[ -d "$repo" ]]; then repo="$(cd -- "$repo" && pwd -P)"; fi
   mkdir -p "$CT_WORKSPACE/$WS_CODE_DIR"
   if [[ ! -d "$CT_WORKSPACE/$WS_CODE_REPO" ]]; then
     git init -q --bare "$CT_WORKSPACE/$WS_CODE_REPO"
   fi
+  keys="$(repo_git config --local --name-only --list)" ||
+    die "cannot read the config of $CT_WORKSPACE/$WS_CODE_REPO: remove that folder (job1 makes it again)" 2
+  ct_py ct.pipeline.push_source config <<<"$keys" || exit $?
   commit="$(fetch_commit "$repo" "$ref")"
+  repo_git ls-tree -r -z --name-only "$commit" |
+    ct_py ct.pipeline.push_source tree --commit "$commit" || exit $?
   ensure_snapshot "$commit"
   write_file "$CT_WORKSPACE/$WS_COMMIT_FILE" "$commit"
   keep_artifact "$CT_WORKSPACE/$WS_COMMIT_FILE"

@@ -158,9 +158,15 @@ unset ws_names ws_key ws_value
 
 # ----------------------------------------------------------------------------------- code
 # Each commit's code is a read-only snapshot, code/<commit>/, taken from the git repository job1
-# fetches pushes into (code/repo.git; hooks off). Runs train their snapshot, so a later push never
-# changes the code under a running or resumable run.
-repo_git() { git -c core.hooksPath=/dev/null --git-dir "$CT_WORKSPACE/$WS_CODE_REPO" "$@"; }
+# fetches pushes into (code/repo.git). Runs train their snapshot, so a later push never changes
+# the code under a running or resumable run. Host git there runs no hook and no fsmonitor (a
+# planted one would run on this host), fetches only by the transports job1 accepts
+# (ct.pipeline.push_source) and checks every object it receives (no ".git" or ".." in a tree).
+repo_git() {
+  git -c core.hooksPath=/dev/null -c core.fsmonitor=false -c protocol.allow=never \
+    -c protocol.file.allow=always -c protocol.https.allow=always -c protocol.ssh.allow=always \
+    -c transfer.fsckObjects=true --git-dir "$CT_WORKSPACE/$WS_CODE_REPO" "$@"
+}
 
 snapshot_path() { printf '%s/%s/%s' "$CT_WORKSPACE" "$WS_CODE_DIR" "$1"; } # COMMIT
 
