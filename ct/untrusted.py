@@ -103,11 +103,10 @@ def _relative(path: Path, root: Path) -> tuple[str, ...]:
     return inside(rel.as_posix()) if rel.parts else ()
 
 
-@contextmanager
-def folder(root: Path, parts: tuple[str, ...] | str = (), create: bool = False
-           ) -> Iterator[int]:
-    """A descriptor of root/parts, reached without following a symbolic link below `root`
-    (`create`: missing folders are made on the way). UntrustedFile (Missing) when it cannot be."""
+def open_folder(root: Path, parts: tuple[str, ...] | str = (), create: bool = False) -> int:
+    """A descriptor of root/parts (the caller closes it), reached without following a symbolic
+    link below `root` (`create`: missing folders are made on the way). UntrustedFile (Missing)
+    when it cannot be."""
     parts = inside(parts) if isinstance(parts, str) else parts
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -129,6 +128,18 @@ def folder(root: Path, parts: tuple[str, ...] | str = (), create: bool = False
                 raise _why(_linked(err, part, fd), here) from None
             os.close(fd)
             fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def folder(root: Path, parts: tuple[str, ...] | str = (), create: bool = False
+           ) -> Iterator[int]:
+    """open_folder as a context: the descriptor is closed on leaving it."""
+    fd = open_folder(root, parts, create)
+    try:
         yield fd
     finally:
         os.close(fd)
@@ -141,7 +152,10 @@ def real_folder(root: Path, name: str, create: bool = False) -> Path:
         return Path(root, *inside(name))
 
 
-def _open_regular(at: int | None, name: str, path: Path, limit: int) -> tuple[int, int]:
+def open_in(at: int | None, name: str, path: Path, limit: int) -> int:
+    """A descriptor of the regular file `name` in the folder `at` (a descriptor; None: `name`
+    is a path, only its last component checked), at most `limit` bytes, not a link; `path` is
+    what errors call it. The caller closes it."""
     try:
         fd = os.open(name, _FILE_FLAGS, dir_fd=at)
     except OSError as err:
@@ -153,7 +167,7 @@ def _open_regular(at: int | None, name: str, path: Path, limit: int) -> tuple[in
     if problem:
         os.close(fd)
         raise UntrustedFile(path, problem)
-    return fd, info.st_size
+    return fd
 
 
 @contextmanager
@@ -163,13 +177,13 @@ def opened(path: Path, limit: int, root: Path | None = None) -> Iterator[int]:
     last one only (for a caller that checked the folder itself)."""
     path = Path(path)
     if root is None:
-        fd, _ = _open_regular(None, str(path), path, limit)
+        fd = open_in(None, str(path), path, limit)
     else:
         parts = _relative(path, root)
         if not parts:
             raise UntrustedFile(path, "the workspace itself, not a file in it")
         with folder(root, parts[:-1]) as at:
-            fd, _ = _open_regular(at, parts[-1], path, limit)
+            fd = open_in(at, parts[-1], path, limit)
     try:
         yield fd
     finally:

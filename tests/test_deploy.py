@@ -283,7 +283,7 @@ def test_records_are_never_read_through_a_symlink(ws, service, tmp_path):
     (ws / "best.json").unlink()
     (ws / "best.json.fifo").rename(ws / "best.json")  # a FIFO would block a plain open
     result = run_module("ct.pipeline.deploy", "--workspace", str(ws), "deploy", "--url", up.url)
-    assert_one_line_error(result, "best.json is not a JSON object")
+    assert_one_line_error(result, "best.json cannot be read (not a regular file)")
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:8500", "http://127.0.0.1:85x0",

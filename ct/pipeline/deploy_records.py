@@ -8,16 +8,14 @@ symlink and checked field by field: the training container can write the workspa
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import stat
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ct import atomic
+from ct import atomic, untrusted
 from ct import workspace as names
 from ct.pipeline import serving_api
 from ct.pipeline.errors import PipelineError
@@ -88,22 +86,16 @@ def model_from(obj: Any, where: str) -> Model:
 # ---------------------------------------------------------------- the workspace's records
 
 
-def read_json(path: Path, remedy: str) -> dict[str, Any] | None:
-    """A JSON object from a plain file (None when there is none), never through a symlink, nor
-    from a FIFO or device that would block or never end."""
+def read_json(path: Path, remedy: str, root: Path | None = None) -> dict[str, Any] | None:
+    """A JSON object from a plain file (None when there is none), as ct.untrusted reads it: no
+    symbolic link followed (below `root`, the workspace, when given; else the file's own name),
+    nor a FIFO or device that would block or never end, at most MAX_JSON bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
+        obj = untrusted.read_json(path, MAX_JSON, root=root)
+    except untrusted.Missing:
         return None
-    except OSError as err:
-        raise PipelineError(f"{path} cannot be read ({os_reason(err)}); {remedy}") from None
-    try:
-        with open(fd, "rb") as handle:
-            plain = stat.S_ISREG(os.fstat(handle.fileno()).st_mode)
-            data = handle.read(MAX_JSON + 1) if plain else b""
-        obj = json.loads(data.decode("utf-8")) if plain and len(data) <= MAX_JSON else None
-    except (OSError, UnicodeDecodeError, ValueError):
-        obj = None
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"{path} cannot be read ({err.cause}); {remedy}") from None
     if not isinstance(obj, dict):
         raise PipelineError(f"{path} is not a JSON object of at most {MAX_JSON} bytes; {remedy}")
     return obj
@@ -113,7 +105,7 @@ def champion(workspace: Path) -> Model | None:
     """best.json's export, with the champion's commit; None without best.json. A champion not
     exported yet is a PipelineError: "export first"."""
     path = workspace / names.BEST_FILE
-    best = read_json(path, "inspect it; job4 writes it when it promotes a model")
+    best = read_json(path, "inspect it; job4 writes it when it promotes a model", workspace)
     if best is None:
         return None
     export = best.get("export")
@@ -141,7 +133,7 @@ class Deployed:
 def read_deployed(workspace: Path) -> Deployed:
     path = workspace / DEPLOYED
     remedy = "move it away (the next deploy writes it again; rollback needs it)"
-    obj = read_json(path, remedy)
+    obj = read_json(path, remedy, workspace)
     if obj is None:
         return Deployed()
     try:
@@ -167,6 +159,13 @@ def stored_model(workspace: Path, sha256: str, known: Deployed) -> Model | None:
 
 
 def write(workspace: Path, rel: str, obj: dict[str, Any]) -> None:
+    """Write W/rel atomically; its folder (status/, serving/) must be a real one of W: through
+    a link, the record would be written outside the workspace."""
+    try:
+        untrusted.real_folder(workspace, Path(rel).parent.as_posix(), create=True)
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"cannot write {workspace / rel} ({err}); move {err.path} away, "
+                            "then rerun") from None
     try:
         atomic.write_json(workspace / rel, obj)
     except OSError as err:
@@ -193,22 +192,24 @@ def prune_models(workspace: Path) -> tuple[list[str], int, set[str]]:
         known = read_deployed(workspace)
         keep = {m.id for m in (known.current, known.previous, champion_or_none(workspace))
                 if m is not None}
-        asked = read_json(workspace / WANTED, "move it away, then rerun") or {}
+        asked = read_json(workspace / WANTED, "move it away, then rerun", workspace) or {}
         if isinstance(asked.get("sha256"), str):
             keep.add(asked["sha256"][:16])  # a deploy under way
-        try:
-            entries = sorted(folder.iterdir()) if folder.is_dir() else []
-        except OSError as err:
-            raise PipelineError(f"cannot list {folder} ({os_reason(err)})") from None
         gone, freed = [], 0
-        for path in entries:
-            match = _STORED.fullmatch(path.name)
-            info = path.lstat()
-            stale = _INCOMING.fullmatch(path.name) and time.time() - info.st_mtime > 3600
-            if (match and match.group(1) not in keep) or stale:
-                path.unlink()
-                gone.append(path.name)
-                freed += info.st_size
+        try:  # through its descriptor, opened without following a link: never a file elsewhere
+            with untrusted.folder(workspace, (names.MODELS_DIR,)) as fd:
+                for name in sorted(os.listdir(fd)):
+                    match = _STORED.fullmatch(name)
+                    info = os.lstat(name, dir_fd=fd)
+                    stale = _INCOMING.fullmatch(name) and time.time() - info.st_mtime > 3600
+                    if (match and match.group(1) not in keep) or stale:
+                        os.unlink(name, dir_fd=fd)
+                        gone.append(name)
+                        freed += info.st_size
+        except untrusted.Missing:
+            pass
+        except (untrusted.UntrustedFile, OSError) as err:
+            raise PipelineError(f"cannot prune {folder} ({err})") from None
     return gone, freed, keep
 
 
@@ -222,7 +223,7 @@ def champion_or_none(workspace: Path) -> Model | None:
 def mail_lines(workspace: Path) -> list[str]:
     """What job7's failure mail says about this build's deploy (status/deploy.json), if any."""
     try:
-        record = read_json(workspace / RECORD, "") or {}
+        record = read_json(workspace / RECORD, "", workspace) or {}
     except PipelineError:
         return []
     target, smoke = record.get("target"), record.get("smoke")

@@ -30,13 +30,12 @@ import json
 import math
 import os
 import re
-import stat
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ct import atomic
+from ct import atomic, untrusted
 from ct import workspace as names
 from ct.pipeline import cli, promote, records, rescore
 from ct.pipeline.errors import PipelineError
@@ -81,37 +80,20 @@ def open_run_dir(workspace: Path, given: str) -> tuple[int, str]:
     if len(parts) != 2 or parts[0] != names.RUNS_DIR or not _RUN_NAME.fullmatch(parts[1]):
         raise PipelineError(f"{given!r} is not an export folder ({names.RUNS_DIR}/export-<time>-"
                             "<sha>); give the folder ct.trainer.export printed last")
-    runs = _open_dir(workspace / names.RUNS_DIR, None)
     try:
-        return _open_dir(workspace / path, runs), path.as_posix()
-    finally:
-        os.close(runs)
-
-
-def _open_dir(path: Path, parent: int | None) -> int:
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-    try:
-        return os.open(path.name if parent is not None else path, flags, dir_fd=parent)
-    except OSError as err:
-        raise PipelineError(f"{path} cannot be opened as a folder ({records.os_reason(err)}; a "
-                            "symlink is not followed); run job7's export again") from None
+        return untrusted.open_folder(workspace, parts), path.as_posix()
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"{err.path} cannot be opened as a folder ({err.cause}; a symlink is "
+                            "not followed); run job7's export again") from None
 
 
 def open_member(folder: int, where: Path, name: str, limit: int) -> int:
     """A descriptor of the regular file `name` in the folder, no larger than `limit` bytes."""
-    path = where / name
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
-    except OSError as err:
-        raise PipelineError(f"{path} cannot be opened ({records.os_reason(err)}; a symlink is "
-                            "not followed); run job7's export again") from None
-    info = os.fstat(fd)
-    problem = ("is not a regular file" if not stat.S_ISREG(info.st_mode) else
-               f"is larger than {limit} bytes" if info.st_size > limit else "")
-    if problem:
-        os.close(fd)
-        raise PipelineError(f"{path} {problem}; run job7's export again")
-    return fd
+        return untrusted.open_in(folder, name, where / name, limit)
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"{err.path} cannot be opened ({err.cause}; a symlink is not "
+                            "followed); run job7's export again") from None
 
 
 def read_manifest(folder: int, where: Path) -> dict[str, Any]:
@@ -270,11 +252,12 @@ def npy_header(member: Any) -> dict[str, Any]:
 
 
 def models_dir(workspace: Path) -> Path:
-    folder = workspace / names.MODELS_DIR
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise PipelineError(f"{folder} is not a folder (a symlink is not followed); best.json "
-                            "is unchanged; move it away, then rerun")
-    return folder
+    """W/models, a real folder of W (made when missing): no copy is written through a link."""
+    try:
+        return untrusted.real_folder(workspace, names.MODELS_DIR, create=True)
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"{err.path} is not a folder ({err.cause}; a symlink is not "
+                            "followed); best.json is unchanged; move it away, then rerun") from None
 
 
 # ---------------------------------------------------------------- record, needs

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ct import untrusted
 from ct import workspace as names
 from ct.pipeline import records
 from ct.pipeline.errors import PipelineError
@@ -35,6 +36,7 @@ DEFAULT_MAX = 20
 COMMIT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 REF = re.compile(r"[^\x00-\x1f\x7f]{0,200}")
 LOCK_FILE = f"{names.STATUS_DIR}/pushes.lock"
+MAX_QUEUE = 1 << 20  # thousands of pushes; more is not a queue job1 wrote
 REMEDY = "remove it to forget the waiting pushes (push again to queue them anew)"
 
 
@@ -121,31 +123,35 @@ def load(workspace: Path) -> list[Push]:
     """The waiting pushes, oldest first ([] when none ever waited). Never follows a symlink."""
     path = queue_file(workspace)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+        text = untrusted.read_text(path, MAX_QUEUE, root=workspace)
+    except untrusted.Missing:
         return []
-    except OSError as err:
-        raise PipelineError(f"{path} cannot be read ({records.os_reason(err)}); {REMEDY}"
-                            ) from None
-    with open(fd, "rb") as handle:
-        data = handle.read(1 << 20)
-    try:
-        return parse(data.decode("utf-8"), path)
-    except UnicodeDecodeError:
-        raise PipelineError(f"{path} is damaged (not UTF-8); {REMEDY}") from None
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"{path} cannot be read ({err.cause}); {REMEDY}") from None
+    return parse(text, path)
 
 
 def save(workspace: Path, queue: Sequence[Push]) -> None:
     text = json.dumps({"format": 1, "pushes": [asdict(push) for push in queue]}, indent=1)
     remedy = records.fix_workspace(workspace, "the push queue is unchanged", "rerun this job")
+    status_folder(workspace, remedy)
     records.write_files({queue_file(workspace): text + "\n"}, remedy)
+
+
+def status_folder(workspace: Path, remedy: str) -> None:
+    """status/, made when missing, a real folder of W: the queue and its lock are never written
+    through a link the container planted."""
+    try:
+        untrusted.real_folder(workspace, names.STATUS_DIR, create=True)
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"cannot use {err.path} ({err.cause}); {remedy}") from None
 
 
 @contextmanager
 def locked(workspace: Path) -> Iterator[None]:
     """Hold the queue's lock (an flock, released when the holder dies) for a read-modify-write."""
     path = workspace / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    status_folder(workspace, "move it away, then rerun this job")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as err:

@@ -13,13 +13,15 @@ import json
 import math
 import os
 import re
-import stat
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from ct import untrusted
 
 DEFAULT_PORT = "8500"  # CT_SERVE_PORT's default when this module runs outside the job scripts
 MAX_ANSWER = 256 * 1024  # a /model answer is a few hundred bytes; more is not ct.serving
@@ -214,12 +216,9 @@ def local_pid(pid_file: str | os.PathLike[str], workspace: str | os.PathLike[str
     """The pid the pid file names when that process is alive and is `python -m ct.serving` for
     this workspace (its command line says so), else None: a stale file, or a pid the system
     gave to another process since, is never taken for the service."""
-    try:
-        fd = os.open(pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with open(fd, "rb") as handle:
-            plain = stat.S_ISREG(os.fstat(handle.fileno()).st_mode)
-            text = handle.read(32).decode("ascii").strip() if plain else ""
-    except (OSError, UnicodeDecodeError):
+    try:  # a plain file of a few digits, never a link or a FIFO (ct.untrusted)
+        text = untrusted.read_bytes(Path(pid_file), 32).decode("ascii").strip()
+    except (untrusted.UntrustedFile, UnicodeDecodeError):
         return None
     if not text.isdigit() or int(text) <= 1:
         return None
