@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import optuna
 from optuna.distributions import (
@@ -182,10 +184,51 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 def storage_description(workspace: Path) -> str:
     """Where the study lives, without secrets: for logs, best.json and the mail."""
     url = os.environ.get(STORAGE_ENV, "").strip()
+    return redact_url(url) if url else names.TUNE_JOURNAL
+
+
+# query parameters that carry a secret (libpq's password and sslpassword, and the like)
+_SECRET_KEY = re.compile(r".*(pass|pwd|secret|token|key).*", re.I)
+HIDDEN = "***"
+
+
+def redact_url(url: str) -> str:
+    """A storage URL without its secrets: no user or password before the host, and the value of
+    every query parameter named like a secret (?password=...) hidden."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return HIDDEN  # not a URL: nothing of it is known to be safe to show
+    where, qsep, query = rest.partition("?")
+    host = where.rpartition("@")[2]
+    pairs = [pair.partition("=") for pair in query.split("&")] if qsep else []
+    shown = "&".join(f"{key}={HIDDEN}" if _SECRET_KEY.fullmatch(unquote(key)) else
+                     f"{key}{eq}{value}" for key, eq, value in pairs)
+    return f"{scheme}://{host}" + (f"?{shown}" if qsep else "")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets a storage URL holds, as they may appear in a message: the password (and user
+    info) before the host and every secret-named query value, quoted and unquoted."""
+    _, _, rest = url.partition("://")
+    where, _, query = rest.partition("?")
+    user, colon, password = where.rpartition("@")[0].partition(":")
+    found = [f"{user}:{password}", password] if colon else []  # a user alone is no secret
+    found += [value for key, _, value in (pair.partition("=") for pair in query.split("&"))
+              if _SECRET_KEY.fullmatch(unquote(key))]
+    found += [unquote(secret) for secret in found]
+    return sorted({secret for secret in found if secret}, key=len, reverse=True)
+
+
+def redact(text: str, url: str | None = None) -> str:
+    """`text` (an error from the driver, say) with every secret of the storage URL ($CT_TUNE_STORAGE
+    unless given) replaced: the URL itself by its redacted form, the rest by ***."""
+    url = os.environ.get(STORAGE_ENV, "").strip() if url is None else url
     if not url:
-        return names.TUNE_JOURNAL
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"  # no user or password
+        return text
+    text = text.replace(url, redact_url(url))
+    for secret in url_secrets(url):
+        text = text.replace(secret, HIDDEN)
+    return text
 
 
 def open_storage(workspace: Path) -> optuna.storages.BaseStorage:
@@ -205,7 +248,8 @@ def open_storage(workspace: Path) -> optuna.storages.BaseStorage:
     except UsageError:
         raise
     except Exception as exc:  # sqlalchemy, the driver and the journal raise many types
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        said = redact(str(exc), url).strip()
+        detail = said.splitlines()[0][:200] if said else ""
         hint = ("check CT_TUNE_STORAGE (postgresql+psycopg2://user:password@host:port/db) and "
                 "that the server answers" if url else
                 f"move {names.TUNE_JOURNAL} aside to start a new study")

@@ -248,7 +248,8 @@ def _study(ws: Workspace, plan: dict[str, Any], data: Cifar, create: bool) -> op
         raise
     except Exception as exc:
         raise UsageError(f"tuning storage {studies.storage_description(ws.root)}: cannot open "
-                         f"study {name} ({exc.__class__.__name__}: {exc})") from exc
+                         f"study {name} ({exc.__class__.__name__}: {studies.redact(str(exc))})"
+                         ) from exc
 
 
 def _finish(run_dir: Path, plan: dict[str, Any], rnd: studies.Round, data: Cifar,
