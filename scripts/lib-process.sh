@@ -9,44 +9,55 @@
 ct_process() { ct_py ct.pipeline.process --workspace "$CT_WORKSPACE" "$@"; }
 process_get() { ct_process get --role "$1" "$2"; } # ROLE KEY
 
-# The container user: never root. As root on the host, the image's user (1000) gets the folders
-# train.py writes to; otherwise the caller's own uid, so files stay theirs.
+# The container user: never root, nor the root group (CT_ALLOW_ROOT_CONTAINER=1 says you mean it),
+# and a numeric uid:gid (a name, or a uid alone, takes its ids from the image's /etc/passwd, and
+# the pushed Dockerfile builds the image; docker gives a uid with no entry gid 0). As root on
+# the host, the image's user (1000) gets the folders train.py writes to; otherwise the caller's
+# own uid, so files stay theirs.
 container_user() {
-  if [[ -n "$CT_CONTAINER_USER" ]]; then
-    printf '%s' "$CT_CONTAINER_USER"
-  elif [[ "$(id -u)" == 0 ]]; then
-    printf '1000:1000'
-  else
-    printf '%s:%s' "$(id -u)" "$(id -g)"
+  local user="$CT_CONTAINER_USER"
+  if [[ -z "$user" && "$(id -u)" == 0 ]]; then
+    user=1000:1000
+  elif [[ -z "$user" ]]; then
+    user="$(id -u):$(id -g)"
   fi
+  [[ "$user" =~ ^[0-9]+:[0-9]+$ ]] ||
+    die "CT_CONTAINER_USER must be a numeric uid:gid, not '$user' (a name or a lone uid takes its ids from the pushed image)" 2
+  if [[ "$user" =~ ^0+:|:0+$ && "$CT_ALLOW_ROOT_CONTAINER" != 1 ]]; then
+    die "the container would run the pushed code as root (CT_CONTAINER_USER or your uid:gid is '$user'): set CT_CONTAINER_USER to another uid:gid, or CT_ALLOW_ROOT_CONTAINER=1 if you mean it" 2
+  fi
+  printf '%s' "$user"
 }
 
-prepare_workspace_for() { # USER (uid:gid)
-  mkdir -p "$CT_WORKSPACE/$WS_RUNS_DIR" "$CT_WORKSPACE/$WS_DATA_DIR"
+# prepare_workspace_for USER (uid:gid): as root, the container's user gets the workspace's top
+# (train.py replaces accuracy.txt and metrics.json there), data/ and runs/. Never through a
+# symlink: -h changes a link itself, -R -P walks without following one (the sandbox's mounts
+# have refused a symlinked runs/ or data/ already).
+prepare_workspace_for() {
   if [[ "$(id -u)" == 0 && "$1" != 0:* ]]; then
-    chown "$1" "$CT_WORKSPACE" "$CT_WORKSPACE/$WS_DATA_DIR"
-    chown -R "$1" "$CT_WORKSPACE/$WS_RUNS_DIR"
+    chown -h "$1" "$CT_WORKSPACE" "$CT_WORKSPACE/$WS_DATA_DIR"
+    chown -R -P -h "$1" "$CT_WORKSPACE/$WS_RUNS_DIR"
   fi
 }
 
 # sandbox_args ROLE NAME COMMIT: the `docker run` options of every container this workspace
 # starts (sets SANDBOX), and the train.py flags that go with them (sets INCREMENT_ARGS): named and
-# labelled, not root, COMMIT's snapshot read-only at /code with the other snapshots hidden under
-# an empty /workspace/code, the workspace at /workspace, CT_INCREMENTS_DIR read-only at
-# /increments, the GPU and memory settings.
+# labelled, not root, the mounts of ct.pipeline.sandbox (COMMIT's snapshot read-only at /code, the
+# workspace at /workspace with code/, the records and what the host publishes hidden and models/
+# read-only), CT_INCREMENTS_DIR read-only at /increments, the GPU and memory settings.
 sandbox_args() {
-  local role="$1" name="$2" commit="$3" user
-  user="$(container_user)"
+  local role="$1" name="$2" commit="$3" user mounts
+  user="$(container_user)" || exit $?
+  mounts="$(ct_py ct.pipeline.sandbox --workspace "$CT_WORKSPACE" mounts --commit "$commit")" ||
+    exit $?
+  mapfile -t mounts <<<"$mounts"
   prepare_workspace_for "$user"
   # --init: a tiny init (docker-init) is PID 1 and passes SIGTERM on, so `docker stop` and
   # Jenkins' abort stop it at once (train.py keeps its last checkpoint).
   # --entrypoint: the code is the snapshot's, whatever the commit's Dockerfile says.
   SANDBOX=(--init --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
     --label "ct.commit=$commit" --user "$user" -e HOME=/tmp -e "CT_COMMIT=$commit"
-    -e PYTHONDONTWRITEBYTECODE=1 --shm-size 1g -v "$CT_WORKSPACE:/workspace"
-    -v "$(snapshot_path "$commit"):/code:ro"
-    --mount "type=tmpfs,destination=/workspace/$WS_CODE_DIR,tmpfs-mode=0555"
-    -w /workspace --entrypoint python)
+    -e PYTHONDONTWRITEBYTECODE=1 --shm-size 1g "${mounts[@]}" -w /workspace --entrypoint python)
   [[ -n "$CT_GPUS" ]] && SANDBOX+=(--gpus "$CT_GPUS")
   # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time
   [[ -n "$CT_MEMORY" ]] && SANDBOX+=(--memory "$CT_MEMORY" --memory-swap "$CT_MEMORY")

@@ -39,6 +39,7 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_GPUS:=}"                          # docker run --gpus value (e.g. all); empty: no GPU
 : "${CT_MEMORY:=}"                        # docker run --memory limit (e.g. 8g); empty: none
 : "${CT_CONTAINER_USER:=}"                # uid:gid in the container; empty: yours, or 1000:1000 as root
+: "${CT_ALLOW_ROOT_CONTAINER:=}"          # 1: a container user of uid or gid 0 is allowed (never by default)
 : "${CT_PYTHON:=python3}"                 # the interpreter of the local runtime (and of ct.*)
 : "${SMTP_HOST:=}"                        # empty: mails are kept in $CT_WORKSPACE/outbox/
 : "${SMTP_PORT:=}"                        # empty: ct.pipeline.notify's default (25; 465 for TLS)
@@ -63,7 +64,7 @@ export CT_DEPLOY CT_SERVE_PORT CT_SERVE_URL CT_SERVE_IMAGE CT_SERVE_BASE_IMAGE C
 export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR CT_INCREMENTS_DIR CT_TRAIN_ARGS \
   CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_TUNE_WORKERS CT_TUNE_STORAGE CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS CT_BASE_IMAGE \
   CT_PUSH_ORDER CT_PUSH_QUEUE_MAX CT_KEEP_SNAPSHOTS CT_MAX_CLASS_DROP \
-  CT_IMAGE_PREFIX CT_GPUS CT_MEMORY CT_CONTAINER_USER CT_PYTHON SMTP_HOST SMTP_PORT SMTP_STARTTLS \
+  CT_IMAGE_PREFIX CT_GPUS CT_MEMORY CT_CONTAINER_USER CT_ALLOW_ROOT_CONTAINER CT_PYTHON SMTP_HOST SMTP_PORT SMTP_STARTTLS \
   SMTP_USER SMTP_PASSWORD NOTIFY_FROM NOTIFY_TO JENKINS_URL JENKINS_USER JENKINS_API_TOKEN \
   CT_TRIGGER_TOKEN CT_RETRAIN_JOB DOCKER_BUILDKIT
 
@@ -90,10 +91,25 @@ if [[ -n "${CT_ARTIFACTS_DIR:-}" && "${CT_ARTIFACTS_EMPTIED:-}" != "$CT_ARTIFACT
   export CT_ARTIFACTS_EMPTIED="$CT_ARTIFACTS_DIR"
 fi
 
-keep_artifact() { # FILE...: copy into this build's CT_ARTIFACTS_DIR (nothing outside Jenkins)
+# keep_artifact FILE...: copy into this build's CT_ARTIFACTS_DIR (nothing outside Jenkins). The
+# files are the workspace's, which a container can write: only regular files inside it are copied,
+# never what a symlink points to (cp -P copies a link that appeared since the check as a link,
+# which is then refused too).
+keep_artifact() {
+  local file ws kept
   [[ -n "${CT_ARTIFACTS_DIR:-}" ]] || return 0
   mkdir -p "$CT_ARTIFACTS_DIR"
-  cp -f "$@" "$CT_ARTIFACTS_DIR/"
+  ws="$(cd "$CT_WORKSPACE" && pwd -P)"
+  for file in "$@"; do
+    [[ -f "$file" && ! -L "$file" && "$(cd "$(dirname "$file")" && pwd -P)/" == "$ws/"* ]] ||
+      die "$file is not a regular file inside the workspace $ws (a symlink?): not archived; remove it, then rerun" 2
+    kept="$CT_ARTIFACTS_DIR/$(basename "$file")"
+    cp -P --remove-destination "$file" "$kept"
+    if [[ -L "$kept" ]]; then
+      rm -f "$kept"
+      die "$file became a symlink while it was copied: not archived; remove it, then rerun" 2
+    fi
+  done
 }
 
 # ----------------------------------------------------------------------------------- checks
