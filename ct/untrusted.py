@@ -80,7 +80,7 @@ def _why(err: OSError, path: Path) -> UntrustedFile:
     if err.errno in (errno.ELOOP, errno.EMLINK):  # FreeBSD says EMLINK for O_NOFOLLOW
         return UntrustedFile(path, "a symbolic link, refused")
     if err.errno == errno.ENOENT:
-        return Missing(path, "missing")
+        return Missing(path, err.strerror or "missing")
     return UntrustedFile(path, err.strerror or str(err))
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import optuna
 import pytest
@@ -138,6 +139,8 @@ def test_a_worker_killed_mid_trial_is_retried_once_and_the_round_finishes(
 
 @pytest.mark.parametrize("url, says", [
     ("postgresql+psycopg2://ct:secret@127.0.0.1:1/ct", "OperationalError"),
+    ("postgresql+psycopg2://ct@127.0.0.1:1/ct?sslmode=disable&password=secret",
+     "OperationalError"),
     ("nonsense://what", "NoSuchModuleError"),
 ])
 def test_an_unusable_database_is_one_line_and_nothing_is_published(
@@ -227,3 +230,16 @@ def test_a_trial_just_popped_by_another_worker_is_not_taken_for_lost(tmp_path: P
     assert rnd.retry_lost("w1", stale_after=60.0) == [waiting.number], "w1 restarted: its own"
     retry = study.get_trials(states=(TrialState.WAITING,))
     assert [t.user_attrs["resume_from"] for t in retry] == [waiting.number]
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://u:pw-secret@h/db", "postgresql://h/db"),
+    ("postgresql://u@h:5432/db?password=pw-secret&sslmode=require",
+     "postgresql://h:5432/db?password=***&sslmode=require"),
+    ("postgresql://u:pw%40secret@h/db?PGPASSWORD=pw-secret", "postgresql://h/db?PGPASSWORD=***"),
+    ("not a url pw-secret", "***"),
+])
+def test_a_storage_password_is_hidden_in_every_form(url: str, shown: str) -> None:
+    assert studies.redact_url(url) == shown
+    said = studies.redact(f"failed: {url}; the driver says {unquote(url)}", url)
+    assert "secret" not in said and shown in said, said
