@@ -10,6 +10,8 @@
 What both sides use stays here, standard library only:
 
 - `ct.atomic`: atomic writes (a reader sees the old file or the new one).
+- `ct.cpu_budget`: the CPU threads a training process may use, so trainings sharing a host
+  share its cores (the host splits them; the trainer reads its share).
 - `ct.data_version`: the data a run reads (CIFAR-10 plus labelled increments: their layout and
   classes) and its version, which the trainer records and the host's lineage check recomputes.
 - `ct.workspace`: the workspace contract: its file names and how a run's commit is found.

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ct import cpu_budget
 from ct.trainer.errors import UsageError
 
 # Per-channel statistics of the CIFAR-10 training set, for normalisation.
@@ -74,7 +75,9 @@ def cpu_has_bf16() -> bool:
 def make_compute(name: str, precision: str = "auto") -> Compute:
     """`name` is auto, cpu or cuda; raises UsageError when cuda is asked for and absent.
     `precision` auto: bf16 autocast (and TF32) on a GPU and on CPUs with native bf16 instructions,
-    plain fp32 elsewhere; fp32: plain fp32 everywhere."""
+    plain fp32 elsewhere; fp32: plain fp32 everywhere. On the CPU, torch gets the process's thread
+    budget (ct.cpu_budget: CT_THREADS when set, else the cores the affinity and the cgroup quota
+    leave), so trainings sharing a host do not oversubscribe it."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if precision not in PRECISIONS:
@@ -87,19 +90,12 @@ def make_compute(name: str, precision: str = "auto") -> Compute:
         torch.backends.cuda.matmul.allow_tf32 = fast_formats
         torch.backends.cudnn.allow_tf32 = fast_formats
         return Compute(torch.device("cuda"), torch.bfloat16 if fast_formats else None)
-    cores = _usable_cores()
-    torch.set_num_threads(cores)
+    try:
+        torch.set_num_threads(cpu_budget.threads())
+    except cpu_budget.BudgetError as exc:
+        raise UsageError(str(exc)) from exc
     return Compute(torch.device("cpu"),
                    torch.bfloat16 if fast_formats and cpu_has_bf16() else None)
-
-
-def _usable_cores() -> int:
-    try:
-        import os
-
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, torch.get_num_threads())
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""The thread budget: the host splits its cores among the trainings it runs at once, and the
+trainer reads its share from CT_THREADS or, without one, from the cores its affinity and its
+cgroup's CPU quota leave it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ct import cpu_budget
+from tests.conftest import REPO
+
+
+def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ct.cpu_budget", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+@pytest.mark.parametrize(("cores", "processes", "each"), [(2, 1, 2), (2, 2, 1), (16, 3, 5),
+                                                          (2, 5, 1)])
+def test_the_cores_are_shared_equally_and_each_process_gets_one_at_least(
+        cores: int, processes: int, each: int) -> None:
+    assert cpu_budget.share(cores, processes) == each
+
+
+def test_the_cgroup_v2_quota_caps_the_cores_rounded_up(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    absent = tmp_path / "absent"
+    cpu_max.write_text("150000 100000\n")  # docker run --cpus 1.5
+    assert cpu_budget.quota_cores(cpu_max, absent, absent) == 2
+    cpu_max.write_text("100000 100000\n")  # --cpus 1
+    assert cpu_budget.quota_cores(cpu_max, absent, absent) == 1
+    cpu_max.write_text("max 100000\n")  # no limit
+    assert cpu_budget.quota_cores(cpu_max, absent, absent) is None
+
+
+def test_the_cgroup_v1_quota_is_read_where_there_is_no_v2_file(tmp_path: Path) -> None:
+    quota, period = tmp_path / "cfs_quota_us", tmp_path / "cfs_period_us"
+    quota.write_text("50000\n")
+    period.write_text("100000\n")
+    assert cpu_budget.quota_cores(tmp_path / "absent", quota, period) == 1
+    quota.write_text("-1\n")
+    assert cpu_budget.quota_cores(tmp_path / "absent", quota, period) is None
+
+
+def test_ct_threads_sets_the_budget_but_never_above_the_usable_cores() -> None:
+    assert cpu_budget.threads({"CT_THREADS": "1"}) == 1
+    assert cpu_budget.threads({"CT_THREADS": "1024"}) == cpu_budget.usable_cores()
+    assert cpu_budget.threads({}) == cpu_budget.usable_cores()
+
+
+@pytest.mark.parametrize("bad", ["0", "08x", "-1", "1.5", " 2", "$(id)", "٣", "1025"])
+def test_a_budget_that_is_not_a_plain_count_is_refused_with_its_name(bad: str) -> None:
+    with pytest.raises(cpu_budget.BudgetError, match="CT_THREADS"):
+        cpu_budget.threads({"CT_THREADS": bad})
+
+
+def test_the_host_command_prints_each_process_share_of_this_machines_cores() -> None:
+    cores = cpu_budget.usable_cores()
+    proc = run_module("--processes", "1")
+    assert proc.returncode == 0 and proc.stdout == f"{cores}\n"
+    proc = run_module("--processes", str(cores + 1))
+    assert proc.returncode == 0 and proc.stdout == "1\n"
+
+
+def test_the_host_command_refuses_a_process_count_that_is_not_a_number() -> None:
+    proc = run_module("--processes", "2;id")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "--processes" in proc.stderr
+
+
+def test_the_trainer_takes_its_budget_from_ct_threads() -> None:
+    probe = ("from ct.trainer.engine import make_compute; import torch; "
+             "c = make_compute('cpu'); print(torch.get_num_threads(), c.describe())")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, text=True, timeout=120,
+                          capture_output=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "CT_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "1" and "1 threads" in proc.stdout
+
+
+def test_train_py_refuses_a_garbled_budget_in_one_line_before_training(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--preset", "fast",
+                           "--out", str(tmp_path / "out"), "--device", "cpu"],
+                          cwd=tmp_path, text=True, timeout=120, capture_output=True, check=False,
+                          env={**os.environ, "CT_THREADS": "two"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "CT_THREADS" in proc.stderr
+    assert [path for path in (tmp_path / "out").rglob("*") if not path.is_dir()] == []
