@@ -25,57 +25,16 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
 
-from bench.train_speed import as_flags, overrides  # noqa: E402
+from bench.units import FULL_SIZE, PresetProbe, describe, epoch_sizes, overrides  # noqa: E402
 from ct.trainer import config  # noqa: E402
 from ct.trainer.data import TRAIN_IMAGES  # noqa: E402
-from ct.trainer.engine import (  # noqa: E402
-    DEVICES,
-    PRECISIONS,
-    Compute,
-    make_compute,
-    size_for_epoch,
-)
+from ct.trainer.engine import DEVICES, PRECISIONS, make_compute  # noqa: E402
 from ct.trainer.errors import UsageError  # noqa: E402
-from ct.trainer.state import TrainingState  # noqa: E402
-
-FULL_SIZE = 32
-
-
-def epoch_sizes(cfg: dict[str, Any]) -> list[int]:
-    """The image size of each of the preset's epochs."""
-    return [size_for_epoch(cfg["train_sizes"], e) or FULL_SIZE for e in range(cfg["epochs"])]
-
-
-class PresetProbe:
-    """A preset's training state on random images, timed at each of its image sizes."""
-
-    def __init__(self, name: str, batches: int, compute: Compute,
-                 changes: dict[str, Any] | None = None) -> None:
-        self.name = " ".join(["--preset", name, *as_flags(changes or {})])
-        self.cfg = {**config.preset_config(name), **(changes or {})}
-        self.compute = compute
-        self.batches = batches
-        n = batches * int(self.cfg["batch_size"])
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, 256, (n, 3, FULL_SIZE, FULL_SIZE), dtype=torch.uint8,
-                               generator=gen).to(self.compute.device)
-        self.y = torch.randint(0, 10, (n,), generator=gen).to(self.compute.device)
-        self.state = TrainingState.build(self.cfg, n, self.compute, self.x)
-        sizes = epoch_sizes(self.cfg)
-        self.first_epoch = {size: sizes.index(size) for size in sorted(set(sizes))}
-
-    def seconds_per_image(self, size: int) -> float:
-        """One pass of `batches` batches as the preset's first epoch at `size` trains."""
-        result = self.state.run_epoch(self.first_epoch[size], self.x, self.y, self.cfg,
-                                      self.compute, self.batches)
-        return result.seconds / result.images
 
 
 def measure(probes: list[PresetProbe], reference: PresetProbe, rounds: int
@@ -137,7 +96,7 @@ def main() -> int:
     reference = PresetProbe(args.reference, args.batches, compute)
     ratios, base = measure(probes, reference, args.rounds)
     here = base * TRAIN_IMAGES
-    print(f"{compute.describe()}, torch {torch.__version__}; unit: one full-size epoch "
+    print(f"{describe(compute)}; unit: one full-size epoch "
           f"of --preset {args.reference} ({here:.1f} s here, median of {args.rounds} rounds)")
     for probe in probes:
         sizes = epoch_sizes(probe.cfg)

@@ -22,19 +22,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
 
+from bench.units import as_flags, describe, overrides, unit_seconds  # noqa: E402
 from ct.trainer import config  # noqa: E402
 from ct.trainer.data import TRAIN_IMAGES, load_cifar  # noqa: E402
 from ct.trainer.engine import (  # noqa: E402
     DEVICES,
     PRECISIONS,
+    Compute,
     evaluate_as_configured,
     make_compute,
     steps_per_epoch,
@@ -110,26 +112,15 @@ def train_for(cfg: dict[str, Any], data_dir: Path, device: str, budget_s: float 
             "device": compute.describe(), "curve": curve}
 
 
-def overrides(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs typed like the defaults they replace; ValueError names a bad one."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in config.PLAIN_RECIPE:
-            raise ValueError(f"no config key {key!r}; see train.py --help")
-        default = config.PLAIN_RECIPE[key]
-        out[key] = value.lower() in ("1", "yes", "true") if isinstance(default, bool) \
-            else type(default)(value)
-    return out
-
-
-def as_flags(values: dict[str, Any]) -> list[str]:
-    """{"crop_pad": 4, "tta": False} -> ["--crop-pad", "4", "--tta", "no"]: train.py's flags."""
-    flags: list[str] = []
-    for key, value in values.items():
-        text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
-        flags += [f"--{key.replace('_', '-')}", text]
-    return flags
+def in_units(compute: Compute, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run`'s figures with its wall and training time in units: one full-size reference epoch
+    timed in this process just before and just after it (their mean), so a drifting machine
+    moves both sides of the ratio alike."""
+    before = unit_seconds(compute)
+    figures = run()
+    unit = (before + unit_seconds(compute)) / 2
+    return {**figures, "unit_s": round(unit, 1), "wall_units": round(figures["wall_s"] / unit, 2),
+            "train_units": round(figures["train_s"] / unit, 2)}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -137,7 +128,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
     walls = [run["wall_s"] for run in runs]
     return {"accuracy_mean": round(sum(accuracies) / len(runs), 2),
             "accuracy_min": min(accuracies), "accuracy_max": max(accuracies),
-            "wall_mean_s": round(sum(walls) / len(runs), 1), "wall_max_s": max(walls)}
+            "wall_mean_s": round(sum(walls) / len(runs), 1), "wall_max_s": max(walls),
+            "train_units_mean": round(sum(run["train_units"] for run in runs) / len(runs), 2)}
 
 
 def main() -> int:
@@ -155,8 +147,8 @@ def main() -> int:
                    help="run the preset with seeds 0..N-1 and report the spread (default 1)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args()
-    cores = torch.get_num_threads()
-    print(f"# data: {DATA_NOTE} from {args.data_dir}; torch {torch.__version__}; {cores} threads")
+    compute = make_compute(args.device, args.precision)
+    print(f"# data: {DATA_NOTE} from {args.data_dir}; {describe(compute)}")
     if args.time_to is not None:
         cfg = {**config.preset_config(args.preset), **overrides(args.set)}
         result = train_for(cfg, args.data_dir, args.device, None, args.time_to,
@@ -172,21 +164,25 @@ def main() -> int:
             p.error("--seeds must be at least 1")
         changes = overrides(args.set)
         flags = as_flags(changes)
-        runs = [run_preset(args.preset, args.data_dir, args.device, seed, changes,
-                           args.precision) for seed in range(args.seeds)]
+        runs = [in_units(compute, lambda seed=seed: run_preset(
+            args.preset, args.data_dir, args.device, seed, changes, args.precision))
+            for seed in range(args.seeds)]
         for ours in runs:
             command = " ".join(["train.py --preset", args.preset, *flags, "--seed",
                                 str(ours["seed"])])
             print(f"{command}: "
                   f"{ours['accuracy']:.2f}% test accuracy ({DATA_NOTE}) in {ours['wall_s']} s "
-                  f"wall-clock (process start to exit; training {ours['train_s']} s at "
+                  f"wall-clock = {ours['wall_units']} units (unit: {ours['unit_s']} s here, "
+                  f"measured around the run), training {ours['train_s']} s = "
+                  f"{ours['train_units']} units at "
                   f"{ours['images_per_s']:.0f} img/s; data from the workspace cache, a first load "
                   f"from the archive adds about {ours['cold_load_s']} s), {ours['device']}")
         spread = summarise(runs)
         if args.seeds > 1:
             print(f"{args.seeds} seeds: accuracy mean {spread['accuracy_mean']:.2f}%, min "
                   f"{spread['accuracy_min']:.2f}%, max {spread['accuracy_max']:.2f}%; wall-clock "
-                  f"mean {spread['wall_mean_s']} s, max {spread['wall_max_s']} s")
+                  f"mean {spread['wall_mean_s']} s, max {spread['wall_max_s']} s; training mean "
+                  f"{spread['train_units_mean']} units")
         original = config.preset_config("original")
         budget = spread["wall_mean_s"]
         base = train_for(original, args.data_dir, args.device, budget, None, args.precision)

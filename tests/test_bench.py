@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -20,6 +21,8 @@ def test_epoch_cost_adds_each_epochs_cost_and_scales_the_forecast() -> None:
     done = _epoch_cost("--presets", "fast", "--reference", "fast", "--rounds", "1",
                        "--batches", "1", "--epoch-seconds", "10")
     assert done.returncode == 0, done.stderr
+    # The machine's kernels are named beside the figures (a CPU with AMX costs differently).
+    assert re.search(r"oneDNN v[\d.]+, isa .+ \((with|no) AMX\)", done.stdout.splitlines()[0])
     line = next(x for x in done.stdout.splitlines() if x.startswith("--preset fast:"))
     # --preset fast trains 3 epochs, the first on 24x24 images (train_sizes "24,32").
     sizes = dict(re.findall(r"(\d+)x\d+ ([\d.]+) \(x\d+\)", line))
@@ -45,3 +48,13 @@ def test_epoch_cost_refuses_bad_input_in_one_line(flags: list[str], message: str
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0
     assert len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_the_isa_line_names_the_kernels_oneDNN_runs_and_its_cap() -> None:
+    # oneDNN reads ONEDNN_MAX_CPU_ISA (src/cpu/x64/cpu_isa_traits.cpp): AVX2 caps every CPU here.
+    probe = "from bench.units import onednn_isa; print(onednn_isa())"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False,
+                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert done.returncode == 0, done.stderr
+    assert "isa Intel AVX2 (no AMX), capped by ONEDNN_MAX_CPU_ISA=AVX2" in done.stdout
