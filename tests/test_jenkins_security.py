@@ -148,6 +148,11 @@ def test_the_agent_has_the_docker_engine_but_none_of_the_controllers_secrets():
     assert "/var/run/docker.sock" not in on_controller and "/srv/ct-workspace" not in on_controller
     assert set(on_controller) == {"/var/jenkins_home", AGENT_DIR}
     assert "docker.io" not in (JENKINS / "Dockerfile").read_text()
+    # Core jenkins-2.492.1 jenkins/security/s2m/CallableDirectionChecker.java refuses what an
+    # agent sends the controller to run unless the system property ...CallableDirectionChecker
+    # .allow is true: it is set nowhere.
+    assert "CallableDirectionChecker" not in controller["environment"]["JENKINS_JAVA_OPTS"]
+    assert "CallableDirectionChecker" not in (JENKINS / "Dockerfile").read_text()
 
 
 # ------------------------------------------------------------------------------- bindings
