@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ct import data_version
+from ct import data_version, untrusted
 from ct import workspace as names
 from ct.pipeline import cli, promote, records
 from ct.pipeline.errors import PipelineError
@@ -149,12 +149,12 @@ def verify_onnx(workspace: Path, record: Mapping[str, Any]) -> str | None:
     if name is None:
         return f"onnx: the record names no exported file to compare with sha256 {expected}"
     path = workspace / name
-    if path.is_symlink():
-        return f"onnx: {path} is a symlink, not the stored export; not followed"
     try:
-        actual = names.hash_files([path])
-    except OSError as err:
-        return f"onnx: cannot hash {path} ({records.os_reason(err)})"
+        actual = untrusted.sha256(path, workspace)
+    except untrusted.UntrustedFile as err:
+        if err.cause.startswith("a symbolic link"):
+            return f"onnx: {path} is a symlink, not the stored export; not followed"
+        return f"onnx: cannot hash {path} ({err.cause})"
     if actual != expected:
         return (f"onnx: {path} has sha256 {actual}, the record says {expected}: the exported "
                 "model changed")
@@ -166,9 +166,9 @@ def verify(workspace: Path, subject: Subject) -> tuple[list[str], str | None]:
     code was not checked (None: it was)."""
     problems = []
     try:
-        actual = names.hash_files([subject.model])
-    except OSError as err:
-        problems.append(f"model: cannot hash {subject.model} ({records.os_reason(err)})")
+        actual = untrusted.sha256(subject.model, workspace)
+    except untrusted.UntrustedFile as err:
+        problems.append(f"model: cannot hash {subject.model} ({err.cause})")
     else:
         if not subject.model_sha256:
             problems.append(f"model: the record names no model sha256 to compare with {actual}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ct import data_version
+from ct import data_version, untrusted
 from ct import workspace as names
 from ct.pipeline import records
 from ct.pipeline.errors import PipelineError
@@ -36,6 +36,7 @@ SCORES = "scores"
 TEST_VERSION = "test_version"
 EVAL_KIND = names.EVAL_RUNS  # runs/eval-<UTC time>-<model sha256[:10]>/ (ct.trainer.evaluate)
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+MAX_EVALUATION = 4 << 20  # an evaluation's metrics.json
 _FULL_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # what the job scripts can snapshot
 
 
@@ -129,20 +130,30 @@ def find_evaluation(workspace: Path, best: Mapping[str, Any], test_version: str
     runs/eval-*/metrics.json; None when there is none."""
     sha256 = best.get("model_sha256")
     if not _is_digest(sha256):
-        try:  # a record from before model_sha256: the file it names
-            sha256 = names.hash_files([workspace / best["model"]])
-        except OSError:
+        try:  # a record from before model_sha256: the file it names, never through a link
+            sha256 = untrusted.sha256(workspace / best["model"], workspace)
+        except untrusted.UntrustedFile:
             return None
     folders = sorted((workspace / names.RUNS_DIR).glob(f"{EVAL_KIND}-*"),
                      key=lambda path: path.name, reverse=True)
     for folder in folders:
-        found, _ = records.read_json_object(folder / names.RUN_METRICS)
+        found = evaluation_of(workspace, folder)
         if (found is not None and found.get("mode") == EVAL_KIND
                 and found.get("model_sha256") == sha256
                 and found.get(TEST_VERSION) == test_version
                 and is_percentage(found.get("accuracy"))):
             return found
     return None
+
+
+def evaluation_of(workspace: Path, folder: Path) -> dict[str, Any] | None:
+    """runs/eval-*/metrics.json when it is a JSON object in a regular file reached without a
+    link (None otherwise: an evaluation that cannot be trusted to be one is no evaluation)."""
+    try:
+        found = untrusted.read_json(folder / names.RUN_METRICS, MAX_EVALUATION, root=workspace)
+    except untrusted.UntrustedFile:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def champion_commit(best: Mapping[str, Any]) -> str | None:
