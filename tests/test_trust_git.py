@@ -186,3 +186,15 @@ def test_state_names_follow_the_workspace_contract():
     assert {"status", "models", "runs", "data", "best.json", "best-model.pt", "serving", "code",
             "metrics.json", "accuracy.txt", "studies"} <= push_source.STATE_NAMES
     push_source.check_tree("c", ["train.py", "ct/trainer/data.py", "docs/models.md"])
+
+
+def test_a_password_in_the_repository_url_stays_out_of_the_log(pulled, script_env):
+    repo = "https://ci:s3cret-token@127.0.0.1:1/owner/repo.git"  # nothing listens on port 1
+    proc = run_script("job1-pull.sh", script_env, repo, "HEAD", check=False)
+    assert proc.returncode == 2 and "cannot fetch 'HEAD' from https://ci:***@127.0.0.1:1/" in (
+        proc.stderr)
+    assert "s3cret" not in proc.stderr + proc.stdout
+    refused = run_script("job1-pull.sh", script_env, repo.replace("127.0.0.1", "-h"), "HEAD",
+                         check=False)
+    assert refused.returncode == 2 and "no valid host" in refused.stderr
+    assert "s3cret" not in refused.stderr

@@ -227,6 +227,11 @@ def test_a_container_started_with_the_sandbox_cannot_reach_git_code_or_host_stat
     ws, _outside, commit = pulled
     (ws / "models").mkdir()
     (ws / "models" / "champion.pt").write_text("the champion")
+    proc = sandbox(script_env, commit)  # makes the folders it mounts
+    assert proc.returncode == 0, proc.stderr
+    # the container's uid owns everything, as on a host that is not root (the container runs as
+    # the caller): only the mounts keep it out
+    subprocess.run(["chown", "-R", "1000:1000", ws], check=True)
     repo_before = tree_bytes(ws / "code" / "repo.git")
     snapshot_before = tree_bytes(ws / "code" / commit)
     env = {**script_env, "DOCKER_HOST": docker_engine.host}

@@ -1,6 +1,7 @@
 """What job1 takes from outside: the repository and ref it fetches, and the commit it snapshots.
 
-    python3 -m ct.pipeline.push_source check -- REPO REF      before git sees either
+    python3 -m ct.pipeline.push_source check -- REPO REF      before git sees either; prints
+                                                             REPO as a log may show it
     python3 -m ct.pipeline.push_source config < NAMES        the workspace repository's own keys
     python3 -m ct.pipeline.push_source tree --commit C < PATHS     the commit's tracked paths
 
@@ -62,6 +63,16 @@ def shown(value: str) -> str:
     return text
 
 
+def redacted(repo: str) -> str:
+    """The repository as a log may show it: a password in an https:// or ssh:// URL as ***."""
+    url = URL.fullmatch(repo)
+    if not url or "@" not in url.group(2):
+        return repo
+    userinfo, host = url.group(2).rsplit("@", 1)
+    user = userinfo.split(":", 1)[0] + (":***" if ":" in userinfo else "")
+    return f"{url.group(1)}://{user}@{host}{url.group(3)}"
+
+
 def has_control(value: str) -> bool:
     return any(ord(char) < 0x20 or ord(char) == 0x7F for char in value)
 
@@ -77,8 +88,16 @@ def check_common(what: str, value: str, limit: int) -> None:
         raise PipelineError(f"the {what} is {len(value)} characters long, more than {limit}")
 
 
-def check_repo(repo: str) -> str:
-    """Why `repo` is refused: raises PipelineError; returns its kind (path, https, ssh, file)."""
+def check_repo(given: str) -> str:
+    """Why a repository is refused: raises PipelineError (the repository shown without its
+    password); returns its kind (path, https, ssh, file)."""
+    try:
+        return repo_kind(given)
+    except PipelineError as err:
+        raise PipelineError(str(err).replace(shown(given), shown(redacted(given)))) from None
+
+
+def repo_kind(repo: str) -> str:
     check_common("repository", repo, MAX_REPO)
     if HELPER.match(repo):
         raise PipelineError(f"the repository {shown(repo)} names a git transport helper "
@@ -167,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             check_repo(args.repo)
             check_ref(args.ref)
+            print(redacted(args.repo))
         elif args.command == "config":
             check_config(read_names())
         else:
