@@ -31,9 +31,8 @@ from typing import Any
 PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
-MAX_HASHED = 8 << 30  # a file hashed (a model, an export) is streamed, not held: this only
-#                       stops the absurd
 _FILE_FLAGS = os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block us
+MAX_HASHED = 8 << 30  # a hashed file (a model, an export) is streamed, not held: only the absurd
 
 
 class UntrustedFile(Exception):
