@@ -12,6 +12,7 @@ the process (docker or a local child) and ask this module once per decision:
     python3 -m ct.pipeline.process restarted --role R --container C
     python3 -m ct.pipeline.process handed-over --role R
     python3 -m ct.pipeline.process tune-round --commit X --max-rounds N
+    python3 -m ct.pipeline.process tune-deadline --budget SECONDS
 
 `cycle` is job6's decision for one role: one action word (ACTIONS) on stdout, why on stderr. A
 record that fails its check is one line naming it and what to do, exit 2, and no action. The
@@ -20,6 +21,7 @@ runtime is the settings' (CT_RUNTIME), never a record's: another runtime's recor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from argparse import ArgumentParser, ArgumentTypeError, Namespace
@@ -195,25 +197,32 @@ def next_round(record: Mapping[str, str], commit: str, max_rounds: int) -> int |
 
 
 def write_handover(workspace: Path, record: Mapping[str, str]) -> None:
-    """handover.properties for job6's trigger of job4: the restarted run's COMMIT and RUN_DIR."""
+    """handover.properties for job6's trigger of job4: the restarted run's COMMIT and RUN_DIR
+    (metrics.json's, which the container wrote: a RUN_DIR that is no runs/<id> is refused)."""
     try:
         run_dir = records.load_metrics(workspace)["run_dir"]
     except PipelineError:
         run_dir = ""  # job4 then judges the latest run and says what is wrong with it
-    text = records.format_properties({"COMMIT": record["COMMIT"], "RUN_DIR": run_dir},
-                                     "written by ct.process: job6 -> job4")
-    remedy = records.fix_workspace(workspace, "nothing handed over", "rerun job6")
-    records.write_files({workspace / names.HANDOVER_PROPERTIES: text}, remedy)
+    handover = {"COMMIT": record["COMMIT"], "RUN_DIR": run_dir}
+    records.save_record(workspace, records.HANDOVER_RECORD, handover, "ct.process: job6 -> job4")
 
 
 # ---------------------------------------------------------------- command line
 
 
+def container_of(workspace: Path, role: str) -> str:
+    """The name lib-process.sh gives ROLE's container in this workspace (container_name)."""
+    return f"ct-{role}-{hashlib.sha256(os.path.realpath(workspace).encode()).hexdigest()[:12]}"
+
+
 def load(workspace: Path, role: str, runtime: str | None = None) -> dict[str, str]:
-    record = records.load_record(workspace, process_record(role))
-    if record["ROLE"] != role:
-        raise PipelineError(f"{process_record(role).file(workspace)} is damaged (it names role "
-                            f"{record['ROLE']!r}); {process_record(role).remedy}")
+    record, kind = records.load_record(workspace, process_record(role)), process_record(role)
+    # the container can write this record: a name it chose would have job5/job6 stop, start or
+    # follow another container (the service's, another workspace's)
+    if record["ROLE"] != role or (record["RUNTIME"] == "docker"
+                                  and record["CONTAINER"] != container_of(workspace, role)):
+        raise PipelineError(f"{kind.file(workspace)} is damaged (it names role {record['ROLE']!r}"
+                            f", container {record['CONTAINER']!r}); {kind.remedy}")
     if runtime is not None and record["RUNTIME"] != runtime:
         raise PipelineError(
             f"{process_record(role).file(workspace)} records a {record['RUNTIME']} process, but "
@@ -322,9 +331,16 @@ def cmd_tune_round(workspace: Path, args: Namespace) -> int:
     return 0
 
 
+def cmd_tune_deadline(_workspace: Path, args: Namespace) -> int:
+    """job5's watchdog: the seconds after which tuning is stopped (its budget and half again,
+    plus five minutes to start and to test the winner), so job5 does no arithmetic."""
+    print(args.budget + args.budget // 2 + 300)
+    return 0
+
+
 COMMANDS = {"start": cmd_start, "get": cmd_get, "ended": cmd_ended, "cycle": cmd_cycle,
             "restarted": cmd_restarted, "handed-over": cmd_handed_over,
-            "tune-round": cmd_tune_round}
+            "tune-round": cmd_tune_round, "tune-deadline": cmd_tune_deadline}
 
 
 def build_parser() -> ArgumentParser:
@@ -332,7 +348,7 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name) for name in COMMANDS}
     for name, command in commands.items():
-        if name != "tune-round":
+        if not name.startswith("tune-"):
             command.add_argument("--role", required=True, type=_pattern(ROLE, "a role"))
     for name in ("start", "restarted"):
         commands[name].add_argument("--container", required=True)
@@ -351,12 +367,15 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--memory", default=os.environ.get("CT_MEMORY", ""))
     commands["tune-round"].add_argument("--commit", required=True)
     commands["tune-round"].add_argument("--max-rounds", required=True, type=_whole)
+    commands["tune-deadline"].add_argument("--budget", required=True, type=_whole)
     return parser
 
 
 def _whole(text: str) -> int:
-    if not text.isdigit():
-        raise ArgumentTypeError(f"must be a whole number, not {text!r}")
+    # decimal ASCII digits only: a setting (CT_MAX_RESTARTS, CT_TUNE_BUDGET, ...) is a number
+    # here, never something bash would read as octal or an expression
+    if not re.fullmatch(r"[0-9]{1,9}", text, re.ASCII):
+        raise ArgumentTypeError(f"must be a whole number (at most 9 digits), not {text!r}")
     return int(text)
 
 

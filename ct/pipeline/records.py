@@ -19,15 +19,14 @@ import csv
 import io
 import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ct import atomic
+from ct import atomic, untrusted
 from ct import workspace as names
 from ct.pipeline import cli
 from ct.pipeline.errors import PipelineError
@@ -62,10 +61,8 @@ def os_reason(err: OSError | UnicodeDecodeError) -> str:
 
 def fix_workspace(workspace: Path, outcome: str, rerun: str) -> str:
     """The remedy for a file that cannot be written: what happened, what to fix, what to rerun."""
-    return (
-        f"{outcome}; make {workspace} and its files writable for this user (or move what is "
-        f"in the way), then {rerun}"
-    )
+    return (f"{outcome}; make {workspace} and its files writable for this user (or move what is "
+            f"in the way), then {rerun}")
 
 
 def write_files(files: Mapping[Path, str | bytes], remedy: str) -> None:
@@ -78,20 +75,24 @@ def write_files(files: Mapping[Path, str | bytes], remedy: str) -> None:
 
 
 def csv_row(values: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(values)
+    csv.writer(buffer := io.StringIO(), lineterminator="\n").writerow(values)
     return buffer.getvalue()
 
 
-def read_text(path: Path, what_to_do: str, if_missing: str | None = None) -> str:
-    """A UTF-8 file's text; a missing or unreadable one is a PipelineError naming the file and
-    the remedy (`if_missing` for a missing one, when that remedy differs)."""
+MAX_READ = 4 << 20  # a record, metrics.json, best.json: far larger is no file of ours
+
+
+def read_text(path: Path, what_to_do: str, if_missing: str | None = None,
+              root: Path | None = None) -> str:
+    """A UTF-8 file's text, opened as untrusted (ct.untrusted: a regular file, no symbolic link
+    followed below `root`, or at the file itself without one, at most MAX_READ bytes); anything
+    else is a PipelineError naming the file and the remedy (`if_missing` for a missing one)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        return untrusted.read_text(path, MAX_READ, root=root)
+    except untrusted.Missing:
         raise PipelineError(f"{path} is missing; {if_missing or what_to_do}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise PipelineError(f"{path} cannot be read ({os_reason(err)}); {what_to_do}") from None
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"{path} cannot be read ({err.cause}); {what_to_do}") from None
 
 
 def is_workspace_file(name: Any) -> bool:
@@ -100,6 +101,19 @@ def is_workspace_file(name: Any) -> bool:
         return False
     path = PurePosixPath(name)
     return not path.is_absolute() and ".." not in path.parts
+
+
+def run_folder(workspace: Path, name: str) -> Path:
+    """W/<name> for a name (a build parameter, a record, metrics.json) that must be one of the
+    workspace's run folders: runs/<id>, reached without a symbolic link (ct.untrusted), since
+    anything the container wrote may point outside. Anything else is a PipelineError naming it."""
+    problem = "" if name and re.fullmatch(RUN_DIR, name, re.ASCII) else "not runs/<run id>"
+    if not problem:
+        try:
+            return untrusted.real_folder(workspace, name)
+        except untrusted.UntrustedFile as err:
+            problem = err.cause
+    raise PipelineError(f"RUN_DIR {name[:80]!r} is not a run folder of {workspace} ({problem})")
 
 
 # ---------------------------------------------------------------- JSON
@@ -116,22 +130,24 @@ def parse_json_object(text: str) -> tuple[dict[str, Any] | None, str]:
     return obj, ""
 
 
-def load_json_object(path: Path, what_to_do: str) -> dict[str, Any]:
-    """Read a JSON object; anything else is a PipelineError naming the file and the remedy."""
-    obj, problem = parse_json_object(read_text(path, what_to_do))
+def load_json_object(path: Path, what_to_do: str, root: Path | None = None) -> dict[str, Any]:
+    """Read a JSON object (as read_text); anything else is a PipelineError naming the file and
+    the remedy."""
+    obj, problem = parse_json_object(read_text(path, what_to_do, root=root))
     if obj is None:
         raise PipelineError(f"{path} {problem}; {what_to_do}")
     return obj
 
 
-def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str]:
-    """For display (the report): (object, "") or (None, why not), never an exception."""
+def read_json_object(path: Path, root: Path | None = None) -> tuple[dict[str, Any] | None, str]:
+    """For display and lookups: (object, "") or (None, why not), never an exception; opened as
+    read_text does."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = untrusted.read_text(path, MAX_READ, root=root)
+    except untrusted.Missing:
         return None, f"no {path.name}"
-    except (OSError, UnicodeDecodeError) as err:
-        return None, f"{path.name} cannot be read ({os_reason(err)})"
+    except untrusted.UntrustedFile as err:
+        return None, f"{path.name} cannot be read ({err.cause})"
     obj, problem = parse_json_object(text)
     return obj, f"{path.name} {problem}" if problem else ""
 
@@ -140,7 +156,7 @@ def load_metrics(workspace: Path) -> dict[str, Any]:
     """W/metrics.json (the latest finished run), checked for the fields the gate, promotion and
     notification rely on."""
     path = workspace / names.METRICS_FILE
-    metrics = load_json_object(path, RERUN_TRAINING)
+    metrics = load_json_object(path, RERUN_TRAINING, root=workspace)
     if not is_percentage(metrics.get("accuracy")):
         raise PipelineError(
             f"{path} has accuracy {metrics.get('accuracy')!r}, not a percentage; {RERUN_TRAINING}"
@@ -169,7 +185,10 @@ def run_params(metrics: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- .properties
 
 
-_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\f": "\\f"}
+# "$" as \u0024: Jenkins' parameterized-trigger expands ${VAR} in the file's text before
+# java.util.Properties reads it (FileBuildParameters.extractAllValues, env.expand), so a literal
+# "$" would hand the downstream build a variable of this build's environment
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\f": "\\f", "$": "\\u0024"}
 _UNESCAPES = {"n": "\n", "r": "\r", "t": "\t", "f": "\f"}
 
 
@@ -193,25 +212,22 @@ def escape_property(value: str) -> str:
 
 def unescape_property(text: str) -> str:
     """The inverse of escape_property for the one-line values this module writes."""
-    out, i = [], 0
-    while i < len(text):
-        char = text[i]
-        if char != "\\" or i + 1 == len(text):
-            out.append(char)
-            i += 1
-            continue
-        nxt = text[i + 1]
-        if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2:i + 6]):
-            out.append(chr(int(text[i + 2:i + 6], 16)))
-            i += 6
-            continue
-        out.append(_UNESCAPES.get(nxt, nxt))
-        i += 2
-    # \uXXXX pairs of a surrogate pair come out as two halves: join them
-    return "".join(out).encode("utf-16", "surrogatepass").decode("utf-16")
+    def one(match: re.Match[str]) -> str:
+        code = match.group(1)
+        return chr(int(code[1:], 16)) if len(code) == 5 else _UNESCAPES.get(code, code)
+
+    # \uXXXX pairs of a surrogate pair come out as two halves: joined by the round trip
+    text = re.sub(r"\\(u[0-9a-fA-F]{4}|.)", one, text, flags=re.S)
+    return text.encode("utf-16", "surrogatepass").decode("utf-16")
 
 
 def format_properties(values: Mapping[str, str], comment: str) -> str:
+    """The one writer of the pipeline's .properties files: every value escaped, so that neither
+    java.util.Properties nor Jenkins' trigger reads another key or a variable out of it."""
+    for key in values:
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]{0,63}", key, re.ASCII):
+            raise PipelineError(f"refusing to write the properties key {key[:40]!r}: keys are "
+                                "A-Z, 0-9 and _")
     lines = [f"# {comment}"] + [f"{key}={escape_property(val)}" for key, val in values.items()]
     return "\n".join(lines) + "\n"
 
@@ -232,8 +248,8 @@ def parse_properties(text: str) -> dict[str, str]:
 def read_properties(path: Path) -> dict[str, str]:
     """A lenient reader for display (the mail, the report): {} when absent or unreadable."""
     try:
-        return parse_properties(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        return parse_properties(untrusted.read_text(path, MAX_READ))
+    except (untrusted.UntrustedFile, ValueError):
         return {}
 
 
@@ -257,8 +273,8 @@ class Record:
 
     path: str
     required: Mapping[str, str]
-    optional: Mapping[str, str]
     remedy: str
+    optional: Mapping[str, str] = field(default_factory=dict)
 
     def file(self, workspace: Path) -> Path:
         return workspace / self.path
@@ -272,7 +288,7 @@ class Record:
             pattern = self.required.get(key, self.optional.get(key))
             if pattern is None:
                 return f"it has an unknown key {key[:40]!r}"
-            if not re.fullmatch(pattern, value):
+            if not re.fullmatch(pattern, value, re.ASCII):
                 return f"{key}={value[:40]!r} is not a valid value"
         return None
 
@@ -287,25 +303,17 @@ IMAGE_RECORD = Record(
 )
 VERDICT_FIELDS = {"ACCURACY": PERCENT, "THRESHOLD": PERCENT, "PASSED": BOOL,
                   "COMMIT": r"[^\x00]{0,64}", "RUN_DIR": RUN_DIR, "RUN_ID": rf"({RUN_ID})?"}
-GATE_RECORD = Record(
-    path=names.GATE_PROPERTIES,
-    required={**VERDICT_FIELDS, "TUNE": BOOL},
-    optional={},
-    remedy="run job4 (the gate) again",
-)
+GATE_RECORD = Record(names.GATE_PROPERTIES, {**VERDICT_FIELDS, "TUNE": BOOL},
+                     "run job4 (the gate) again")
 # the last judged run and its verdict (ct.pipeline.after_run writes it)
-VERDICT_RECORD = Record(
-    path=names.VERDICT_STATUS,
-    required={**VERDICT_FIELDS, "TUNE": BOOL, "JUDGED_AT": TIME},
-    optional={},
-    remedy="remove it to have the latest run judged again",
-)
-PROMOTION_RECORD = Record(
-    path=names.PROMOTION_PROPERTIES,
-    required={"PROMOTED": BOOL, "ACCURACY": PERCENT, "BEST_ACCURACY": PERCENT},
-    optional={},
-    remedy="run job4 (the gate) again",
-)
+VERDICT_RECORD = Record(names.VERDICT_STATUS, {**VERDICT_FIELDS, "TUNE": BOOL, "JUDGED_AT": TIME},
+                        "remove it to have the latest run judged again")
+PROMOTION_RECORD = Record(names.PROMOTION_PROPERTIES, {
+    "PROMOTED": BOOL, "ACCURACY": PERCENT, "BEST_ACCURACY": PERCENT}, "run job4 (the gate) again")
+# job6 -> job4 (Jenkins' trigger reads it): the restarted run's commit and run folder, which
+# job4's RUN_DIR parameter then names
+HANDOVER_RECORD = Record(names.HANDOVER_PROPERTIES, {"COMMIT": COMMIT, "RUN_DIR": RUN_DIR},
+                         "rerun job6")
 
 # The records the job scripts may name on the command line (`get`/`set`); the process records
 # (status/<role>.properties) have their own commands in ct.pipeline.process.
@@ -321,20 +329,16 @@ def load_record(workspace: Path, record: Record, missing_ok: bool = False) -> di
     anything unreadable or not matching is a PipelineError that names the file and the remedy."""
     path = record.file(workspace)
     damaged = f"; {record.remedy}"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    try:  # status/ is the container's to write too: no link followed on the way, no FIFO
+        values = parse_properties(untrusted.read_text(path, 1 << 16, root=workspace))
+    except untrusted.Missing:
         if missing_ok:
             return {}
         raise PipelineError(f"{path} is missing{damaged}") from None
-    except OSError as err:
-        raise PipelineError(f"{path} cannot be read ({os_reason(err)}){damaged}") from None
-    try:
-        with open(fd, "rb") as handle:
-            text = handle.read(1 << 16).decode("utf-8")
-        values = parse_properties(text)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise PipelineError(f"{path} is damaged ({os_reason(err)}){damaged}") from None
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"{path} cannot be read ({err.cause}){damaged}") from None
+    except ValueError as err:
+        raise PipelineError(f"{path} is damaged ({err}){damaged}") from None
     problem = "it is empty" if not values else record.check(values)
     if problem:
         raise PipelineError(f"{path} is damaged ({problem}){damaged}")
@@ -346,9 +350,13 @@ def save_record(workspace: Path, record: Record, values: Mapping[str, str], writ
     problem = record.check(values)
     if problem:
         raise PipelineError(f"refusing to write {record.file(workspace)}: {problem}")
-    remedy = fix_workspace(workspace, "nothing recorded", "rerun this job")
+    try:  # a linked status/ would have this host write where the link points
+        with untrusted.folder(workspace, PurePosixPath(record.path).parts[:-1], create=True):
+            pass
+    except untrusted.UntrustedFile as err:
+        raise PipelineError(f"refusing to write {record.file(workspace)}: {err}") from None
     write_files({record.file(workspace): format_properties(values, f"written by {writer}")},
-                remedy)
+                fix_workspace(workspace, "nothing recorded", "rerun this job"))
 
 
 def update_record(workspace: Path, record: Record, changes: Mapping[str, str], writer: str

@@ -27,7 +27,7 @@ def finished_since(workspace: Path, role: str, started_at: str) -> bool:
     since = _epoch_seconds(started_at)
     metrics_path = workspace / names.METRICS_FILE
     try:
-        metrics = records.load_json_object(metrics_path, "")
+        metrics = records.load_json_object(metrics_path, "", root=workspace)
         written = os.lstat(metrics_path).st_mtime
     except (PipelineError, OSError):
         return False
