@@ -8,8 +8,9 @@
 #
 #   scripts/job4-gate.sh [RUN_DIR]
 #
-# RUN_DIR (from job6's hand-over, or empty): the run this build was asked to judge; when the
-# workspace's latest run is another one, nothing is judged (exit 2).
+# RUN_DIR (from job6's hand-over, or empty): the run this build was asked to judge; when it is no
+# run folder of the workspace (runs/<id>, no link), or the latest run is another one, nothing is
+# judged (exit 2).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -17,7 +18,8 @@ source "$(dirname "$0")/lib.sh"
 main() {
   (($# <= 1)) || die "usage: job4-gate.sh [RUN_DIR]" 2
   [[ -d "$CT_WORKSPACE" ]] || die "no workspace at CT_WORKSPACE=$CT_WORKSPACE" 2
-  after_run --run-dir "${1:-}"
+  # one word, so that a RUN_DIR starting with '-' is a value that ct.pipeline.after_run refuses
+  after_run --run-dir="${1:-}"
 }
 
 main "$@"

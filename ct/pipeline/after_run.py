@@ -33,6 +33,7 @@ judged for the first time, and the run's curves.png for the mail.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from contextlib import redirect_stdout
@@ -57,11 +58,19 @@ def latest_run(workspace: Path) -> dict[str, Any]:
 
 
 def require_run(workspace: Path, wanted: str, latest: dict[str, Any]) -> None:
-    """job4 asked (by job6's hand-over) to judge one run judges nothing else."""
-    if wanted and latest.get("run_dir") != wanted:
+    """job4 asked (by job6's hand-over: its RUN_DIR build parameter) to judge one run judges
+    nothing else, and only a run folder of the workspace (runs/<id>, no link on the way)."""
+    if not wanted:
+        return
+    if latest.get("run_dir") != wanted and re.fullmatch(records.RUN_DIR, wanted, re.ASCII):
         shown = latest.get("run_dir") or f"unreadable (see {workspace / names.METRICS_FILE})"
+        shown = shown[:200].encode("unicode_escape").decode()  # the container wrote it: one line
         raise PipelineError(f"asked to judge {wanted}, but the workspace's latest run is "
                             f"{shown}: nothing judged")
+    try:
+        records.run_folder(workspace, wanted)
+    except PipelineError as err:
+        raise PipelineError(f"{err}: nothing judged") from None
 
 
 def keep(artifacts: Path | None, *paths: Path) -> None:
@@ -108,8 +117,10 @@ def mail(workspace: Path, event: str, outbox_only: bool) -> None:
 def write_report(workspace: Path, run_dir: str, artifacts: Path | None) -> None:
     """The report page, and the judged run's curves for this build's mail. A report that cannot
     be written is said, not fatal: the verdict is what the build is for."""
-    if records.is_workspace_file(run_dir):
-        keep(artifacts, workspace / run_dir / names.RUN_CURVES)
+    try:  # metrics.json names it: only a real run folder, never through a link
+        keep(artifacts, records.run_folder(workspace, run_dir) / names.RUN_CURVES)
+    except PipelineError:
+        pass
     try:
         report.write_report(workspace)
     except (report.ReportError, OSError) as err:
