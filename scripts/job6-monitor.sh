@@ -43,19 +43,13 @@ retrain_if_changed() {
 }
 
 # post_retrain DATA_VERSION: start job2 by its remote-build URL, passing the data version and FORCE.
+# buildWithParameters, not build: job2 has parameters (COMMIT, DATA_VERSION, FORCE), and Jenkins
+# answers a POST to /build of a parameterized job with HTTP 400 "This page expects a form
+# submission" (tests/test_scripts_fast.py cites the core source). ct.pipeline.changes makes the
+# request itself, with the credentials and the trigger token from the environment: they are on
+# no command line and in no file, whatever characters they hold.
 post_retrain() {
-  # buildWithParameters, not build: job2 has parameters (COMMIT, DATA_VERSION, FORCE), and Jenkins
-  # answers a POST to /build of a parameterized job with HTTP 400 "This page expects a form
-  # submission" (tests/test_scripts_fast.py cites the core source).
-  local url="${JENKINS_URL%/}/job/$CT_RETRAIN_JOB/buildWithParameters" status
-  # Credentials and the trigger token go to curl on stdin, not on its command line (which other
-  # users can read).
-  status="$(printf 'user = "%s:%s"\ndata-urlencode = "token=%s"\ndata-urlencode = "DATA_VERSION=%s"\ndata-urlencode = "FORCE=%s"\n' \
-    "$JENKINS_USER" "$JENKINS_API_TOKEN" "$CT_TRIGGER_TOKEN" "$1" "${FORCE:-false}" |
-    curl -sS -K - -o /dev/null -w '%{http_code}' --max-time 30 -X POST -G "$url")" ||
-    die "retrain: cannot reach $url"
-  [[ "$status" =~ ^2 ]] || die "retrain: $url answered HTTP $status"
-  log "retrain requested: POST $url -> HTTP $status"
+  ct_py ct.pipeline.changes --workspace "$CT_WORKSPACE" retrain --data-version "$1" || exit $?
 }
 
 # monitor_role ROLE FOLLOW: 0 when fine, restarted or handed on; 1 when it gave up (now or

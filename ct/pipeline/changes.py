@@ -2,6 +2,7 @@
 
     python3 -m ct.pipeline.changes check [--commit C] [--increments DIR] [--force]
                                          [--workspace W]
+    python3 -m ct.pipeline.changes retrain --data-version V [--workspace W]
 
 A training request is three things: the code (a commit), the data (its version: the CIFAR-10 base
 plus the increments, ct.data_version) and the training flags (CT_TRAIN_ARGS). A judged run whose
@@ -12,12 +13,19 @@ stderr: "nothing changed since run X", or what differs from the champion. --forc
 FORCE parameter) prints `changed` whatever the record says.
 
 job3 asks before it trains a push it took; job6's `check` and `weekly` ask before they start a
-retrain. The commit is --commit, else the latest push (commit.txt). Standard library only.
+retrain, which `retrain` requests: a POST to job2's remote-build URL, built here with the secrets
+from the environment, so that none is on a command line, in a file or in the log. The commit is
+--commit, else the latest push (commit.txt). Standard library only.
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,15 +65,15 @@ def normal_args(text: str) -> str:
 
 def judged_runs(workspace: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(run id, lineage) of the champion, then of every judged run, newest first."""
-    best, _ = records.read_json_object(workspace / names.BEST_FILE)
+    best, _ = records.read_json_object(workspace / names.BEST_FILE, root=workspace)
     if best and isinstance(best.get(names.LINEAGE), dict):
         yield str(best.get("run_id", "the champion")), best[names.LINEAGE]
-    rows, _ = report_inputs.read_history(workspace / names.HISTORY_FILE)
+    rows, _ = report_inputs.read_history(workspace, workspace / names.HISTORY_FILE)
     for run_id in reversed([row.get("run", "") for row in rows]):
         if not records.is_workspace_file(run_id) or "/" in run_id:
             continue
         metrics, _ = records.read_json_object(
-            workspace / names.RUNS_DIR / run_id / names.RUN_METRICS)
+            workspace / names.RUNS_DIR / run_id / names.RUN_METRICS, root=workspace)
         if metrics and isinstance(metrics.get(names.LINEAGE), dict):
             yield run_id, metrics[names.LINEAGE]
 
@@ -102,6 +110,67 @@ def current(workspace: Path, commit: str, increments: Path | None, train_args: s
     return Request(commit, version, normal_args(train_args))
 
 
+# ---------------------------------------------------------------- the retrain request
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, not followed: urllib would send the credentials on to wherever
+    it points."""
+
+    def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+
+def secret(env: Mapping[str, str], name: str) -> str:
+    """A setting that goes into the request as it is: any character but a control character
+    (a line break pasted with the token; tab is kept), said by name, never by value."""
+    value = env.get(name, "")
+    if not value or any(c != "\t" and (ord(c) < 0x20 or ord(c) == 0x7F) for c in value):
+        raise PipelineError(f"{name} is empty or holds a control character (a line break?): "
+                            "set it to the credential alone; no retrain requested")
+    return value
+
+
+def retrain_request(env: Mapping[str, str], data_version: str) -> urllib.request.Request:
+    """The POST that starts job2 (buildWithParameters: it has parameters), built here and never
+    on a command line: the trigger token and the parameters URL-encoded in the query, the API
+    token in the Authorization header."""
+    user = secret(env, "JENKINS_USER")
+    if ":" in user:
+        raise PipelineError("JENKINS_USER holds ':', which HTTP basic authentication cannot "
+                            "carry: use the user's id; no retrain requested")
+    force = env.get("FORCE") or "false"
+    if force not in ("true", "false"):
+        raise PipelineError(f"FORCE must be true or false, not {force[:20]!r}")
+    query = urllib.parse.urlencode({"token": secret(env, "CT_TRIGGER_TOKEN"),
+                                    "DATA_VERSION": data_version, "FORCE": force})
+    job = urllib.parse.quote(env.get("CT_RETRAIN_JOB") or "job2", safe="")
+    base = f"{(env.get('JENKINS_URL') or '').rstrip('/')}/job/{job}/buildWithParameters"
+    if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
+        raise PipelineError(f"JENKINS_URL must be an http(s) URL, not {env.get('JENKINS_URL')!r}")
+    pair = f"{user}:{secret(env, 'JENKINS_API_TOKEN')}".encode()
+    return urllib.request.Request(f"{base}?{query}", data=b"", method="POST", headers={
+        "Authorization": "Basic " + base64.b64encode(pair).decode()})
+
+
+def retrain(env: Mapping[str, str], data_version: str) -> int:
+    request = retrain_request(env, data_version)
+    shown = request.full_url.split("?", 1)[0]  # the query holds the trigger token
+    try:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=30) as answer:
+            status = answer.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
+        cli.say(f"error: retrain: cannot reach {shown} ({getattr(err, 'reason', err)})")
+        return 1
+    if not 200 <= status < 300:
+        cli.say(f"error: retrain: {shown} answered HTTP {status}")
+        return 1
+    cli.say(f"retrain requested: POST {shown} -> HTTP {status}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.parser("ct.changes", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,10 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--train-args", default=os.environ.get("CT_TRAIN_ARGS", ""))
     check.add_argument("--force", action="store_true",
                        default=os.environ.get("FORCE", "") == "true")
+    post = sub.add_parser("retrain", help="start job2 by its remote-build URL (settings from "
+                          "the environment: JENKINS_URL, JENKINS_USER, JENKINS_API_TOKEN, "
+                          "CT_TRIGGER_TOKEN, CT_RETRAIN_JOB, FORCE)")
+    post.add_argument("--data-version", required=True)
     args = parser.parse_args(argv)
     workspace = cli.workspace_or_exit(parser, args.workspace)
 
     def action() -> int:
+        if args.command == "retrain":
+            return retrain(os.environ, args.data_version)
         request = current(workspace, args.commit, args.increments, args.train_args)
         changed, why = decide(request, judged_runs(workspace), args.force)
         cli.say(why)
