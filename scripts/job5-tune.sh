@@ -18,6 +18,8 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
+ONE_TO_64='^([1-9]|[1-5][0-9]|6[0-4])$' # --worker K and CT_TUNE_WORKERS
+
 # tuning_rounds_left: a round is left for the commit (sets ROUND); otherwise that commit's chain
 # ends here (after_run tuning-skipped), so the next queued push may train.
 tuning_rounds_left() {
@@ -34,10 +36,11 @@ use_tuning_commit() {
   use_commit "$commit"
 }
 
-# start_watchdog NAME BUDGET: stop the tuning process well past its budget. train.py honours
-# --time-budget at every epoch; this guards against a hang. Sets WATCHDOG.
+# start_watchdog NAME SECONDS: stop the tuning process after SECONDS (ct.pipeline.process
+# tune-deadline: well past its budget). train.py honours --time-budget at every epoch; this guards
+# against a hang. Sets WATCHDOG.
 start_watchdog() {
-  local name="$1" deadline=$(($2 + $2 / 2 + 300))
+  local name="$1" deadline="$2"
   (
     # the sleep must not hold this job's output open, and must end with the watchdog
     sleep "$deadline" >/dev/null 2>&1 &
@@ -94,22 +97,26 @@ help_round() {
 }
 
 main() {
-  local delivery=() image code=0 helper=false worker=
+  local delivery=() image code=0 helper=false worker='' deadline=''
   case "${1:-}" in
     "") ;;
     --no-mail) delivery=(--outbox-only) ;;
     --worker) helper=true worker="${2:-}" ;;
     *) die "unknown argument '$1'; usage: job5-tune.sh [--no-mail | --worker K]" 2 ;;
   esac
-  if [[ "$helper" == true ]] && { ! [[ "$worker" =~ ^[0-9]+$ ]] || ((worker < 1 || worker > 64)); }; then
-    die "--worker takes a number in 1..64, not '$worker'" 2
+  # checked by pattern, not by arithmetic: bash would read 08 as octal and a[$(cmd)] as code
+  if [[ "$helper" == true && ! "$worker" =~ $ONE_TO_64 ]]; then
+    die "--worker takes a number in 1..64 (decimal, no leading zero), not '$worker'" 2
   fi
   [[ -z "$CT_TUNE_TRIALS" ]] || require_uint CT_TUNE_TRIALS "$CT_TUNE_TRIALS"
   [[ -z "$CT_TUNE_BUDGET" ]] || require_uint CT_TUNE_BUDGET "$CT_TUNE_BUDGET"
   require_uint CT_TUNE_WORKERS "$CT_TUNE_WORKERS"
-  ((CT_TUNE_WORKERS >= 1 && CT_TUNE_WORKERS <= 64)) ||
-    die "CT_TUNE_WORKERS must be in 1..64, not $CT_TUNE_WORKERS" 2
+  [[ "$CT_TUNE_WORKERS" =~ $ONE_TO_64 ]] ||
+    die "CT_TUNE_WORKERS must be in 1..64 (decimal, no leading zero), not '$CT_TUNE_WORKERS'" 2
   require_uint CT_MAX_TUNE_ROUNDS "$CT_MAX_TUNE_ROUNDS"
+  if [[ -n "$CT_TUNE_BUDGET" ]]; then
+    deadline="$(ct_process tune-deadline --budget "$CT_TUNE_BUDGET")" || exit $?
+  fi
   resolve_runtime
   use_tuning_commit
   if [[ "$helper" == true ]]; then
@@ -125,8 +132,8 @@ main() {
   start_process tune "$image" "$CODE_COMMIT" "${ARGS[@]}"
   start_helpers "$image" "${ARGS[@]}"
   WATCHDOG=
-  if [[ -n "$CT_TUNE_BUDGET" ]]; then
-    start_watchdog "$(process_get tune CONTAINER)" "$CT_TUNE_BUDGET"
+  if [[ -n "$deadline" ]]; then
+    start_watchdog "$(process_get tune CONTAINER)" "$deadline"
   fi
   follow tune || code=$?
   [[ -z "$WATCHDOG" ]] || kill "$WATCHDOG" 2>/dev/null || true
