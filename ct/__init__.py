@@ -14,6 +14,8 @@ What both sides use stays here, standard library only:
   share its cores (the host splits them; the trainer reads its share).
 - `ct.data_version`: the data a run reads (CIFAR-10 plus labelled increments: their layout and
   classes) and its version, which the trainer records and the host's lineage check recomputes.
+- `ct.untrusted`: files a training container could have written, read by the host and the serving
+  image without following links (regular files only, size caps).
 - `ct.workspace`: the workspace contract: its file names and how a run's commit is found.
 
 And one module the training container and the serving image share (numpy and Pillow, no torch):

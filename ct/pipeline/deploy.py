@@ -92,7 +92,7 @@ def ask(workspace: Path, url: str, target: Model, before: Served, timeout: float
         if not (workspace / rel).is_file() or (workspace / rel).is_symlink():
             raise PipelineError(f"{workspace / rel} is missing (or not a plain file); "
                                 "export the champion again (scripts/job7-deploy.sh)")
-    old = read_json(workspace / WANTED, "move it away, then rerun")
+    old = read_json(workspace / WANTED, "move it away, then rerun", workspace)
     request = new_request()
     write(workspace, WANTED, wanted(target, request))
     swap = None
