@@ -42,7 +42,7 @@ prepare_workspace_for() {
 
 # sandbox_args ROLE NAME COMMIT: the `docker run` options of every container this workspace
 # starts (sets SANDBOX), and the train.py flags that go with them (sets INCREMENT_ARGS): named and
-# labelled, not root, the mounts of ct.pipeline.sandbox (COMMIT's snapshot read-only at /code, the
+# labelled, not root and without capabilities, the mounts of ct.pipeline.sandbox (COMMIT's snapshot read-only at /code, the
 # workspace at /workspace with code/, the records and what the host publishes hidden and models/
 # read-only), CT_INCREMENTS_DIR read-only at /increments, the GPU and memory settings.
 sandbox_args() {
@@ -55,8 +55,10 @@ sandbox_args() {
   # --init: a tiny init (docker-init) is PID 1 and passes SIGTERM on, so `docker stop` and
   # Jenkins' abort stop it at once (train.py keeps its last checkpoint).
   # --entrypoint: the code is the snapshot's, whatever the commit's Dockerfile says.
+  # No capabilities and no privilege gain (a setuid file of the pushed image): training needs none.
   SANDBOX=(--init --name "$name" --label "ct.role=$role" --label "ct.workspace=$CT_WORKSPACE"
-    --label "ct.commit=$commit" --user "$user" -e HOME=/tmp -e "CT_COMMIT=$commit"
+    --label "ct.commit=$commit" --user "$user" --cap-drop ALL --security-opt no-new-privileges
+    -e HOME=/tmp -e "CT_COMMIT=$commit"
     -e PYTHONDONTWRITEBYTECODE=1 --shm-size 1g "${mounts[@]}" -w /workspace --entrypoint python)
   [[ -n "$CT_GPUS" ]] && SANDBOX+=(--gpus "$CT_GPUS")
   # the limit is the limit: no extra swap, so an OOM kill is prompt and the same every time

@@ -211,6 +211,10 @@ print(json.dumps({
     "write_data": attempt(0, write("/workspace/data/probe.cache")),
     "replace_metrics": attempt(0, replace("/workspace/.m.tmp", "/workspace/metrics.json")),
     "uid": os.getuid(), "gid": os.getgid(),
+    "capabilities": [line.split()[1] for line in open("/proc/self/status")
+                     if line.startswith(("CapEff", "CapBnd"))],
+    "no_new_privs": [line.split()[1] for line in open("/proc/self/status")
+                     if line.startswith("NoNewPrivs")],
 }))
 """
 
@@ -247,6 +251,7 @@ def test_a_container_started_with_the_sandbox_cannot_reach_git_code_or_host_stat
         docker_engine.docker("rm", "-f", name, check=False)
     seen = json.loads(out.strip().splitlines()[-1])
     assert (seen["uid"], seen["gid"]) == (1000, 1000)
+    assert seen["capabilities"] == ["0" * 16] * 2 and seen["no_new_privs"] == ["1"]
     assert seen["code_listing"] == [] and not seen["code_git"] and seen["train_py"]
     assert seen["champion"] == "the champion"
     for key in ("write_repo_hook", "write_code_dir", "write_snapshot", "write_models",
