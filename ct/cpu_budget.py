@@ -6,9 +6,10 @@ two processes that each take every core of a 2-core machine ran 3-17x slower, no
 container limited by `docker run --cpus` still sees every core of the host (the limit is a cgroup
 quota, not an affinity mask), so torch alone would start too many threads there too.
 
-- The host (job scripts, stdlib python3) splits its cores among the trainings it starts at once
-  and gives each its share: `python3 -m ct.cpu_budget --processes N` prints the threads per
-  process, which the container gets as `--cpus` and `CT_THREADS` (ct.pipeline's launch).
+- The host (job scripts, stdlib python3) splits its cores among the trainings it runs at once
+  (CT_TRAININGS_PER_HOST, times a tuning round's CT_TUNE_WORKERS) and gives each its share:
+  `python3 -m ct.cpu_budget --trainings-per-host N [--tune-workers K]` prints the threads per
+  process, which the container gets as `--cpus` and CT_THREADS (scripts/lib-process.sh launch).
 - The trainer (`threads()`) takes CT_THREADS when set, else every usable core: the affinity mask
   and the cgroup's CPU quota, whichever is smaller.
 """
@@ -95,12 +96,17 @@ def share(cores: int, processes: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m ct.cpu_budget", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--processes", default="1",
-                   help="trainings this host runs at once (decimal, 1..1024)")
+    p.add_argument("--trainings-per-host", default="1",
+                   help="trainings (or tuning rounds) this host runs at once "
+                        "(CT_TRAININGS_PER_HOST)")
+    p.add_argument("--tune-workers", default="1",
+                   help="workers of this tuning round on this host (CT_TUNE_WORKERS); 1 for a "
+                        "training")
     args = p.parse_args(argv)
     try:
-        count = parse_threads(args.processes, "--processes")
-        print(share(usable_cores(), count))
+        per_host = parse_threads(args.trainings_per_host, "CT_TRAININGS_PER_HOST")
+        workers = parse_threads(args.tune_workers, "CT_TUNE_WORKERS")
+        print(share(usable_cores(), per_host * workers))
     except BudgetError as exc:
         print(f"ct.cpu_budget: error: {exc}", file=sys.stderr)
         return 2

@@ -62,16 +62,26 @@ def test_a_budget_that_is_not_a_plain_count_is_refused_with_its_name(bad: str) -
 
 def test_the_host_command_prints_each_process_share_of_this_machines_cores() -> None:
     cores = cpu_budget.usable_cores()
-    proc = run_module("--processes", "1")
+    proc = run_module()
     assert proc.returncode == 0 and proc.stdout == f"{cores}\n"
-    proc = run_module("--processes", str(cores + 1))
+    proc = run_module("--trainings-per-host", "1", "--tune-workers", str(cores + 1))
     assert proc.returncode == 0 and proc.stdout == "1\n"
 
 
-def test_the_host_command_refuses_a_process_count_that_is_not_a_number() -> None:
-    proc = run_module("--processes", "2;id")
+def test_the_host_splits_among_every_training_of_every_round_on_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cpu_budget, "usable_cores", lambda: 16)  # a 16-core host
+    assert cpu_budget.main(["--trainings-per-host", "2", "--tune-workers", "4"]) == 0
+    assert cpu_budget.main(["--trainings-per-host", "1", "--tune-workers", "3"]) == 0
+    assert capsys.readouterr().out.split() == ["2", "5"]
+
+
+@pytest.mark.parametrize(("flag", "name"), [("--trainings-per-host", "CT_TRAININGS_PER_HOST"),
+                                            ("--tune-workers", "CT_TUNE_WORKERS")])
+def test_the_host_command_refuses_a_count_that_is_not_a_number(flag: str, name: str) -> None:
+    proc = run_module(flag, "2;id")
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and "--processes" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and name in proc.stderr
 
 
 def test_the_trainer_takes_its_budget_from_ct_threads() -> None:
