@@ -102,3 +102,27 @@ def test_train_py_refuses_a_garbled_budget_in_one_line_before_training(tmp_path:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "CT_THREADS" in proc.stderr
     assert [path for path in (tmp_path / "out").rglob("*") if not path.is_dir()] == []
+
+
+BUDGET_PROBE = ("from ct import cpu_budget; from ct.trainer.engine import make_compute; "
+                "import torch; make_compute('cpu'); "
+                "print(cpu_budget.quota_cores(), cpu_budget.affinity_cores(), "
+                "torch.get_num_threads())")
+
+
+@pytest.mark.slow
+def test_a_container_limited_by_docker_cpus_trains_on_that_many_threads(docker_engine) -> None:
+    # `docker run --cpus` is a cgroup quota: the container still sees every core of the host
+    # (sched_getaffinity), so only reading the quota keeps torch from oversubscribing it.
+    def in_container(*limit: str) -> list[str]:
+        return docker_engine.docker(
+            "run", "--rm", *limit, "--user", "1000:1000", "-v", f"{REPO}:/code:ro",
+            "-e", "PYTHONPATH=/code", "-e", "PYTHONDONTWRITEBYTECODE=1", "-w", "/code",
+            docker_engine.base_image, "python", "-c", BUDGET_PROBE).split()
+
+    quota, cores, threads = in_container()
+    assert quota == "None" and threads == cores  # no limit: every core it may run on
+    quota, cores, threads = in_container("--cpus", "1")
+    assert quota == "1" and threads == "1"
+    quota, cores, threads = in_container("--cpus", "0.5")  # half a core: one thread, not none
+    assert quota == "1" and threads == "1"
