@@ -215,10 +215,12 @@ restart() {
   commit="$(process_get "$role" COMMIT)" || exit $?
   # shellcheck disable=SC2034 # job6-monitor.sh follows the restarted run's log from here
   SINCE="$(date -u +%FT%TZ)"
-  if [[ "$CT_RUNTIME" == docker ]] && docker inspect "$name" >/dev/null 2>&1; then
-    docker start "$name" >/dev/null || die "docker start $name failed"
+  if [[ "$CT_RUNTIME" == docker ]] && docker inspect "$name" >/dev/null 2>&1 &&
+    docker start "$name" >/dev/null 2>&1; then
     LAUNCHED="$name"
   else
+    # gone, or it cannot start as it was (a record it mounted read-only is gone): a new one
+    [[ "$CT_RUNTIME" != docker ]] || log "container $name cannot start again as it was: a new one resumes its run"
     mapfile -d '' -t args <"$(args_file "$role")"
     launch "$role" "$image" "$commit" "${args[@]}"
   fi

@@ -112,7 +112,9 @@ def test_root_in_the_container_only_when_asked_for(pulled, script_env):
 
 def test_the_sandbox_hides_code_and_the_host_state_and_mounts_models_read_only(pulled,
                                                                               script_env):
-    ws, _outside, commit = pulled
+    ws, outside, commit = pulled
+    (ws / "best.json").write_text("{}\n")
+    (ws / "gate.properties").symlink_to(outside / "secret")  # never mounted: docker follows
     proc = sandbox(script_env, commit)
     assert proc.returncode == 0, proc.stderr
     args = proc.stdout.rstrip("\0").split("\0")
@@ -121,7 +123,8 @@ def test_the_sandbox_hides_code_and_the_host_state_and_mounts_models_read_only(p
     mounts = [args[i + 1] for i, arg in enumerate(args) if arg == "--mount"]
     assert mounts == [f"type=tmpfs,destination=/workspace/{name},tmpfs-mode=0555"
                       for name in HIDDEN] + [
-        f"type=bind,source={ws}/models,destination=/workspace/models,readonly"]
+        f"type=bind,source={ws}/{name},destination=/workspace/{name},readonly"
+        for name in ("models", "commit.txt", "best.json")]  # the host's records that are files
     assert not (ws / "code" / commit / ".git").exists()
     for name in (*HIDDEN, "models", "runs", "data"):  # made by the host, not by the engine
         assert (ws / name).is_dir() and not (ws / name).is_symlink(), name
@@ -204,6 +207,9 @@ print(json.dumps({
     "rename_code": attempt(0, lambda: os.rename("/workspace/code", "/workspace/code.old")),
     "write_models": attempt(0, write("/workspace/models/champion.pt")),
     "rename_models": attempt(0, lambda: os.rename("/workspace/models", "/workspace/m.old")),
+    "write_best": attempt(0, write("/workspace/best.json")),
+    "replace_best": attempt(0, replace("/workspace/.b.tmp", "/workspace/best.json")),
+    "remove_best": attempt(0, lambda: os.unlink("/workspace/best.json")),
     "write_status": attempt(0, write("/workspace/status/train.properties")),
     "write_serving": attempt(0, write("/workspace/serving/wanted.json")),
     "write_outbox": attempt(0, write("/workspace/outbox/m.eml")),
@@ -231,6 +237,7 @@ def test_a_container_started_with_the_sandbox_cannot_reach_git_code_or_host_stat
     ws, _outside, commit = pulled
     (ws / "models").mkdir()
     (ws / "models" / "champion.pt").write_text("the champion")
+    (ws / "best.json").write_text('{"model": "models/champion.pt"}\n')
     proc = sandbox(script_env, commit)  # makes the folders it mounts
     assert proc.returncode == 0, proc.stderr
     # the container's uid owns everything, as on a host that is not root (the container runs as
@@ -255,7 +262,8 @@ def test_a_container_started_with_the_sandbox_cannot_reach_git_code_or_host_stat
     assert seen["code_listing"] == [] and not seen["code_git"] and seen["train_py"]
     assert seen["champion"] == "the champion"
     for key in ("write_repo_hook", "write_code_dir", "write_snapshot", "write_models",
-                "write_status", "write_serving", "write_outbox"):
+                "write_status", "write_serving", "write_outbox", "write_best", "replace_best",
+                "remove_best"):
         assert seen[key] != "ok", key
     assert seen["rename_code"] != "ok" and seen["rename_models"] != "ok"
     assert seen["write_run"] == seen["write_data"] == seen["replace_metrics"] == "ok"
@@ -263,7 +271,25 @@ def test_a_container_started_with_the_sandbox_cannot_reach_git_code_or_host_stat
     assert tree_bytes(ws / "code" / "repo.git") == repo_before
     assert tree_bytes(ws / "code" / commit) == snapshot_before
     assert (ws / "models" / "champion.pt").read_text() == "the champion"
+    assert (ws / "best.json").read_text() == '{"model": "models/champion.pt"}\n'
     for name in ("status", "serving", "outbox"):
         assert not [p for p in (ws / name).rglob("*") if p.name in ("train.properties",
                                                                       "wanted.json", "m.eml")]
     assert (ws / "runs" / "probe.txt").read_text() == "planted"  # what it may write, it wrote
+
+
+@pytest.mark.docker
+def test_a_container_whose_mounted_record_is_gone_is_restarted_as_a_new_one(
+        pulled, script_env, docker_engine):
+    ws, _outside, commit = pulled
+    (ws / "best.json").write_text("{}\n")  # mounted read-only as the container starts
+    env = {**script_env, "DOCKER_HOST": docker_engine.host, "CT_RUNTIME": "docker"}
+    proc = lib(env, f"""resolve_runtime
+        start_process train {docker_engine.base_image} {commit} --no-such-flag
+        docker inspect -f '{{{{.Id}}}}' "$LAUNCHED"; docker wait "$LAUNCHED" >/dev/null
+        rm "$CT_WORKSPACE/best.json"  # moved away by hand: no source for that mount any more
+        restart train
+        docker inspect -f '{{{{.Id}}}}' "$LAUNCHED"; docker rm -f "$LAUNCHED" >/dev/null""")
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split()
+    assert first != second and "cannot start again as it was" in proc.stderr

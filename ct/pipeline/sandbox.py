@@ -11,7 +11,11 @@ read-only at /code: its snapshot, which has no .git. The rest is the host's:
   run on the host, and every snapshot the host builds and runs), status/ (the process records),
   serving/ (what the service loads, the local service's pid), outbox/ (mail the host sends),
   report/, plot/ and artifacts/ (what Jenkins publishes);
-- read-only: models/, whose champion ct.trainer.evaluate and ct.trainer.export read.
+- read-only: models/, whose champion ct.trainer.evaluate and ct.trainer.export read, and the
+  host's records at the top that exist as regular files when the container starts (best.json,
+  gate.properties, commit.txt, ...): a mount point cannot be replaced or removed. One that does
+  not exist yet, or is a symlink, the container can still write: their readers check them
+  (ct.pipeline.records) like every other file a container can write.
 
 Each of these, and runs/ and data/ (which the job scripts chown to the container's user as
 root), must be a real folder: a symlink there is refused (a mount or chown would follow it), and a
@@ -37,6 +41,10 @@ HIDDEN = (names.CODE_DIR, names.STATUS_DIR, SERVING_DIR, names.OUTBOX_DIR, names
           names.PLOT_FILE.split("/")[0], names.ARTIFACTS_DIR)
 READ_ONLY = (names.MODELS_DIR,)
 WRITABLE = (names.RUNS_DIR, names.DATA_DIR)  # chowned to the container's user by the scripts
+# replaced by a rename, never removed by the pipeline (job6 removes the hand-over records): a
+# container that job6 starts again finds each where it was (else it is made anew, lib-process.sh)
+HOST_RECORDS = (names.COMMIT_FILE, names.BEST_FILE, names.GATE_PROPERTIES, names.HISTORY_FILE,
+                names.PROMOTION_PROPERTIES)
 
 
 def real_folder(workspace: Path, name: str) -> Path:
@@ -62,7 +70,9 @@ def mounts(workspace: Path, commit: str) -> list[str]:
     args = ["-v", f"{workspace}:{MOUNT_POINT}", "-v", f"{code}:{CODE_MOUNT}:ro"]
     for name in HIDDEN:
         args += ["--mount", f"type=tmpfs,destination={MOUNT_POINT}/{name},tmpfs-mode=0555"]
-    for name in READ_ONLY:
+    records = [name for name in HOST_RECORDS
+               if (workspace / name).is_file() and not (workspace / name).is_symlink()]
+    for name in (*READ_ONLY, *records):
         args += ["--mount", f"type=bind,source={workspace / name},"
                             f"destination={MOUNT_POINT}/{name},readonly"]
     return args
