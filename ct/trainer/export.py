@@ -3,6 +3,7 @@
 
     python -m ct.trainer.export MODEL --out WORKSPACE [--data-dir D] [--increments I]
                                 [--views mirror|recipe|none] [--opset 17] [--tolerance 0.001]
+                                [--parity-only]
 
 Run with the code of the commit that trained MODEL (its network.py builds the model back), as
 ct.trainer.evaluate is. The graph takes uint8 images (N, 3, 32, 32), RGB, NCHW, exactly the
@@ -27,6 +28,11 @@ written, at once (a hidden folder renamed into place), is WORKSPACE/runs/export-
 labels, int64) and export.json (the manifest: model and onnx sha256, input and output, classes,
 test-time augmentation, the parity figures, served_accuracy (ONNX Runtime) and torch_accuracy on
 that test set, the smoke set's accuracy, test and data version, commit, versions).
+
+--parity-only scores the parity images only, in both runtimes, never the whole test set: for a
+candidate that the pipeline then measures itself, with its own code and data (ct.serving.measure,
+before promotion). Its manifest's served_accuracy and torch_accuracy are null, so
+ct.pipeline.exported never records such an export as a champion's.
 
 The LAST line on stdout is that folder relative to WORKSPACE (runs/export-...), for the job
 script to hand to `python3 -m ct.pipeline.exported record`. Exit 0; 1: the export does not
@@ -60,6 +66,7 @@ from ct import workspace as names
 from ct.trainer import evaluate
 from ct.trainer.data import Cifar
 from ct.trainer.engine import (
+    Compute,
     evaluate_as_configured,
     make_compute,
     normalise,
@@ -181,10 +188,12 @@ def torch_logits(served: Served, images: torch.Tensor, batch: int) -> np.ndarray
 
 
 def score(path: Path, served: Served, test_x: torch.Tensor, test_y: torch.Tensor,
-          tolerance: float, log: LogLine) -> Scores:
-    """Run the exported graph on the whole test set; ExportError when it does not match torch
-    on the first PARITY_IMAGES test images."""
+          tolerance: float, log: LogLine, whole: bool = True) -> Scores:
+    """Run the exported graph on the whole test set (or, not `whole`, on the parity images
+    only); ExportError when it does not match torch on the first PARITY_IMAGES test images."""
     t0 = time.perf_counter()
+    if not whole:
+        test_x, test_y = test_x[:PARITY_IMAGES], test_y[:PARITY_IMAGES]
     logits = ort_logits(path, test_x, torch.get_num_threads())
     seconds = time.perf_counter() - t0
     n = min(PARITY_IMAGES, len(test_x))
@@ -202,7 +211,8 @@ def score(path: Path, served: Served, test_x: torch.Tensor, test_y: torch.Tensor
                           "written; look in network.py's forward for what a trace cannot "
                           "follow (a number read out of a tensor, a branch on the data)")
     accuracy = 100.0 * float((logits.argmax(1) == test_y.numpy()).mean())
-    log(f"ONNX Runtime: {accuracy:.2f}% on {len(test_x)} test images ({seconds:.1f}s)")
+    log(f"ONNX Runtime: {accuracy:.2f}% on {len(test_x)} test images ({seconds:.1f}s)"
+        + ("" if whole else ": the parity images only (--parity-only)"))
     return Scores(logits, parity, accuracy)
 
 
@@ -213,9 +223,10 @@ def write_smoke(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def manifest(ws: Workspace, path: Path, sha256: str, onnx_path: Path, opset: int,
-             cfg: dict[str, Any], scores: Scores, torch_accuracy: float, data: Cifar
+             cfg: dict[str, Any], scores: Scores, torch_accuracy: float | None, data: Cifar
              ) -> dict[str, Any]:
-    """export.json (the fields ct.pipeline.exported checks and the service reads)."""
+    """export.json (the fields ct.pipeline.exported checks and the service reads); with
+    torch_accuracy None (--parity-only) neither accuracy is known."""
     shown = path.resolve()
     smoke = min(SMOKE_IMAGES, len(data.test_y))
     smoke_right = scores.logits[:smoke].argmax(1) == data.test_y[:smoke].numpy()
@@ -230,8 +241,8 @@ def manifest(ws: Workspace, path: Path, sha256: str, onnx_path: Path, opset: int
         "classes": list(data.classes),
         "tta": {"mirror": bool(cfg["tta"]), "translate": bool(cfg["tta_translate"])},
         "parity": scores.parity,
-        "served_accuracy": round(scores.served_accuracy, 2),
-        "torch_accuracy": round(torch_accuracy, 2),
+        "served_accuracy": None if torch_accuracy is None else round(scores.served_accuracy, 2),
+        "torch_accuracy": None if torch_accuracy is None else round(torch_accuracy, 2),
         "test_images": len(data.test_y), "test_version": test_version(data),
         "data_version": data.version,
         "smoke": {"file": SMOKE_FILE, "images": smoke,
@@ -244,9 +255,10 @@ def manifest(ws: Workspace, path: Path, sha256: str, onnx_path: Path, opset: int
 
 
 def export_model(path: Path, ws: Workspace, opts: RunOptions, opset: int, tolerance: float,
-                 log: LogLine, views: str = "mirror") -> Path:
+                 log: LogLine, views: str = "mirror", whole: bool = True) -> Path:
     """Export the model at `path`, check it, and write its run folder; returns that folder.
-    The model is checked before the data is read: a bad model costs nothing."""
+    The model is checked before the data is read: a bad model costs nothing. Not `whole`
+    (--parity-only): no score on the whole test set."""
     sha256 = model_digest(path)
     compute = make_compute("cpu", "fp32")  # the graph computes in fp32 on any runtime
     model, recipe = load_saved(path, compute)
@@ -260,14 +272,8 @@ def export_model(path: Path, ws: Workspace, opts: RunOptions, opset: int, tolera
     try:
         onnx_path = staging / ONNX_FILE
         write_onnx(served, data.test_x[:2], onnx_path, opset, log)
-        scores = score(onnx_path, served, data.test_x, data.test_y, tolerance, log)
-        t0 = time.perf_counter()
-        predicted: list[torch.Tensor] = []
-        torch_accuracy, _ = evaluate_as_configured(model, data.test_x, data.test_y, compute, cfg,
-                                                   predictions=predicted)
-        same = 100.0 * float((torch.cat(predicted).numpy() == scores.logits.argmax(1)).mean())
-        log(f"torch (fp32, cpu): {torch_accuracy:.2f}% on the same test set "
-            f"({time.perf_counter() - t0:.1f}s); the classes agree on {same:.2f}% of it")
+        scores = score(onnx_path, served, data.test_x, data.test_y, tolerance, log, whole)
+        torch_accuracy = torch_score(model, data, compute, cfg, scores, log) if whole else None
         smoke = min(SMOKE_IMAGES, len(data.test_x))
         write_smoke(staging / SMOKE_FILE, data.test_x[:smoke], data.test_y[:smoke])
         summary = manifest(ws, path, sha256, onnx_path, opset, cfg, scores, torch_accuracy, data)
@@ -278,11 +284,26 @@ def export_model(path: Path, ws: Workspace, opts: RunOptions, opset: int, tolera
         os.replace(staging, run_dir)  # onto the empty folder: the whole export at once
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after the rename
+    figures = ("not scored (--parity-only)" if torch_accuracy is None else
+               f"served {summary['served_accuracy']:.2f}%, torch {summary['torch_accuracy']:.2f}%")
     log(f"{path.name} (sha256 {sha256[:16]}) -> {run_dir.relative_to(ws.root).as_posix()}/"
-        f"{ONNX_FILE} (onnx sha256 {summary['onnx_sha256'][:16]}): served "
-        f"{summary['served_accuracy']:.2f}%, torch {summary['torch_accuracy']:.2f}%, smoke set "
+        f"{ONNX_FILE} (onnx sha256 {summary['onnx_sha256'][:16]}): {figures}, smoke set "
         f"{summary['smoke']['accuracy']:.2f}% on {smoke} images")
     return run_dir
+
+
+def torch_score(model: nn.Module, data: Cifar, compute: Compute, cfg: dict[str, Any],
+                scores: Scores, log: LogLine) -> float:
+    """torch's accuracy on the whole test set, the views served (and how often its classes
+    agree with ONNX Runtime's)."""
+    t0 = time.perf_counter()
+    predicted: list[torch.Tensor] = []
+    accuracy, _ = evaluate_as_configured(model, data.test_x, data.test_y, compute, cfg,
+                                         predictions=predicted)
+    same = 100.0 * float((torch.cat(predicted).numpy() == scores.logits.argmax(1)).mean())
+    log(f"torch (fp32, cpu): {accuracy:.2f}% on the same test set "
+        f"({time.perf_counter() - t0:.1f}s); the classes agree on {same:.2f}% of it")
+    return float(accuracy)
 
 
 def _umask() -> int:
@@ -312,6 +333,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"ONNX opset, {MIN_OPSET} or more (default: {MIN_OPSET})")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="the largest logit difference from torch accepted (default: 0.001)")
+    parser.add_argument("--parity-only", action="store_true",
+                        help="score the parity images only, never the whole test set (a "
+                             "candidate the pipeline measures itself; not recordable)")
     return parser
 
 
@@ -327,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ws = evaluate.open_workspace(args.out)
         opts = RunOptions(data_dir=args.data_dir, increments=args.increments)
         run_dir = export_model(args.model, ws, opts, args.opset, args.tolerance, Log(),
-                               args.views)
+                               args.views, whole=not args.parity_only)
     except UsageError as exc:
         fail(str(exc))
     except ExportError as exc:
