@@ -13,7 +13,7 @@ import pytest
 
 from ct.pipeline import push_source
 from ct.pipeline.errors import PipelineError
-from tests.conftest import git, run_script
+from tests.conftest import REPO, git, run_script
 
 
 def state_of(ws: Path) -> dict[str, tuple[str, bytes]]:
@@ -198,3 +198,13 @@ def test_a_password_in_the_repository_url_stays_out_of_the_log(pulled, script_en
                          check=False)
     assert refused.returncode == 2 and "no valid host" in refused.stderr
     assert "s3cret" not in refused.stderr
+
+
+def test_no_script_trusts_every_directory_for_git():
+    """safe.directory='*' would let git use a repository that another user (a container's uid)
+    owns, with its config and hooks."""
+    for path in [*(REPO / "scripts").iterdir(), *(REPO / "jenkins").rglob("*"),
+                 *REPO.glob("Dockerfile*"), REPO / "Makefile"]:
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            assert "safe.directory" not in text, path

@@ -59,8 +59,7 @@ STATE_NAMES = frozenset(path.split("/")[0] for path in (
 
 def shown(value: str) -> str:
     """A value for a one-line message: quoted, control characters escaped, at most 200 chars."""
-    text = ascii(value) if len(value) <= 200 else ascii(value[:200]) + "..."
-    return text
+    return ascii(value) if len(value) <= 200 else ascii(value[:200]) + "..."
 
 
 def redacted(repo: str) -> str:
@@ -164,9 +163,8 @@ def check_tree(commit: str, paths: Iterable[str]) -> None:
             "remove them from the repository (git rm -r --cached), commit and push again")
 
 
-def read_names(stream: object = None) -> list[str]:
-    """NUL- or newline-separated names from stdin (git's -z or plain lists)."""
-    data = (stream or sys.stdin.buffer).read()  # type: ignore[attr-defined]
+def split_names(data: bytes) -> list[str]:
+    """NUL- or newline-separated names (git's -z lists, or plain ones)."""
     text = data.decode("utf-8", "surrogateescape")
     return [name for name in re.split(r"[\0\n]", text) if name]
 
@@ -188,9 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_ref(args.ref)
             print(redacted(args.repo))
         elif args.command == "config":
-            check_config(read_names())
+            check_config(split_names(sys.stdin.buffer.read()))
         else:
-            check_tree(args.commit, read_names())
+            check_tree(args.commit, split_names(sys.stdin.buffer.read()))
         return 0
 
     return cli.run("ct.push_source", action)
