@@ -16,9 +16,12 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 # fetch_commit REPO REF SHOWN: fetch just the one commit (shallow) and print its id; a commit id
-# the server will not serve by id is found by fetching its branches instead. SHOWN: REPO for the log.
+# the server will not serve by id is found by fetching its branches instead (git's complaint about
+# the first try is then no news). SHOWN: REPO for the log.
 fetch_commit() {
-  if repo_git fetch -q --depth 1 --no-tags -- "$1" "$2" 2>/dev/null; then
+  local quiet=/dev/stderr
+  [[ ! "$2" =~ ^[0-9a-f]{7,40}$ ]] || quiet=/dev/null
+  if repo_git fetch -q --depth 1 --no-tags -- "$1" "$2" 2>"$quiet"; then
     repo_git rev-parse --verify 'FETCH_HEAD^{commit}'
   elif [[ "$2" =~ ^[0-9a-f]{7,40}$ ]] &&
     repo_git fetch -q --no-tags -- "$1" '+refs/heads/*:refs/remotes/origin/*' &&

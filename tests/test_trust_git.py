@@ -208,3 +208,37 @@ def test_no_script_trusts_every_directory_for_git():
         if path.is_file():
             text = path.read_text(errors="replace")
             assert "safe.directory" not in text, path
+
+
+@pytest.mark.parametrize("name", [".git", ".GIT", "git~1", ".git. "])
+def test_a_commit_whose_tree_holds_a_git_folder_is_refused(pulled, source_repo, script_env,
+                                                           name):
+    """Such a tree only comes from a hand-made commit (git mktree): the snapshot would hold a
+    repository, config and hooks included, where the container must see none."""
+    ws, outside = pulled
+    blob = subprocess.run(["git", "-C", source_repo, "hash-object", "-w", "--stdin"],
+                          input=f"[core]\n\tfsmonitor = {outside}/ran\n", text=True,
+                          capture_output=True, check=True).stdout.strip()
+    inner = subprocess.run(["git", "-C", source_repo, "mktree"], text=True, check=True,
+                           input=f"100644 blob {blob}\tconfig\n", capture_output=True
+                           ).stdout.strip()
+    head = git(source_repo, "rev-parse", "HEAD^{tree}")
+    entries = git(source_repo, "ls-tree", head) + f"\n040000 tree {inner}\t{name}\n"
+    tree = subprocess.run(["git", "-C", source_repo, "mktree"], input=entries, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    commit = git(source_repo, "commit-tree", tree, "-p", "HEAD", "-m", "a .git inside")
+    git(source_repo, "update-ref", "refs/heads/main", commit)
+    before = state_of(ws)
+    proc = run_script("job1-pull.sh", script_env, str(source_repo), check=False)
+    assert proc.returncode == 2, proc.stderr
+    # the fetch's fsck (transfer.fsckObjects) refuses it; ct.pipeline.push_source would next
+    assert "hasDotgit" in proc.stderr and f"cannot fetch 'HEAD' from {source_repo}" in proc.stderr
+    assert state_of(ws) == before and list(outside.iterdir()) == []
+    assert commit not in git(ws / "code" / "repo.git", "log", "--all", "--format=%H")
+
+
+@pytest.mark.parametrize("path", [".git/config", "a/.GIT/hooks/x", "git~1/config", ".git. /x",
+                                  "a/../b", "./a", "a//b"])
+def test_a_tree_with_a_git_folder_or_an_odd_path_is_refused(path):
+    with pytest.raises(PipelineError, match="git itself would never check out"):
+        push_source.check_tree("c", ["train.py", path])

@@ -17,7 +17,8 @@ commit id or a name `git check-ref-format` accepts, never a refspec.
 hooks path, include or credential helper would run a program on the host at the next fetch or
 archive. `tree` reads `git ls-tree -r -z --name-only` and refuses a commit that tracks a path
 named like the workspace's state (status/, models/, best.json, ...): a push is code; its
-snapshot never lands on the state, and a tree that carries state is a mistake or an attack.
+snapshot never lands on the state, and a tree that carries state is a mistake or an attack. A
+tree entry named .git (a fetch's fsck only warns of it), "." or ".." is refused too.
 Every refusal is one line, exit 2, before anything of the workspace changes. Standard library only.
 """
 
@@ -151,8 +152,21 @@ def check_config(keys: Iterable[str]) -> None:
             f"remove {names.CODE_REPO} (job1 makes it again) after finding out who wrote it")
 
 
+def is_git_dir(part: str) -> bool:
+    """.git as git itself guards it on every file system (".GIT", ".git. ", "git~1")."""
+    return part.lower().rstrip(". ") in (".git", "git~1")
+
+
 def check_tree(commit: str, paths: Iterable[str]) -> None:
-    """Refuse a commit that tracks a path named like the workspace's state."""
+    """Refuse a commit whose tree holds a .git (the snapshot has none: the container must see no
+    repository) or a path that is not plain, or tracks a path named like the workspace's state."""
+    paths = list(paths)
+    odd = sorted(path for path in paths if any(is_git_dir(part) or part in ("", ".", "..")
+                                               for part in path.split("/")))
+    if odd:
+        raise PipelineError(f"commit {commit} has a tree entry git itself would never check out: "
+                            f"{shown(odd[0])}; push a commit made by git (no .git, . or .. in a "
+                            "path)")
     found = sorted({path for path in paths if path.split("/")[0] in STATE_NAMES})
     if found:
         listed = ", ".join(map(shown, found[:3])) + (f" and {len(found) - 3} more"
