@@ -31,12 +31,15 @@ container_user() {
 
 # prepare_workspace_for USER (uid:gid): as root, the container's user gets the workspace's top
 # (train.py replaces accuracy.txt and metrics.json there), data/ and runs/. Never through a
-# symlink: -h changes a link itself, -R -P walks without following one (the sandbox's mounts
-# have refused a symlinked runs/ or data/ already).
+# symlink below the workspace: -h changes a link itself, -R -P walks without following one (the
+# sandbox's mounts have refused a symlinked runs/ or data/ already). CT_WORKSPACE, a setting, may
+# be a link to the real folder.
 prepare_workspace_for() {
+  local ws
   if [[ "$(id -u)" == 0 && "$1" != 0:* ]]; then
-    chown -h "$1" "$CT_WORKSPACE" "$CT_WORKSPACE/$WS_DATA_DIR"
-    chown -R -P -h "$1" "$CT_WORKSPACE/$WS_RUNS_DIR"
+    ws="$(cd "$CT_WORKSPACE" && pwd -P)"
+    chown -h "$1" "$ws" "$ws/$WS_DATA_DIR"
+    chown -R -P -h "$1" "$ws/$WS_RUNS_DIR"
   fi
 }
 

@@ -85,6 +85,15 @@ def test_chown_of_runs_changes_links_inside_it_not_what_they_point_to(pulled, sc
                                          run / "to-file", ws / "data", ws)} == {1000}
 
 
+def test_a_workspace_setting_that_is_a_link_gives_the_real_folder_to_the_container(
+        pulled, script_env, tmp_path):
+    ws, _outside, commit = pulled
+    (tmp_path / "ws-link").symlink_to(ws)
+    proc = sandbox({**script_env, "CT_WORKSPACE": str(tmp_path / "ws-link")}, commit)
+    assert proc.returncode == 0, proc.stderr
+    assert os.lstat(ws).st_uid == os.lstat(ws / "runs").st_uid == 1000
+
+
 # ------------------------------------------------------------------ the container's user
 
 
