@@ -114,12 +114,16 @@ def test_an_honest_claim_promotes_the_measured_figure(ws, data):
 def test_the_tolerance_is_a_setting_and_never_below_one_test_image(ws, data):
     measure_and_record(ws, data)
     truth = json.loads((ws / measured.RECORD).read_text())["accuracy"]
+    tight = {"CT_MEASURE_TOLERANCE": "0.1"}
     claim(ws, truth + 0.5)  # one image of 200: a borderline one may flip between runtimes
-    assert measured.check(ws, latest(ws), env={}).tolerance == 0.5
+    assert measured.check(ws, latest(ws), env=tight).tolerance == 0.5
     claim(ws, truth + 0.8)
     with pytest.raises(measured.Refused, match=r"more than 0\.5 points apart"):
-        measured.check(ws, latest(ws), env={})
+        measured.check(ws, latest(ws), env=tight)
     assert measured.check(ws, latest(ws), env={"CT_MEASURE_TOLERANCE": "1"}).accuracy == truth
+    claim(ws, truth + 1.2)
+    with pytest.raises(measured.Refused, match=r"more than 1 points apart"):
+        measured.check(ws, latest(ws), env={"CT_MEASURE_TOLERANCE": "1"})
     for bad in ("-1", "nan", "1e3", "0x1", "two"):
         with pytest.raises(PipelineError, match="CT_MEASURE_TOLERANCE"):
             measured.check(ws, latest(ws), env={"CT_MEASURE_TOLERANCE": bad})

@@ -48,9 +48,11 @@ from ct.pipeline.rescore import test_version_of
 
 RECORD = f"{names.STATUS_DIR}/measured.json"
 TOLERANCE_ENV = "CT_MEASURE_TOLERANCE"
-# Points. Measured (docs/security.md): a bf16-trained fast-preset model scored by torch in the
-# run and by ONNX Runtime in fp32 here differ by a few hundredths of a point on 10,000 images.
-DEFAULT_TOLERANCE = 0.25
+# Points. Measured (docs/security.md): a fast-preset run's model, tested by torch in bf16 as the
+# run tests it and by ONNX Runtime in fp32 here, scored 81.94% both, its predictions differing on
+# 23 of 10,000 images (0.23 points, had every flip gone one way): twice that is noise, more is a
+# false claim. The tolerance only tells the two apart: what promotes is the measured figure.
+DEFAULT_TOLERANCE = 0.5
 FORMAT = "ct-measure/1"
 EXPORT_RUN = re.compile(r"runs/export-[A-Za-z0-9._-]+")
 MAX_MANIFEST_BYTES = 1 << 20
