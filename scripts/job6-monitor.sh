@@ -22,18 +22,18 @@
 #       Retrain when something changed: the latest push, the data version (new increments) or
 #       CT_TRAIN_ARGS differ from every judged run's (ct.pipeline.changes; Jenkins' FORCE=true
 #       retrains anyway). Nothing changed: one line ("nothing changed since run X"), exit 0.
-#       Changed: POST $JENKINS_URL/job/$CT_RETRAIN_JOB/buildWithParameters?token=$CT_TRIGGER_TOKEN
-#       with DATA_VERSION and FORCE, with the API credentials JENKINS_USER / JENKINS_API_TOKEN (all
-#       from the environment). Jenkins runs `check` every hour (a data change is noticed within
-#       the hour) and `weekly` once a week; they decide alike.
+#       Changed: POST $JENKINS_URL/job/$CT_RETRAIN_JOB/buildWithParameters with DATA_VERSION and
+#       FORCE, as JENKINS_USER with its API token JENKINS_API_TOKEN (both from the environment; job2
+#       has no build token, its matrix lets that user build it). Jenkins runs `check` every hour
+#       (a data change is noticed within the hour) and `weekly` once a week; they decide alike.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 retrain_if_changed() {
   local said verdict version
-  [[ -n "$JENKINS_USER" && -n "$JENKINS_API_TOKEN" && -n "$CT_TRIGGER_TOKEN" ]] ||
-    die "the retrain needs JENKINS_USER, JENKINS_API_TOKEN and CT_TRIGGER_TOKEN in the environment" 2
+  [[ -n "$JENKINS_USER" && -n "$JENKINS_API_TOKEN" ]] ||
+    die "the retrain needs JENKINS_USER and JENKINS_API_TOKEN in the environment" 2
   [[ "${FORCE:-false}" =~ ^(true|false)$ ]] || die "FORCE must be true or false, not '$FORCE'" 2
   ensure_data
   said="$(changes "")" || exit $?
@@ -42,12 +42,12 @@ retrain_if_changed() {
   post_retrain "$version"
 }
 
-# post_retrain DATA_VERSION: start job2 by its remote-build URL, passing the data version and FORCE.
+# post_retrain DATA_VERSION: start job2, passing the data version and FORCE.
 # buildWithParameters, not build: job2 has parameters (COMMIT, DATA_VERSION, FORCE), and Jenkins
 # answers a POST to /build of a parameterized job with HTTP 400 "This page expects a form
 # submission" (tests/test_scripts_fast.py cites the core source). ct.pipeline.changes makes the
-# request itself, with the credentials and the trigger token from the environment: they are on
-# no command line and in no file, whatever characters they hold.
+# request itself, with the user and API token from the environment: they are on no command line
+# and in no file, whatever characters they hold.
 post_retrain() {
   ct_py ct.pipeline.changes --workspace "$CT_WORKSPACE" retrain --data-version "$1" || exit $?
 }

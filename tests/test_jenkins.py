@@ -4,11 +4,12 @@ jobs, the view, the chain and job6's hand-over in the XML. No Jenkins server nee
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from ct import workspace as names
-from ct.pipeline import process, records
+from ct.pipeline import changes, process, records
 from ct.pipeline.records import GATE_RECORD
 from tests import test_jenkins_checks as jc
 from tests.jenkins_render import (
@@ -147,15 +148,20 @@ def test_job6_monitors_every_five_minutes_checks_hourly_and_retrains_weekly(rend
                          "SecretBuildWrapper/bindings")
     variables = {el.text for el in bindings.iter() if el.tag in
                  {"usernameVariable", "passwordVariable", "variable"}}
-    assert variables == {"JENKINS_USER", "JENKINS_API_TOKEN", "CT_TRIGGER_TOKEN"}
+    assert variables == {"JENKINS_USER", "JENKINS_API_TOKEN"}  # no build token: job2 has none
 
 
-def test_job2_is_started_remotely_by_buildwithparameters(rendered):
-    # job2 is parameterized, which is why job6 and the README use /buildWithParameters: a POST to
-    # /build of a parameterized job is answered HTTP 400 (tests/test_scripts_fast.py cites core).
-    # Who may start it: tests/test_jenkins_security.py (ct-retrain by job2's matrix, no token).
-    assert "COMMIT" in {p.findtext("name") for p in rendered["job2"].iter(
-        "hudson.model.StringParameterDefinition")}
+def test_job2_is_started_by_buildwithparameters_as_ct_retrain_with_no_build_token(rendered):
+    """Core jenkins-2.492.1, hudson/model/BuildAuthorizationToken.java checkPermission: a job with
+    no token checks Item.BUILD for the caller, ignoring a `token` sent. job2 has none, its matrix
+    gives ct-retrain Item.Build, and job6 sends ct-retrain's API token alone. A POST to /build of
+    a parameterized job is HTTP 400 (tests/test_scripts_fast.py cites core)."""
+    job2 = rendered["job2"]
+    assert job2.find("authToken") is None and "COMMIT" in {p.findtext("name") for p in job2.iter()}
+    assert "USER:hudson.model.Item.Build:ct-retrain" in {p.text for p in job2.iter("permission")}
+    url = urlsplit(changes.retrain_request({"JENKINS_URL": "http://j", "JENKINS_USER": "ct-retrain",
+                                            "JENKINS_API_TOKEN": "t"}, "v1").full_url)
+    assert url.path == "/job/job2/buildWithParameters" and "token" not in parse_qs(url.query)
     readme = (REPO / "README.md").read_text()
     assert "/job/job2/buildWithParameters" in readme
     assert "/job/job2/build?" not in readme

@@ -77,9 +77,10 @@ BRANCH = "*/main"
 def render(jobs_yaml: Path, out: Path, token: str,
            settings: dict[str, str] | None = None) -> dict[str, ET.Element]:
     """Render with the real `jenkins-jobs test` through scripts/jenkins-deploy.sh --test, which
-    puts the token and the repository on JJB's include path as it does for an upload."""
+    puts the repository on JJB's include path as it does for an upload; `token` is the admin's
+    API token in its environment (the deploy's one secret, which no rendered file may hold)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CT_", "JENKINS_"))}
-    env.update(PYTHONWARNINGS="ignore", JJB=jenkins_jobs_bin(), CT_TRIGGER_TOKEN=token,
+    env.update(PYTHONWARNINGS="ignore", JJB=jenkins_jobs_bin(), JENKINS_ADMIN_TOKEN=token,
                CT_REPO_URL=REPO_URL, CT_REPO_WEB_URL=REPO_WEB_URL, CT_BRANCH=BRANCH)
     env.update(settings or {})
     proc = subprocess.run(

@@ -58,10 +58,6 @@ def test_no_literal_secret_anywhere_in_jenkins_dir():
     assert problems == []
 
 
-def test_no_token_file_is_left_in_jenkins_dir():
-    assert not (JENKINS / "ct-trigger-token").exists()
-
-
 # --------------------------------------------------------------------------- controller
 
 
@@ -120,7 +116,7 @@ def test_compose_file_is_accepted_by_docker_compose_config():
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
     compose = JENKINS / "docker-compose.yml"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CT_", "JENKINS_", "SMTP_"))}
-    env.update(JENKINS_ADMIN_PASSWORD="x", JENKINS_RETRAIN_PASSWORD="r", CT_TRIGGER_TOKEN="y")
+    env.update(JENKINS_ADMIN_PASSWORD="x", JENKINS_RETRAIN_PASSWORD="r")
     proc = subprocess.run([*cmd, "-f", str(compose), "config"], capture_output=True, text=True,
                           env=env, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -138,10 +134,11 @@ def test_compose_file_is_accepted_by_docker_compose_config():
     assert f"{prop}true" in yaml.safe_load(allowed.stdout)["services"]["jenkins"]["environment"][
         "JENKINS_JAVA_OPTS"]
     # Without the required secrets it refuses to start, instead of running with empty ones.
-    del env["CT_TRIGGER_TOKEN"]
-    proc = subprocess.run([*cmd, "-f", str(compose), "config"], capture_output=True, text=True,
-                          env=env, timeout=60, check=False)
-    assert proc.returncode != 0 and "CT_TRIGGER_TOKEN" in proc.stderr
+    for required in ("JENKINS_ADMIN_PASSWORD", "JENKINS_RETRAIN_PASSWORD"):
+        without = {k: v for k, v in env.items() if k != required}
+        proc = subprocess.run([*cmd, "-f", str(compose), "config"], capture_output=True,
+                              text=True, env=without, timeout=60, check=False)
+        assert proc.returncode != 0 and required in proc.stderr
 
 
 def test_jenkins_dockerfiles_are_hadolint_clean():
@@ -169,8 +166,8 @@ def test_jenkins_requirements_pin_the_renderer():
 
 
 def test_deploy_script_renders_offline_with_the_repository_from_the_environment(tmp_path):
-    env = {**os.environ, "CT_TRIGGER_TOKEN": "from-env-123", "JJB": jc.jenkins_jobs_bin(),
-           "PYTHONWARNINGS": "ignore", "CT_REPO_URL": "https://github.com/o/r.git"}
+    env = {**os.environ, "JJB": jc.jenkins_jobs_bin(), "PYTHONWARNINGS": "ignore",
+           "CT_REPO_URL": "https://github.com/o/r.git"}
     proc = subprocess.run([str(REPO / "scripts" / "jenkins-deploy.sh"), "--test",
                            str(tmp_path / "out")], capture_output=True, text=True, env=env,
                           timeout=60, check=False)
@@ -178,7 +175,6 @@ def test_deploy_script_renders_offline_with_the_repository_from_the_environment(
     assert ET.parse(tmp_path / "out" / "job2").getroot().find("authToken") is None
     assert ET.parse(tmp_path / "out" / "job1").getroot().findtext(
         ".//hudson.plugins.git.UserRemoteConfig/url") == "https://github.com/o/r.git"
-    assert not (JENKINS / "ct-trigger-token").exists()
 
 
 def test_deploy_script_refuses_to_upload_without_its_settings():

@@ -31,12 +31,11 @@ MATRIX = "hudson.security.AuthorizationMatrixProperty"
 # deploy) mail from their scripts through ct.pipeline.notify; job5's mail is its email-ext
 # publisher's, which runs on the controller; job6 retrains job2 as ct-retrain.
 NEEDED = {"job4": {"SMTP_PASSWORD"}, "job7": {"SMTP_PASSWORD"},
-          "job6": {"JENKINS_USER", "JENKINS_API_TOKEN", "CT_TRIGGER_TOKEN"}}
+          "job6": {"JENKINS_USER", "JENKINS_API_TOKEN"}}
 # The controller's secrets (jenkins/docker-compose.yml), none of which the agent may hold.
 CONTROLLER_SECRETS = {
     "JENKINS_ADMIN_PASSWORD": "adm-pw-0a1b", "JENKINS_RETRAIN_PASSWORD": "rt-pw-2c3d",
-    "JENKINS_API_TOKEN": "api-tok-4e5f", "CT_TRIGGER_TOKEN": "trig-tok-6a7b",
-    "SMTP_PASSWORD": "smtp-pw-8c9d"}
+    "JENKINS_API_TOKEN": "api-tok-4e5f", "SMTP_PASSWORD": "smtp-pw-8c9d"}
 
 
 def casc() -> dict:
@@ -272,7 +271,7 @@ def test_job2_holds_no_build_token(rendered, tmp_path):
     BasicHeaderApiTokenAuthenticator sets)."""
     assert all(rendered[job].find("authToken") is None for job in JOBS)
     assert "auth-token" not in jc.JOBS_YAML.read_text()
-    # a trigger token in the deploying shell ends up in no rendered file
+    # the admin's API token in the deploying shell ends up in no rendered file
     xml = jc.render(jc.JOBS_YAML, tmp_path / "out", "deploy-env-token-5d6e")
     assert xml and not [p for p in (tmp_path / "out").iterdir()
                         if "deploy-env-token-5d6e" in p.read_text()]

@@ -10,8 +10,9 @@ or a build parameter would plant it, and the real job script runs on the local r
   expand; a handed-over RUN_DIR that is no run folder is refused;
 - job4's RUN_DIR parameter must name a run folder of the workspace (no '..', not absolute, no
   link); status/ reached through a link is neither read nor written;
-- the retrain request (job6 check/weekly) carries the credentials and trigger token intact
-  whatever they hold, on no command line (a real HTTP server on loopback answers it).
+- the retrain request (job6 check/weekly) carries the user and API token, its only credential
+  (no token= in the query), intact whatever they hold, on no command line (a real HTTP server
+  on loopback answers it).
 """
 
 from __future__ import annotations
@@ -302,20 +303,19 @@ def jenkins():
 
 def retrain_env(script_env: dict[str, str], url: str, **secrets: str) -> dict[str, str]:
     env = {**script_env, "JENKINS_URL": url, "JENKINS_USER": "ci-bot",
-           "JENKINS_API_TOKEN": "api\"tok\\en\t'x", "CT_TRIGGER_TOKEN": "tr\"ig\\ger\t$x y&z#",
-           **secrets}
-    _Jenkins.secrets = [env[n].encode() for n in ("JENKINS_API_TOKEN", "CT_TRIGGER_TOKEN")]
+           "JENKINS_API_TOKEN": "api\"tok\\en\t'x$x y&z#", **secrets}
+    _Jenkins.secrets = [env["JENKINS_API_TOKEN"].encode()]
     return env
 
 
-def test_the_tokens_arrive_whole_and_are_on_no_command_line(script_env, source_repo, jenkins,
-                                                           tmp_path):
+def test_the_credentials_arrive_whole_and_are_on_no_command_line(script_env, source_repo,
+                                                                jenkins, tmp_path):
     env = retrain_env(script_env, jenkins[0])
     run_script("job1-pull.sh", env, str(source_repo))  # nothing judged yet: a retrain
     proc = run_script("job6-monitor.sh", env, "weekly", cwd=tmp_path)
     ((path, auth, cmdlines),) = _Jenkins.requests
     assert urlsplit(path).path == "/job/job2/buildWithParameters"
-    assert parse_qs(urlsplit(path).query)["token"] == [env["CT_TRIGGER_TOKEN"]]
+    assert set(parse_qs(urlsplit(path).query)) == {"DATA_VERSION", "FORCE"}  # no token=
     user, _, token = base64.b64decode(auth.removeprefix("Basic ")).decode().partition(":")
     assert (user, token) == ("ci-bot", env["JENKINS_API_TOKEN"])
     assert cmdlines == []  # no process had a secret in its argv while the request came in
@@ -326,7 +326,7 @@ def test_the_tokens_arrive_whole_and_are_on_no_command_line(script_env, source_r
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("CT_TRIGGER_TOKEN", "trigger\nuser = \"evil:x\""),
+    ("JENKINS_USER", "ci-bot\nuser = \"evil:x\""),
     ("JENKINS_API_TOKEN", "api\r\nX-Evil: 1"),
     ("JENKINS_USER", "ci:bot"),
 ])

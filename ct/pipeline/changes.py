@@ -13,9 +13,11 @@ stderr: "nothing changed since run X", or what differs from the champion. --forc
 FORCE parameter) prints `changed` whatever the record says.
 
 job3 asks before it trains a push it took; job6's `check` and `weekly` ask before they start a
-retrain, which `retrain` requests: a POST to job2's remote-build URL, built here with the secrets
-from the environment, so that none is on a command line, in a file or in the log. The commit is
---commit, else the latest push (commit.txt). Standard library only.
+retrain, which `retrain` requests: a POST to job2's buildWithParameters as JENKINS_USER with its
+API token JENKINS_API_TOKEN, the one credential (job2's matrix lets that user build it; job2 has no
+build token), built here from the environment, so that the token is on no command line, in no file
+and not in the log. The commit is --commit, else the latest push (commit.txt). Standard library
+only.
 """
 
 from __future__ import annotations
@@ -133,8 +135,8 @@ def secret(env: Mapping[str, str], name: str) -> str:
 
 def retrain_request(env: Mapping[str, str], data_version: str) -> urllib.request.Request:
     """The POST that starts job2 (buildWithParameters: it has parameters), built here and never
-    on a command line: the trigger token and the parameters URL-encoded in the query, the API
-    token in the Authorization header."""
+    on a command line: the parameters URL-encoded in the query, the user and its API token in the
+    Authorization header, the only credential (Jenkins checks that the user may build job2)."""
     user = secret(env, "JENKINS_USER")
     if ":" in user:
         raise PipelineError("JENKINS_USER holds ':', which HTTP basic authentication cannot "
@@ -142,8 +144,7 @@ def retrain_request(env: Mapping[str, str], data_version: str) -> urllib.request
     force = env.get("FORCE") or "false"
     if force not in ("true", "false"):
         raise PipelineError(f"FORCE must be true or false, not {force[:20]!r}")
-    query = urllib.parse.urlencode({"token": secret(env, "CT_TRIGGER_TOKEN"),
-                                    "DATA_VERSION": data_version, "FORCE": force})
+    query = urllib.parse.urlencode({"DATA_VERSION": data_version, "FORCE": force})
     job = urllib.parse.quote(env.get("CT_RETRAIN_JOB") or "job2", safe="")
     base = f"{(env.get('JENKINS_URL') or '').rstrip('/')}/job/{job}/buildWithParameters"
     if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
@@ -155,7 +156,7 @@ def retrain_request(env: Mapping[str, str], data_version: str) -> urllib.request
 
 def retrain(env: Mapping[str, str], data_version: str) -> int:
     request = retrain_request(env, data_version)
-    shown = request.full_url.split("?", 1)[0]  # the query holds the trigger token
+    shown = request.full_url.split("?", 1)[0]
     try:
         with urllib.request.build_opener(NoRedirect).open(request, timeout=30) as answer:
             status = answer.status
@@ -181,9 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--train-args", default=os.environ.get("CT_TRAIN_ARGS", ""))
     check.add_argument("--force", action="store_true",
                        default=os.environ.get("FORCE", "") == "true")
-    post = sub.add_parser("retrain", help="start job2 by its remote-build URL (settings from "
-                          "the environment: JENKINS_URL, JENKINS_USER, JENKINS_API_TOKEN, "
-                          "CT_TRIGGER_TOKEN, CT_RETRAIN_JOB, FORCE)")
+    post = sub.add_parser("retrain", help="start job2 by its buildWithParameters URL (settings "
+                          "from the environment: JENKINS_URL, JENKINS_USER, JENKINS_API_TOKEN, "
+                          "CT_RETRAIN_JOB, FORCE)")
     post.add_argument("--data-version", required=True)
     args = parser.parse_args(argv)
     workspace = cli.workspace_or_exit(parser, args.workspace)
