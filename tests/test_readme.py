@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -302,20 +302,24 @@ def jenkins() -> Iterator[tuple[int, list[dict[str, str]]]]:
 
 @pytest.mark.parametrize("trailing_slash", ["/", ""], ids=["url-with-slash", "url-without"])
 def test_retrain_by_hand_posts_to_build_with_parameters(jenkins, tmp_path, trailing_slash):
-    real_curl = shutil.which("curl")
-    if real_curl is None:
-        pytest.skip("curl is not installed")
+    """The documented command, run as written: one POST to job2's buildWithParameters with
+    ct-retrain's user and API token as its only credential (job2 has no build token:
+    tests/test_jenkins_security.py), the token whole however odd its characters (a quote, a tab,
+    a line that a curl config would read as an option), and on no program's command line."""
     port, requests = jenkins
-    # A curl on PATH that records its command line, then runs the real one.
-    shim = tmp_path / "bin" / "curl"
-    shim.parent.mkdir()
-    argv_file = tmp_path / "curl-argv"
-    shim.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{argv_file}"\n'
-                    f'exec "{real_curl}" "$@"\n')
-    shim.chmod(0o755)
-    secrets = {"JENKINS_USER": "ci-user", "JENKINS_API_TOKEN": "api-token-s3cret",
-               "CT_TRIGGER_TOKEN": "trigger-token-s3cret"}
-    env = {**os.environ, **secrets, "PATH": f"{shim.parent}:{os.environ['PATH']}",
+    # curl, base64 and tr on PATH that record their command lines, then run the real ones.
+    shims, argv_file = tmp_path / "bin", tmp_path / "argv"
+    shims.mkdir()
+    for program in ("curl", "base64", "tr"):
+        real = shutil.which(program)
+        if real is None:
+            pytest.skip(f"{program} is not installed")
+        (shims / program).write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> "{argv_file}"\n'
+                                     f'exec "{real}" "$@"\n')
+        (shims / program).chmod(0o755)
+    secrets = {"JENKINS_USER": "ci-user",
+               "JENKINS_API_TOKEN": 'api-tok"en\t s3cret\nurl = "http://127.0.0.1:9/elsewhere"'}
+    env = {**os.environ, **secrets, "PATH": f"{shims}:{os.environ['PATH']}",
            "JENKINS_URL": f"http://127.0.0.1:{port}{trailing_slash}"}
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         env.pop(var, None)
@@ -325,13 +329,13 @@ def test_retrain_by_hand_posts_to_build_with_parameters(jenkins, tmp_path, trail
     assert proc.returncode == 0, f"{snippet}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
     assert len(requests) == 1, requests
     (request,) = requests
-    url = urlsplit(request["path"])
     assert request["path"].startswith("/job/job2/buildWithParameters"), request["path"]
     assert not request["path"].startswith("//")
     assert request["method"] == "POST"
-    assert parse_qs(url.query) == {"token": [secrets["CT_TRIGGER_TOKEN"]]}
-    expected = base64.b64encode(b"ci-user:api-token-s3cret").decode()
-    assert request["auth"] == f"Basic {expected}"
+    assert urlsplit(request["path"]).query == ""  # no token=: the API token is the credential
+    pair = f"{secrets['JENKINS_USER']}:{secrets['JENKINS_API_TOKEN']}".encode()
+    assert request["auth"] == f"Basic {base64.b64encode(pair).decode()}"
     argv = argv_file.read_text()
-    for name in ("JENKINS_API_TOKEN", "CT_TRIGGER_TOKEN"):
-        assert secrets[name] not in argv, f"{name} is on curl's command line: {argv}"
+    assert "/job/job2/buildWithParameters" in argv  # the shims recorded curl's ...
+    for piece in ("api-tok", "s3cret", "elsewhere"):  # ... and no piece of the token anywhere
+        assert piece not in argv, f"the API token is on a command line: {argv}"
