@@ -10,6 +10,10 @@ The job scripts invoke; the decisions about what follows from recorded state are
 - `pushes`: `python3 -m ct.pipeline.pushes add|head|take|dispatch|list`: which push trains when
   (job1 queues, job3 takes, job6 hands on), one commit's chain at a time; `push_queue` is the
   queue's record and its order (CT_PUSH_ORDER) and bound (CT_PUSH_QUEUE_MAX).
+- `push_source`: `python3 -m ct.pipeline.push_source check|config|tree`: what job1 takes from
+  outside (the repository, the ref, the pushed tree), checked before git or the host uses it.
+- `sandbox`: `python3 -m ct.pipeline.sandbox mounts`: what of the workspace a training
+  container sees (its `docker run` mounts).
 - `changes`: `python3 -m ct.pipeline.changes check`: has the code, the data version or the
   training flags changed since a judged run? (job3 before it trains, job6's check and weekly
   retrain before they start one).
@@ -18,6 +22,8 @@ The job scripts invoke; the decisions about what follows from recorded state are
 - `run_facts`: what the workspace's files say about a process's run (finished, got past loading
   the data).
 - `gate`: `python3 -m ct.pipeline.gate`: the accuracy gate, its verdict and history.
+- `measured`: `python3 -m ct.pipeline.measured mounts|args|record`: the candidate's accuracy as
+  the pipeline measures it (ct.serving.measure) before promotion, against what the run claims.
 - `promote`: `python3 -m ct.pipeline.promote`: keep the run's model when it beats the best on
   the run's own test set; `rescore`: the best model's scores per test set (best.json `scores`,
   re-scorings in runs/eval-*); `class_guard`: the per-class guard (CT_MAX_CLASS_DROP) and the
