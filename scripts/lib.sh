@@ -24,6 +24,8 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
                                           # train.py's, and no hard deadline on top of it
 : "${CT_TUNE_ARGS:=}"                     # extra train.py --tune flags for job5
 : "${CT_TUNE_WORKERS:=1}"                 # job5: tuning processes/containers sharing one round
+: "${CT_TRAININGS_PER_HOST:=1}"           # trainings (or tuning rounds) this host runs at once:
+                                          # each gets its share of the cores (ct.cpu_budget)
 : "${CT_TUNE_STORAGE:=}"                  # the study's database URL (secret: a Jenkins credential);
                                           # empty: the journal file in the workspace (studies/)
 : "${CT_MAX_TUNE_ROUNDS:=1}"              # tuning rounds per commit
@@ -51,7 +53,6 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${JENKINS_URL:=http://localhost:8080}"
 : "${JENKINS_USER:=}"
 : "${JENKINS_API_TOKEN:=}"
-: "${CT_TRIGGER_TOKEN:=}"                 # job2's "trigger builds remotely" token (weekly retrain)
 : "${CT_RETRAIN_JOB:=job2}"               # the Jenkins job the weekly retrain starts
 : "${DOCKER_BUILDKIT:=0}"                 # the classic builder: no BuildKit needed on the host
 : "${CT_DEPLOY:=1}"                       # 0: the local chain (make run) does not deploy (job7)
@@ -62,11 +63,11 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
 : "${CT_SERVE_MEMORY:=2g}"                # docker run --memory of the service's container
 export CT_DEPLOY CT_SERVE_PORT CT_SERVE_URL CT_SERVE_IMAGE CT_SERVE_BASE_IMAGE CT_SERVE_MEMORY
 export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR CT_INCREMENTS_DIR CT_TRAIN_ARGS \
-  CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_TUNE_WORKERS CT_TUNE_STORAGE CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS CT_BASE_IMAGE \
-  CT_PUSH_ORDER CT_PUSH_QUEUE_MAX CT_KEEP_SNAPSHOTS CT_MAX_CLASS_DROP \
+  CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_TUNE_WORKERS CT_TUNE_STORAGE CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS \
+  CT_TRAININGS_PER_HOST CT_BASE_IMAGE CT_PUSH_ORDER CT_PUSH_QUEUE_MAX CT_KEEP_SNAPSHOTS CT_MAX_CLASS_DROP \
   CT_IMAGE_PREFIX CT_GPUS CT_MEMORY CT_CONTAINER_USER CT_ALLOW_ROOT_CONTAINER CT_PYTHON SMTP_HOST SMTP_PORT SMTP_STARTTLS \
   SMTP_USER SMTP_PASSWORD NOTIFY_FROM NOTIFY_TO JENKINS_URL JENKINS_USER JENKINS_API_TOKEN \
-  CT_TRIGGER_TOKEN CT_RETRAIN_JOB DOCKER_BUILDKIT
+  CT_RETRAIN_JOB DOCKER_BUILDKIT
 
 # ----------------------------------------------------------------------------------- logging
 CT_JOB="${CT_JOB:-$(basename "$0" .sh)}"
@@ -119,7 +120,8 @@ require_increments_dir() { # docker mounts it: an absolute path
 }
 
 require_uint() { # NAME VALUE
-  [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a whole number, not '$2'" 2
+  # decimal without a leading zero (bash would read 08 as octal), at most 9 digits
+  [[ "$2" =~ ^(0|[1-9][0-9]{0,8})$ ]] || die "$1 must be a whole number, not '$2'" 2
 }
 
 
