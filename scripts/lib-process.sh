@@ -78,7 +78,7 @@ sandbox_args() {
 # with the other snapshots hidden; local: python in the background of this shell) and set
 # LAUNCHED to its container name / pid-N.
 launch() {
-  local role="$1" image="$2" commit="$3" name code digest
+  local role="$1" image="$2" commit="$3" name code digest threads
   shift 3
   name="$(container_name "$role")"
   ensure_snapshot "$commit"
@@ -86,6 +86,10 @@ launch() {
   require_increments_dir
   digest="$(ct_py ct.pipeline.snapshots --workspace "$CT_WORKSPACE" digest --commit "$commit")" ||
     exit $?
+  threads="$(thread_budget "$role")" || exit $?
+  # the local runtime's log and the records are written here by the host: never through a link
+  [[ ! -L "$CT_WORKSPACE/$WS_STATUS_DIR" ]] ||
+    die "$CT_WORKSPACE/$WS_STATUS_DIR is a symbolic link; move it away, then rerun" 2
   mkdir -p "$CT_WORKSPACE/$WS_STATUS_DIR"
   if [[ "$CT_RUNTIME" == docker ]]; then
     if [[ "$(docker inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" == true ]]; then
@@ -95,7 +99,9 @@ launch() {
     sandbox_args "$role" "$name" "$commit"
     # CT_IMAGE, CT_IMAGE_ID, CT_CODE_SHA256, CT_TRAIN_ARGS: the run's lineage names what it ran
     # and what it was asked (ct.pipeline.changes compares the request).
-    local run=(docker run -d "${SANDBOX[@]}" -e "CT_CODE_SHA256=$digest" -e CT_TRAIN_ARGS
+    # --cpus: the cgroup quota the trainer reads back (ct.cpu_budget), CT_THREADS: its share
+    local run=(docker run -d "${SANDBOX[@]}" --cpus "$threads" -e "CT_THREADS=$threads"
+      -e "CT_CODE_SHA256=$digest" -e CT_TRAIN_ARGS
       -e "CT_IMAGE=$image" -e "CT_IMAGE_ID=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null)")
     # the study's URL holds a password: passed by name, so it is in no argument list or record
     [[ -n "$CT_TUNE_STORAGE" ]] && run+=(-e CT_TUNE_STORAGE)
@@ -106,11 +112,21 @@ launch() {
     local logf="$CT_WORKSPACE/$WS_STATUS_DIR/$role.log"
     [[ -z "$CT_INCREMENTS_DIR" ]] || set -- "$@" --increments "$CT_INCREMENTS_DIR"
     if [[ -f "$logf" ]]; then mv -f "$logf" "$logf.prev"; fi
+    # the pushed code gets none of the host's secrets (a container gets only what -e names)
     (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" CT_CODE_SHA256="$digest" CT_IMAGE=local \
-      CT_IMAGE_ID=local PYTHONDONTWRITEBYTECODE=1 exec "$CT_PYTHON" "$code/train.py" "$@") \
-      >"$logf" 2>&1 &
+      CT_IMAGE_ID=local CT_THREADS="$threads" PYTHONDONTWRITEBYTECODE=1 exec env \
+      -u SMTP_PASSWORD -u SMTP_USER -u JENKINS_API_TOKEN -u JENKINS_USER \
+      "$CT_PYTHON" "$code/train.py" "$@") >"$logf" 2>&1 &
     LAUNCHED="pid-$!"
   fi
+}
+
+# thread_budget ROLE: the CPU threads of one training (ct.cpu_budget): the host's cores shared
+# among CT_TRAININGS_PER_HOST trainings, and a tuning round's share among its CT_TUNE_WORKERS.
+thread_budget() {
+  local workers=1
+  [[ "$1" != tune* ]] || workers="$CT_TUNE_WORKERS"
+  ct_py ct.cpu_budget --trainings-per-host "$CT_TRAININGS_PER_HOST" --tune-workers "$workers"
 }
 
 args_file() { printf '%s/%s/%s.args' "$CT_WORKSPACE" "$WS_STATUS_DIR" "$1"; } # ROLE

@@ -126,3 +126,50 @@ def test_a_container_limited_by_docker_cpus_trains_on_that_many_threads(docker_e
     assert quota == "1" and threads == "1"
     quota, cores, threads = in_container("--cpus", "0.5")  # half a core: one thread, not none
     assert quota == "1" and threads == "1"
+
+
+# ------------------------------------------------------- the host gives each training its share
+
+def lib(env: dict[str, str], snippet: str) -> subprocess.CompletedProcess[str]:
+    """`snippet` after sourcing scripts/lib.sh, as a job script runs it."""
+    return subprocess.run(["bash", "-c", f"set -euo pipefail; source scripts/lib.sh; {snippet}"],
+                          cwd=REPO, env={**env, "CT_JOB": "test"}, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize(("per_host", "role", "workers", "processes"), [
+    ("1", "train", "4", 1), ("2", "train", "4", 2), ("1", "tune", "2", 2),
+    ("1", "tune-w1", "2", 2), ("2", "tune", "3", 6)])
+def test_each_launch_gets_its_share_of_the_hosts_cores(script_env, per_host: str, role: str,
+                                                       workers: str, processes: int) -> None:
+    env = {**script_env, "CT_TRAININGS_PER_HOST": per_host, "CT_TUNE_WORKERS": workers}
+    proc = lib(env, f"thread_budget {role}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{cpu_budget.share(cpu_budget.usable_cores(), processes)}\n"
+
+
+def test_a_garbled_trainings_per_host_is_one_line_and_no_launch(script_env) -> None:
+    proc = lib({**script_env, "CT_TRAININGS_PER_HOST": "2*3"}, "thread_budget train")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "CT_TRAININGS_PER_HOST" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_a_local_training_gets_ct_threads_and_none_of_the_hosts_secrets(
+        source_repo, script_env, tmp_path: Path) -> None:
+    # The local runtime starts "$CT_PYTHON" train.py: a stand-in records what that process gets
+    # and runs the host's own modules (python -m) as the real python would.
+    seen = tmp_path / "train-env"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f'#!/bin/sh\n[ "$1" = -m ] && exec "{sys.executable}" "$@"\n'
+                        f'env > "{seen}"\n')
+    stand_in.chmod(0o755)
+    secrets = {"SMTP_PASSWORD": "smtp-s3cret", "SMTP_USER": "mailer",
+               "JENKINS_API_TOKEN": "api-s3cret", "JENKINS_USER": "ct-retrain"}
+    env = {**script_env, **secrets, "CT_PYTHON": str(stand_in), "CT_TRAININGS_PER_HOST": "1"}
+    from tests.conftest import run_script
+    commit = run_script("job1-pull.sh", env, str(source_repo)).stdout.strip()
+    proc = lib(env, f"launch train local {commit} --preset fast; wait")
+    assert proc.returncode == 0, proc.stderr
+    child = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+    assert child["CT_THREADS"] == str(cpu_budget.usable_cores())
+    assert not set(secrets) & set(child)
