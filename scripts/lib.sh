@@ -36,6 +36,10 @@ CT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the checkout hold
                                           # ct.pipeline.snapshots' (5)
 : "${CT_MAX_CLASS_DROP:=}"                # promotion refuses a better model that lost more than
                                           # this many points on a class; empty: no such guard
+: "${CT_MEASURE:=}"                       # 1: the pipeline measures a candidate before promotion;
+                                          # 0: its own claim promotes; empty: ct.pipeline.measured's (1)
+: "${CT_MEASURE_TOLERANCE:=}"             # points allowed between claimed and measured; empty:
+                                          # ct.pipeline.measured's (0.5)
 : "${CT_BASE_IMAGE:=}"                    # BASE_IMAGE build arg; empty: the Dockerfiles' default
 : "${CT_IMAGE_PREFIX:=ct-cifar}"          # images are <prefix>-train:<hash>, <prefix>-tune:<hash>
 : "${CT_GPUS:=}"                          # docker run --gpus value (e.g. all); empty: no GPU
@@ -65,6 +69,7 @@ export CT_DEPLOY CT_SERVE_PORT CT_SERVE_URL CT_SERVE_IMAGE CT_SERVE_BASE_IMAGE C
 export CT_WORKSPACE CT_RUNTIME CT_THRESHOLD CT_REPO_URL CT_GIT_REF CT_DATA_DIR CT_INCREMENTS_DIR CT_TRAIN_ARGS \
   CT_TUNE_TRIALS CT_TUNE_BUDGET CT_TUNE_ARGS CT_TUNE_WORKERS CT_TUNE_STORAGE CT_MAX_TUNE_ROUNDS CT_MAX_RESTARTS \
   CT_TRAININGS_PER_HOST CT_BASE_IMAGE CT_PUSH_ORDER CT_PUSH_QUEUE_MAX CT_KEEP_SNAPSHOTS CT_MAX_CLASS_DROP \
+  CT_MEASURE CT_MEASURE_TOLERANCE \
   CT_IMAGE_PREFIX CT_GPUS CT_MEMORY CT_CONTAINER_USER CT_ALLOW_ROOT_CONTAINER CT_PYTHON SMTP_HOST SMTP_PORT SMTP_STARTTLS \
   SMTP_USER SMTP_PASSWORD NOTIFY_FROM NOTIFY_TO JENKINS_URL JENKINS_USER JENKINS_API_TOKEN \
   CT_RETRAIN_JOB DOCKER_BUILDKIT
@@ -318,7 +323,8 @@ ensure_image() {
 # The files of this checkout that go into the serving image: Dockerfile.serve's COPY sources and
 # what its build reads (tests/test_job7.py checks the list against the Dockerfile).
 SERVE_IMAGE_SOURCES=(Dockerfile.serve requirements-serve.txt .dockerignore ct/__init__.py
-  ct/images.py ct/serving)
+  ct/images.py ct/untrusted.py ct/cpu_budget.py ct/data_version.py ct/atomic.py ct/workspace.py
+  ct/serving)
 
 # serve_image: print the serving image, built from this checkout's Dockerfile.serve only when no
 # image has the tag of its content (SERVE_IMAGE_SOURCES and CT_SERVE_BASE_IMAGE). It runs no
@@ -345,17 +351,25 @@ serve_image() {
 # after_run [--outbox-only] [--run-dir RUN_DIR]: what follows every finished training or tuning
 # run, whoever started it (job4, job5, job6 --follow), decided by ct.pipeline.after_run: judge,
 # promote, mail, report, once per run. A training run below the threshold needs the tuning image
-# first; only then does gate.properties hand the run to job5 (TUNE=true). A best model without a
-# score on the run's test set is re-scored first (`rescore COMMIT MODEL`), then the run is judged
-# again, once: ct.pipeline.after_run never asks twice (judge --rescored).
+# first; only then does gate.properties hand the run to job5 (TUNE=true). A run that may be
+# promoted is measured by the pipeline first (`measure COMMIT MODEL`, judged again with
+# --measured); a best model without a score on the run's test set is re-scored first (`rescore
+# COMMIT MODEL`), then the run is judged again, once: ct.pipeline.after_run never asks twice.
 after_run() {
-  local next word commit model
+  local next word commit model asked=()
   next="$(ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" judge --threshold "$CT_THRESHOLD" "$@")" ||
     exit $?
   read -r word commit model <<<"$next"
+  if [[ "$word" == measure ]]; then
+    measure_candidate "$commit" "$model"
+    asked=(--measured)
+    next="$(ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" judge --threshold "$CT_THRESHOLD" "${asked[@]}" "$@")" ||
+      exit $?
+    read -r word commit model <<<"$next"
+  fi
   if [[ "$word" == rescore ]]; then
     rescore "$commit" "$model"
-    next="$(ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" judge --threshold "$CT_THRESHOLD" --rescored "$@")" ||
+    next="$(ct_py ct.pipeline.after_run --workspace "$CT_WORKSPACE" judge --threshold "$CT_THRESHOLD" "${asked[@]}" --rescored "$@")" ||
       exit $?
   fi
   if [[ "$next" == tune ]]; then
@@ -399,12 +413,46 @@ export_champion() {
     die "the champion's export was not recorded (see above): nothing deployed" 2
 }
 
-# with_model_code ROLE COMMIT MODULE MODEL: python -m MODULE MODEL --out <the workspace> with the
-# code of COMMIT (its snapshot; on docker its training image as a run of that commit, sandbox_args,
-# as container ct-ROLE-<id>; local: PYTHONPATH), the increments passed on, and wait for it. Its
-# stdout is this function's; its exit status too.
+# measure_candidate COMMIT MODEL: the pipeline's own measurement of the run's model (MODEL, a
+# workspace path) before it may be promoted. Exported with the code of COMMIT, which trained it, as
+# the champion is (with_model_code; the recipe's own test-time views, scored on the parity images
+# only), then the graph is scored by the pipeline's code: on docker the serving image of this
+# checkout, locked down as the service (no network either), the workspace and the data read-only;
+# local: $CT_PYTHON. ct.pipeline.measured says what to mount and read, and records the result.
+measure_candidate() {
+  local commit="$1" model="$2" out run text line mounts=() args=() rc=0
+  if ! (ensure_snapshot "$commit") 2>/dev/null || [[ ! -f "$(snapshot_path "$commit")/ct/trainer/export.py" ]]; then
+    die "the code of commit $commit, which trained $model, is gone or predates ct.trainer.export, so the pipeline cannot measure it: nothing promoted" 2
+  fi
+  log "measuring the candidate $model (commit $commit): exported with its code, scored by the pipeline's"
+  out="$(with_model_code measure "$commit" ct.trainer.export "$model" --views recipe --parity-only)" || rc=$?
+  ((rc == 0)) || die "the candidate could not be exported (exit $rc, see above): nothing promoted" "$((rc == 2 ? 2 : 1))"
+  run="${out##*$'\n'}"
+  text="$(ct_py ct.pipeline.measured --workspace "$CT_WORKSPACE" args --runtime "$CT_RUNTIME" --export "$run")" || exit $?
+  mapfile -t args <<<"$text"
+  if [[ "$CT_RUNTIME" == docker ]]; then
+    text="$(ct_py ct.pipeline.measured --workspace "$CT_WORKSPACE" mounts --runtime docker)" || exit $?
+    mapfile -t mounts <<<"$text"
+    line="$(docker run --rm --name "$(container_name measure-score)" --label ct.role=measure \
+      --label "ct.workspace=$CT_WORKSPACE" --init --network none --user 1000:1000 --read-only \
+      --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges --pids-limit 256 \
+      --memory "$CT_SERVE_MEMORY" --memory-swap "$CT_SERVE_MEMORY" "${mounts[@]}" \
+      --entrypoint python "$(serve_image)" -m ct.serving.measure "${args[@]}")" || rc=$?
+  else
+    line="$(ct_py ct.serving.measure "${args[@]}")" || rc=$?
+  fi
+  ((rc == 0)) || die "the pipeline could not measure the candidate (exit $rc, see above): nothing promoted" "$((rc == 2 ? 2 : 1))"
+  ct_py ct.pipeline.measured --workspace "$CT_WORKSPACE" record --export "$run" <<<"$line" ||
+    die "the candidate's measurement was not recorded (see above): nothing promoted" 2
+}
+
+# with_model_code ROLE COMMIT MODULE MODEL [FLAG...]: python -m MODULE MODEL --out <the workspace>
+# [FLAG...] with the code of COMMIT (its snapshot; on docker its training image as a run of that
+# commit, sandbox_args, as container ct-ROLE-<id>; local: PYTHONPATH), the increments passed on,
+# and wait for it. Its stdout is this function's; its exit status too.
 with_model_code() {
   local role="$1" commit="$2" module="$3" model="$4" image args=()
+  shift 4
   resolve_runtime
   use_commit "$commit"
   image="$(select_image train)"
@@ -414,11 +462,11 @@ with_model_code() {
     # as launch runs train.py: the snapshot read-only at /code, the other snapshots hidden, not root
     sandbox_args "$role" "$(container_name "$role")" "$commit"
     docker run --rm "${SANDBOX[@]}" -e PYTHONPATH=/code "$image" -m "$module" \
-      "/workspace/$model" --out /workspace "${INCREMENT_ARGS[@]}"
+      "/workspace/$model" --out /workspace "${INCREMENT_ARGS[@]}" "$@"
   else
     [[ -z "$CT_INCREMENTS_DIR" ]] || args+=(--increments "$CT_INCREMENTS_DIR")
     (cd "$CT_WORKSPACE" && CT_COMMIT="$commit" PYTHONPATH="$CODE" PYTHONDONTWRITEBYTECODE=1 \
-      exec "$CT_PYTHON" -m "$module" "$CT_WORKSPACE/$model" --out "$CT_WORKSPACE" "${args[@]}")
+      exec "$CT_PYTHON" -m "$module" "$CT_WORKSPACE/$model" --out "$CT_WORKSPACE" "${args[@]}" "$@")
   fi
 }
 

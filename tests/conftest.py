@@ -126,6 +126,9 @@ def script_env(tmp_path: Path, tiny_cifar_root: Path) -> dict[str, str]:
         CT_TUNE_BUDGET="120",
         CT_RUNTIME="local",
         CT_DEPLOY="0",  # chains end at the verdict; tests/test_job7.py runs the deploy step
+        # runs made up by a test have no model that runs: their claim promotes; the pipeline's
+        # own measurement of a candidate is tested, with real chains, in tests/test_measured.py
+        CT_MEASURE="0",
     )
     return env
 

@@ -79,7 +79,10 @@ def run_module(
 ) -> subprocess.CompletedProcess[str]:
     """`python -m module args`, as another user when `user` is a command prefix (setpriv)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CT_", "BUILD_"))}
-    full_env |= {"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"} | (env or {})
+    # CT_MEASURE=0: a made-up run's model cannot run, so its claim promotes (conftest's
+    # script_env says the same; tests/test_measured.py measures real ones)
+    full_env |= {"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1",
+                 "CT_MEASURE": "0"} | (env or {})
     return subprocess.run(
         [*user, sys.executable, "-m", module, *args],
         cwd=REPO,

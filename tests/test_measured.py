@@ -18,6 +18,7 @@ import pytest
 from ct import data_version
 from ct.pipeline import measured
 from ct.pipeline.errors import PipelineError
+from tests.conftest import read_props, run_script
 from tests.gate_workspace import REPO, make_workspace, run_module
 from tests.served_model import onnx_bytes
 from tests.synthetic_cifar import make_cifar, make_cifar_archive
@@ -217,3 +218,71 @@ def test_in_docker_the_workspace_and_the_data_are_mounted_read_only(ws, data, tm
     bad = run_module("ct.pipeline.measured", "--workspace", str(ws), "args", *common,
                      "--export", "runs/../../etc")
     assert bad.returncode == 2 and "not an export's run folder" in bad.stderr
+
+
+# ---------------------------------------------------------------- the chain, for real
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+def measuring_env(request: pytest.FixtureRequest, script_env: dict[str, str]) -> dict[str, str]:
+    """The job scripts' environment with the measurement on (conftest turns it off for the
+    runs tests make up); on docker, with the tests' serving base image."""
+    env = {**script_env, "CT_MEASURE": "1", "CT_THRESHOLD": "5",
+           "CT_TRAIN_ARGS": "--batch-size 64 --epochs 1 --seed 1"}
+    if request.param == "docker":
+        from tests import docker_engine as de
+
+        engine = request.getfixturevalue("docker_engine")
+        env = {**request.getfixturevalue("docker_env"), **env,
+               "CT_SERVE_BASE_IMAGE": de.ensure_serve_base_image(engine)}
+    return env
+
+
+def train(env: dict[str, str], source_repo: Path | None = None) -> dict[str, Any]:
+    for script in ("job1-pull.sh", "job2-image.sh", "job3-train.sh"):
+        if script != "job1-pull.sh" or source_repo is not None:
+            run_script(script, env, *([str(source_repo)] if script == "job1-pull.sh" else []))
+    return latest(Path(env["CT_WORKSPACE"]))
+
+
+@pytest.mark.slow
+def test_the_chain_promotes_the_measured_figure_and_refuses_a_forged_one(source_repo,
+                                                                          measuring_env):
+    """job1..job4: the run's model is exported with its commit's code and measured by the
+    pipeline's (on docker in the serving image), and best.json carries the measured figure.
+    Then a run that learns nothing, whose container claims 99% in metrics.json and
+    accuracy.txt: job4 refuses it in one line naming both figures, records that verdict as
+    not passed (gate.properties, the history), and the champion stays, byte for byte."""
+    env, ws = measuring_env, Path(measuring_env["CT_WORKSPACE"])
+    first = train(env, source_repo)
+    judged = run_script("job4-gate.sh", env)
+    kept = json.loads((ws / measured.RECORD).read_text())
+    best = json.loads((ws / "best.json").read_text())
+    assert kept["run_id"] == best["run_id"] == first["run_id"]
+    assert best["accuracy"] == kept["accuracy"] == best["measured"]["accuracy"]
+    assert best["measured"]["claimed"] == first["accuracy"]
+    assert abs(kept["accuracy"] - first["accuracy"]) <= measured.DEFAULT_TOLERANCE
+    assert f"measured {kept['accuracy']:g}% on 200 test images" in judged.stderr
+    export = json.loads((ws / kept["export"] / "export.json").read_text())
+    assert export["served_accuracy"] is None and export["tta"]["mirror"]
+
+    champion = {name: (ws / name).read_bytes() for name in ("best.json", best["model"])}
+    env["CT_TRAIN_ARGS"] += " --subset 100 --lr 0.000001"
+    second = train(env)
+    claim(ws, 99.0)  # what the run's own code can write about itself
+    refused = run_script("job4-gate.sh", env, check=False)
+    assert refused.returncode == 2, refused.stderr
+    kept = json.loads((ws / measured.RECORD).read_text())
+    assert kept["run_id"] == second["run_id"] and kept["accuracy"] < 40
+    (line,) = [x for x in refused.stderr.splitlines() if x.startswith("ct.after_run:")]
+    assert line == refused.stderr.splitlines()[-1]
+    assert "claims 99%" in line and f"measured {kept['accuracy']:g}%" in line
+    gate = read_props(ws / "gate.properties")
+    assert (gate["PASSED"], gate["RUN_ID"], gate["TUNE"]) == ("false", second["run_id"], "false")
+    assert float(gate["ACCURACY"]) == kept["accuracy"]
+    history = (ws / "accuracy-history.csv").read_text().splitlines()
+    assert history[-1].endswith(f",false,{second['run_id']}")
+    assert {name: (ws / name).read_bytes() for name in champion} == champion
+    again = run_script("job4-gate.sh", env)  # judged once: a rebuild says so, promotes nothing
+    assert "judged already" in again.stderr
+    assert {name: (ws / name).read_bytes() for name in champion} == champion

@@ -1,7 +1,8 @@
 """What follows every finished training or tuning run, whoever started it. Standard library only.
 
     python3 -m ct.pipeline.after_run judge --threshold T [--run-dir RUN_DIR] [--outbox-only]
-                                           [--rescored] [--artifacts DIR] [--workspace W]
+                                           [--measured] [--rescored] [--artifacts DIR]
+                                           [--workspace W]
     python3 -m ct.pipeline.after_run handed-to-tuning [--artifacts DIR] [--workspace W]
     python3 -m ct.pipeline.after_run tuning-commit [--workspace W]
     python3 -m ct.pipeline.after_run tuning-skipped [--workspace W]
@@ -17,6 +18,14 @@ is decided yet: `judge` prints `rescore COMMIT MODEL`, the job script evaluates 
 workspace path) with COMMIT's code on the test set now (python -m ct.trainer.evaluate), then
 calls `judge --rescored`, which compares on the re-scored number, and once only: still no score
 is one line and exit 2, nothing promoted (ct.pipeline.rescore).
+
+Before a run can be promoted (at or above the threshold, or a tuning run), the pipeline measures
+its model itself (ct.pipeline.measured): without a measurement, `judge` prints `measure COMMIT
+MODEL`; the job script exports MODEL with COMMIT's code and scores the export with the
+pipeline's evaluator, then calls `judge --measured`. The measured accuracy is then the run's,
+in the verdict and in promotion; a claim further from it than CT_MEASURE_TOLERANCE is refused:
+recorded as a verdict that did not pass, one line naming both figures, exit 2, nothing
+promoted, the run's chain ended.
 
 `tuning-commit` prints the commit whose run was judged last (job5 tunes that commit's code);
 `tuning-skipped` records that job5 will not tune the run handed to it (its commit had its tuning
@@ -37,12 +46,13 @@ import re
 import sys
 from collections.abc import Sequence
 from contextlib import redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ct import atomic
 from ct import workspace as names
-from ct.pipeline import cli, gate, notify, promote, records, report
+from ct.pipeline import cli, gate, measured, notify, promote, records, report
 from ct.pipeline.errors import PipelineError
 from ct.pipeline.records import GATE_RECORD, VERDICT_FIELDS, VERDICT_RECORD
 from ct.pipeline.rescore import NeedsRescore
@@ -127,8 +137,38 @@ def write_report(workspace: Path, run_dir: str, artifacts: Path | None) -> None:
         cli.say(f"warning: the report could not be written ({err}); the verdict stands")
 
 
+class Measure(Exception):
+    """The candidate is measured first: `word` is what the job script acts on."""
+
+    def __init__(self, word: str) -> None:
+        super().__init__(word)
+        self.word = word
+
+
+def measured_verdict(workspace: Path, verdict: gate.Verdict, asked: bool, build_id: str,
+                     artifacts: Path | None) -> tuple[gate.Verdict, measured.Measurement]:
+    """The verdict on the pipeline's measured accuracy. Measure (no measurement yet); a
+    refused claim is recorded as a verdict that did not pass, then raised (exit 2)."""
+    metrics = records.load_metrics(workspace)
+    try:
+        found = measured.check(workspace, metrics, required=asked)
+    except measured.NeedsMeasure as need:
+        cli.say(str(need))
+        raise Measure(f"measure {need.commit} {need.model}") from None
+    except measured.Refused as refused:
+        verdict = replace(verdict, accuracy=refused.accuracy, refused=str(refused))
+        new = gate.record(workspace, verdict, build_id)
+        keep(artifacts, GATE_RECORD.file(workspace),
+             *([workspace / names.PLOT_FILE] if new else []))
+        save_verdict(workspace, verdict.properties(tune=False))
+        raise
+    cli.say(found.line())
+    return replace(verdict, accuracy=found.accuracy), found
+
+
 def judge(workspace: Path, threshold: str | None, wanted: str, outbox_only: bool,
-          artifacts: Path | None, build_id: str, rescored: bool = False) -> str:
+          artifacts: Path | None, build_id: str, rescored: bool = False,
+          asked_measure: bool = False) -> str:
     # this build's verdict, or none: never an earlier build's for Jenkins to act on
     GATE_RECORD.file(workspace).unlink(missing_ok=True)
     latest = latest_run(workspace)
@@ -136,19 +176,28 @@ def judge(workspace: Path, threshold: str | None, wanted: str, outbox_only: bool
     if judged_already(workspace, latest.get("run_id", ""), artifacts):
         return "done"
     try:
-        verdict, new = gate.check(workspace, threshold, build_id)
+        verdict = gate.judge(workspace, gate.parse_threshold(threshold))
     except PipelineError as err:
         raise PipelineError(f"{err}; nothing promoted") from None
-    print(verdict.line(), flush=True)
-    keep(artifacts, GATE_RECORD.file(workspace), *([workspace / names.PLOT_FILE] if new else []))
     # the gate judged accuracy.txt; what follows needs the run's metrics.json as well
     tuning_run = records.is_tuning_run(latest or records.load_metrics(workspace))
+    found = None
+    if (tuning_run or verdict.passed) and measured.enabled(os.environ):
+        try:
+            verdict, found = measured_verdict(workspace, verdict, asked_measure, build_id,
+                                              artifacts)
+        except Measure as need:
+            return need.word
+    new = gate.record(workspace, verdict, build_id)
+    print(verdict.line(), flush=True)
+    keep(artifacts, GATE_RECORD.file(workspace), *([workspace / names.PLOT_FILE] if new else []))
     if not (tuning_run or verdict.passed):
         cli.say(f"below the threshold of {records.fmt_number(verdict.threshold)}%: preparing the "
                 "tuning image for job5")
         return "tune"
     try:
-        promotion = promote.promote(workspace, rescore=not rescored)
+        promotion = promote.promote(workspace, rescore=not rescored,
+                                    measured=None if found is None else found.summary())
     except NeedsRescore as need:  # not judged yet: the job script re-scores, then asks again
         cli.say(str(need))
         return f"rescore {need.commit} {need.model}"
@@ -209,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     judge_cmd.add_argument("--build-id", default=os.environ.get("BUILD_NUMBER", ""))
     judge_cmd.add_argument("--rescored", action="store_true",
                            help="the best model was re-scored: compare, never ask again")
+    judge_cmd.add_argument("--measured", action="store_true",
+                           help="the candidate was measured: decide, never ask again")
     commands.add_parser("handed-to-tuning", help="the tuning image is ready: TUNE=true")
     commands.add_parser("tuning-commit", help="the commit of the last judged run")
     commands.add_parser("tuning-skipped", help="job5 does not tune the run handed to it")
@@ -222,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 if args.command == "judge":
                     word = judge(workspace, args.threshold, args.run_dir, args.outbox_only,
-                                 args.artifacts, args.build_id, args.rescored)
+                                 args.artifacts, args.build_id, args.rescored, args.measured)
                 elif args.command == "handed-to-tuning":
                     word = handed_to_tuning(workspace, args.artifacts)
                 elif args.command == "tuning-commit":

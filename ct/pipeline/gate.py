@@ -5,7 +5,9 @@
 Validates W/accuracy.txt (and that it agrees with W/metrics.json), then records the verdict as
 one change: W/gate.properties (what Jenkins reads), and, the first time this run is judged, a
 row of W/accuracy-history.csv and W/plot/accuracy.csv (this build's point for the Plot plugin).
-A run judged again (a retried job4) keeps its one history row and adds no plot point. What
+A run judged again (a retried job4) keeps its one history row and adds no plot point. A run
+whose claim the pipeline's own measurement refused (ct.pipeline.measured, through
+ct.pipeline.after_run) is recorded the same way, not passed, at the measured accuracy. What
 follows the verdict (promotion, mail, tuning) is ct.pipeline.after_run's. Errors, I/O errors
 included, are one line on stderr and exit 2, with nothing written.
 """
@@ -52,10 +54,11 @@ class Verdict:
     commit: str
     run_dir: str
     run_id: str
+    refused: str = ""  # why the pipeline's own measurement refused the run's claim
 
     @property
     def passed(self) -> bool:
-        return self.accuracy >= self.threshold
+        return not self.refused and self.accuracy >= self.threshold
 
     def properties(self, tune: bool) -> dict[str, str]:
         """gate.properties: the verdict, and TUNE, whether this build hands the run to job5."""
@@ -71,6 +74,8 @@ class Verdict:
 
     def line(self) -> str:
         accuracy, threshold = fmt_number(self.accuracy), fmt_number(self.threshold)
+        if self.refused:
+            return f"refused: {self.refused}"
         if self.passed:
             return f"accuracy {accuracy}% >= threshold {threshold}: passed"
         return f"accuracy {accuracy}% below threshold {threshold}: tuning needed"

@@ -48,6 +48,7 @@ from ct.pipeline.rescore import test_version_of
 
 RECORD = f"{names.STATUS_DIR}/measured.json"
 TOLERANCE_ENV = "CT_MEASURE_TOLERANCE"
+SWITCH_ENV = "CT_MEASURE"
 # Points. Measured (docs/security.md): a fast-preset run's model, tested by torch in bf16 as the
 # run tests it and by ONNX Runtime in fp32 here, scored 81.94% both, its predictions differing on
 # 23 of 10,000 images (0.23 points, had every flip gone one way): twice that is noise, more is a
@@ -72,7 +73,12 @@ class NeedsMeasure(PipelineError):
 
 
 class Refused(PipelineError):
-    """The claimed and the measured accuracy disagree, or were taken on other test sets."""
+    """The claimed and the measured accuracy disagree, or were taken on other test sets;
+    `accuracy`: the measured one."""
+
+    def __init__(self, message: str, accuracy: float) -> None:
+        super().__init__(message)
+        self.accuracy = accuracy
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,29 @@ class Measurement:
     claimed: float
     images: int
     tolerance: float  # points allowed, the one-image floor included
+    kept: Mapping[str, Any]  # status/measured.json
+
+    def summary(self) -> dict[str, Any]:
+        """What best.json keeps of it (promote's `measured`)."""
+        return {"accuracy": self.accuracy, "claimed": self.claimed, "images": self.images,
+                "tolerance": self.tolerance,
+                **{key: self.kept[key] for key in ("correct", "onnx_sha256", "export",
+                                                   "measured_at") if key in self.kept}}
 
     def line(self) -> str:
         return (f"measured {records.fmt_number(self.accuracy)}% on {self.images} test images "
                 f"by the pipeline (claimed {records.fmt_number(self.claimed)}%, within "
                 f"{records.fmt_number(self.tolerance)} points)")
+
+
+def enabled(env: Mapping[str, str]) -> bool:
+    """CT_MEASURE: 1 (the default) measures every candidate; 0 lets its own claim promote, for
+    the tests of the gate on fabricated runs, whose models cannot run. Else one line."""
+    text = env.get(SWITCH_ENV, "") or "1"
+    if text not in ("0", "1"):
+        raise PipelineError(f"{SWITCH_ENV}={text[:40]!r} must be 1 (measure every candidate "
+                            "before promotion, the default) or 0")
+    return text == "1"
 
 
 def tolerance(env: Mapping[str, str]) -> float:
@@ -134,14 +158,14 @@ def check(workspace: Path, metrics: Mapping[str, Any], env: Mapping[str, str] = 
         raise Refused(f"run {run} claims {records.fmt_number(claimed)}% on test set "
                       f"{str(tested)[:16]}, but the pipeline's test data is test set "
                       f"{kept['test_version'][:16]} (measured there: "
-                      f"{records.fmt_number(measured)}%): nothing promoted")
+                      f"{records.fmt_number(measured)}%): nothing promoted", measured)
     allowed = max(allowed, 100.0 / images)  # one image: a borderline one may flip in fp32
     if not abs(claimed - measured) <= allowed:
         raise Refused(f"run {run} claims {records.fmt_number(claimed)}% but the pipeline "
                       f"measured {records.fmt_number(measured)}% ({kept['correct']} of {images}"
                       f" test images): more than {records.fmt_number(allowed)} points apart "
-                      f"({TOLERANCE_ENV}): nothing promoted")
-    return Measurement(measured, claimed, images, allowed)
+                      f"({TOLERANCE_ENV}): nothing promoted", measured)
+    return Measurement(measured, claimed, images, allowed, kept)
 
 
 def load(workspace: Path) -> dict[str, Any]:

@@ -70,6 +70,7 @@ from ct.workspace import (
 )
 
 STORED_NAME = ("best-", ".pt")  # models/best-<sha256[:16]>.pt
+MEASURED = "measured"  # best.json: the pipeline's measurement of the model, the claim beside it
 _STORED_MODEL = re.compile(r"best-[0-9a-f]{16}\.pt")
 _LEFTOVER = re.compile(r"\.best-(incoming|[0-9a-f]{16})\.pt\..*\.tmp")  # a write killed midway
 MAX_MODEL_BYTES = 1 << 30  # a CIFAR-10 CNN's state is megabytes; this only stops the absurd
@@ -155,6 +156,8 @@ def best_record(
     }
     if metrics.get("val_accuracy") is not None:
         record_["val_accuracy"] = metrics["val_accuracy"]
+    if isinstance(metrics.get(MEASURED), Mapping):  # the pipeline's own figure, and the claim
+        record_[MEASURED] = metrics[MEASURED]
     # A tuning round's study and how its trials ended (train.py --tune's summary)
     for key in TUNING_FACTS:
         if metrics.get(key) is not None:
@@ -215,13 +218,17 @@ class Promotion:
     message: str
 
 
-def promote(workspace: Path, env: Mapping[str, str] = os.environ, rescore: bool = True
-            ) -> Promotion:
+def promote(workspace: Path, env: Mapping[str, str] = os.environ, rescore: bool = True,
+            measured: Mapping[str, Any] | None = None) -> Promotion:
     """Promote the latest run when it beats the best model on the run's own test set. Raises
-    NeedsRescore (with `rescore`) when the best has no score there yet: nothing is written."""
+    NeedsRescore (with `rescore`) when the best has no score there yet: nothing is written.
+    `measured` (ct.pipeline.measured): the pipeline's own measurement of the run, whose
+    accuracy is then the run's, instead of the one it claimed."""
     limit = max_class_drop(env)  # first: a nonsense setting promotes nothing
     with promotion_lock(workspace):
         metrics = load_metrics(workspace)
+        if measured is not None:
+            metrics = {**metrics, "accuracy": measured["accuracy"], MEASURED: dict(measured)}
         source = run_model(workspace, metrics)
         best = load_best(workspace)
         accuracy = fmt_number(metrics["accuracy"])
