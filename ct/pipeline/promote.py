@@ -10,7 +10,9 @@ best there (and, with CT_MAX_CLASS_DROP set, no class's test accuracy fell by mo
 points against the best's on that test set, ct.pipeline.class_guard): stores the run's model as
 W/models/best-<sha256[:16]>.pt, renames a new W/best.json over the old one (the record, which
 names that file and its sha256 and carries the run's `lineage`, test_version, its own score in
-`scores` and per-class accuracy, and the numbers of the model it replaces: the commit point),
+`scores` and per-class accuracy, the pipeline's own measurement of it (`measured`: its accuracy,
+which is the record's, and the run's claim; ct.pipeline.measured), and the numbers of the model
+it replaces: the commit point),
 then points the symlink W/best-model.pt at it and deletes the stored models no record names. A
 reader of best.json and of the model it names sees the old pair or the new pair.
 W/promotion.properties says whether it promoted (BEST_ACCURACY: the best's score on the run's
