@@ -10,7 +10,8 @@ from tests import test_jenkins_checks as jc
 
 REPO = jc.REPO
 JENKINS = jc.JENKINS
-TOKEN = "test-only-token-7f3a"  # what the fixture puts on JJB's include path, never in jenkins/
+# The admin's API token the render runs with (JENKINS_ADMIN_TOKEN): no rendered file may hold it.
+TOKEN = "test-only-token-7f3a"
 JOBS = ["job1", "job2", "job3", "job4", "job5", "job6", "job7"]
 VIEW = "CT pipeline"
 PT = "hudson.plugins.parameterizedtrigger."
