@@ -58,3 +58,16 @@ def test_the_isa_line_names_the_kernels_oneDNN_runs_and_its_cap() -> None:
                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert done.returncode == 0, done.stderr
     assert "isa Intel AVX2 (no AMX), capped by ONEDNN_MAX_CPU_ISA=AVX2" in done.stdout
+
+
+@pytest.mark.parametrize(("script", "flags", "message"), [
+    ("concurrent_runs.py", ["--processes", "1"], "--processes must be at least 2"),
+    ("concurrent_runs.py", ["--subset", "10"], "--subset 1000+"),
+    ("compile_cost.py", ["--presets", "fastest"], "unknown preset 'fastest'"),
+])
+def test_the_speed_benchmarks_refuse_bad_input_in_one_line(script: str, flags: list[str],
+                                                          message: str) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *flags],
+                          capture_output=True, text=True, timeout=300, check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and message in lines[0], done.stderr
