@@ -54,7 +54,7 @@ RUN apt-get update \\
 COPY host-ca.crt {wheel} /tmp/build/
 RUN python3 -m venv /opt/venv \\
  && PIP_CERT=/tmp/build/host-ca.crt /opt/venv/bin/pip install --no-cache-dir \\
-      /tmp/build/{wheel} "numpy>=1.26" "{matplotlib}" {tune} {export} \\
+      /tmp/build/{wheel} "numpy>=1.26" {trainer} {tune} \\
  && rm -rf /tmp/build
 ENV PATH=/opt/venv/bin:$PATH
 """
@@ -212,10 +212,19 @@ def _rootfs_tar() -> Path:
 
 
 def _wheel() -> Path:
-    wheels = sorted(WHEEL_DIR.glob("torch-*+cpu-cp311-*.whl"))
+    """The local CPU wheel of the torch requirements.txt pins: the test images then run the torch
+    the venv runs and the training image installs."""
+    version = torch_pin()
+    wheels = sorted(WHEEL_DIR.glob(f"torch-{version}+cpu-cp311-*.whl"))
     if not wheels:
-        raise EngineUnavailable(f"no CPU torch wheel for cp311 in {WHEEL_DIR}")
+        raise EngineUnavailable(f"no CPU torch {version} wheel for cp311 in {WHEEL_DIR}")
     return wheels[-1]
+
+
+def torch_pin() -> str:
+    """The torch version requirements.txt pins, e.g. "2.13.0"."""
+    return next(pin.split("==")[1] for pin in _pins("requirements.txt")
+                if pin.startswith("torch=="))
 
 
 def _pins(file: str) -> list[str]:
@@ -223,14 +232,6 @@ def _pins(file: str) -> list[str]:
     requirements = Path(__file__).resolve().parent.parent / file
     return [spec for line in requirements.read_text().splitlines()
             if "==" in (spec := line.split("#", 1)[0].strip())]
-
-
-def _requirement(name: str) -> str:
-    """The project's pin for `name` (requirements.txt), e.g. "matplotlib==3.10.9"."""
-    for spec in _pins("requirements.txt"):
-        if spec.startswith(f"{name}=="):
-            return spec
-    raise EngineUnavailable(f"requirements.txt pins no {name}")
 
 
 def _has_image(engine: Engine, name: str) -> bool:
@@ -243,16 +244,15 @@ def _quoted(pins: list[str]) -> str:
 
 
 def ensure_base_image(engine: Engine) -> str:
-    """Build (once) and return the name of a base image with python, CPU torch, numpy and
-    matplotlib (what the official PyTorch image plus Dockerfile.train give a user), onnx and
-    onnxruntime for the export, and the tuning pins (requirements-tune.txt), which Dockerfile.tune
-    then finds satisfied without a download: the test engine's builds have no network."""
+    """Build (once) and return the name of a base image with python and every pin of
+    requirements.txt (torch from the local CPU wheel of the pinned version) and
+    requirements-tune.txt, which Dockerfile.train and Dockerfile.tune then find satisfied without
+    a download: the test engine's builds have no network."""
     wheel = _wheel()
+    trainer = [pin for pin in _pins("requirements.txt") if not pin.startswith("torch==")]
     recipe = BASE_DOCKERFILE.format(rootfs=ROOTFS_IMAGE, wheel=wheel.name,
-                                    matplotlib=_requirement("matplotlib"),
-                                    tune=_quoted(_pins("requirements-tune.txt")),
-                                    export=_quoted([_requirement("onnx"),
-                                                    _requirement("onnxruntime")]))
+                                    trainer=_quoted(trainer),
+                                    tune=_quoted(_pins("requirements-tune.txt")))
     return _build_base(engine, "ct-test-base", recipe, f"python3 + {wheel.name} + numpy", wheel)
 
 

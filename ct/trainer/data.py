@@ -210,17 +210,11 @@ def dataset_sha256(source: Path, cache_dir: Path | None = None) -> tuple[str, bo
 
 
 def download(data_dir: Path) -> Path:
-    """Fetch the official archive into `data_dir` (torchvision's helper when it imports)."""
+    """Fetch the official archive into `data_dir` (kept when one with the official md5 is there)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     archive = data_dir / ARCHIVE
     try:
-        from torchvision.datasets.utils import download_url
-    except Exception:  # torchvision is optional; any import failure means "use the fallback"
-        download_url = None
-    try:
-        if download_url is not None:
-            download_url(URL, str(data_dir), ARCHIVE, MD5)
-        elif not archive.exists() or names.hash_files([archive], "md5") != MD5:
+        if not archive.exists() or names.hash_files([archive], "md5") != MD5:
             partial = archive.with_suffix(".part")
             try:
                 urllib.request.urlretrieve(URL, partial)
@@ -230,8 +224,6 @@ def download(data_dir: Path) -> Path:
     except OSError as exc:
         raise DataError(f"could not download {URL} ({exc}); put {ARCHIVE} in {data_dir} "
                         "by hand and rerun without --download") from exc
-    except RuntimeError:  # torchvision's word for a failed integrity check
-        pass
     if not archive.exists() or names.hash_files([archive], "md5") != MD5:
         archive.unlink(missing_ok=True)
         raise DataError(f"the downloaded {ARCHIVE} failed its md5 check; rerun with --download")

@@ -82,7 +82,7 @@ def decode(path: Path) -> np.ndarray:
         from ct import images
     except ImportError as exc:
         raise DataError("increments need Pillow to decode their images: pip install pillow "
-                        "(the training image has it through torchvision)") from exc
+                        "(requirements.txt pins it; the training image has it)") from exc
     try:
         return images.decode(path)
     except images.ImageError as exc:
