@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# pytest lists the suite's ten slowest tests after every run; `make test PYTEST_ARGS=-x` adds to it
+override PYTEST_ARGS := --durations=10 $(PYTEST_ARGS)
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-tune.txt requirements-serve.txt requirements-dev.txt jenkins/requirements.txt | sha256sum | cut -c1-12)
 
 .PHONY: venv run train test test-slow test-all lint bench clean
