@@ -86,6 +86,7 @@ TUNE_STATUS = process_status("tune")
 # --- the dataset, in DATA_DIR (or any --data-dir): the folder wins over the archive
 DATA_FOLDER = "cifar-10-batches-py"
 DATA_ARCHIVE = "cifar-10-python.tar.gz"
+DATA_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official download's
 
 # --- inside a run folder, runs/<kind>-<UTC time>-<config hash>/
 RUN_CONFIG = "config.json"  # the run's config (a tuning run's: its plan); written first

@@ -38,7 +38,7 @@ MEMBER = f"{names.DATA_FOLDER}/{TEST_BATCH}"
 MAX_BATCH_BYTES = 128 << 20  # the official test batch is 31 MB; a re-encoded one up to ~1.5x
 NUM_CLASSES = 10
 PIXELS = 3 * 32 * 32
-OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"  # of the archive the trainer downloads
+OFFICIAL_MD5 = names.DATA_ARCHIVE_MD5  # of the archive the trainer downloads
 INTEGER_DTYPES = frozenset({"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"})
 
 

@@ -29,7 +29,7 @@ from ct.trainer.errors import UsageError
 FOLDER = names.DATA_FOLDER
 ARCHIVE = names.DATA_ARCHIVE
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-MD5 = "c58f30108f718f92721af3b95e74349a"
+MD5 = names.DATA_ARCHIVE_MD5
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META = "batches.meta"
