@@ -9,7 +9,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,42 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+class Reader(threading.Thread):
+    """Calls `read` over and over until `finish()`, which raises what `read` raised: an exception
+    in a plain thread is only a pytest warning, and a test would pass with its reader dead.
+    `reads` counts the calls that returned; `wait_past(n)` blocks until there are more than n
+    (or the reader has died), so a test can have the reader look between two of its writes."""
+
+    def __init__(self, read: Callable[[], None]) -> None:
+        super().__init__(daemon=True)
+        self.read, self.reads, self.error = read, 0, None
+        self.stopping, self.progress = threading.Event(), threading.Condition()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self.read()
+                with self.progress:
+                    self.reads += 1
+                    self.progress.notify_all()
+        except BaseException as err:  # handed to the test's thread by finish()
+            self.error = err
+        finally:
+            with self.progress:
+                self.stopping.set()
+                self.progress.notify_all()
+
+    def wait_past(self, reads: int) -> None:
+        with self.progress:
+            self.progress.wait_for(lambda: self.reads > reads or self.stopping.is_set())
+
+    def finish(self) -> None:
+        self.stopping.set()
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 @pytest.fixture

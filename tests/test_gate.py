@@ -4,8 +4,11 @@ matters."""
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +17,13 @@ from ct.pipeline import gate, records
 from ct.pipeline import promote as promotion
 from tests.gate_workspace import (
     COMMIT,
+    Reader,
     assert_one_line_error,
     make_workspace,
     read_properties,
     run_module,
     snapshot,
+    write_run,
 )
 
 # ---------------------------------------------------------------- check
@@ -235,3 +240,41 @@ def test_check_that_cannot_write_is_one_line_and_changes_nothing(
 
     assert_one_line_error(result, "ct.gate: cannot ", str(ws / named), reason, "nothing recorded")
     assert snapshot(ws) == before  # gate.properties, history and plot of the first check
+
+
+# ---------------------------------------------------------------- readers during promotions
+
+
+def test_a_reader_sees_a_whole_matching_pair_during_every_promotion(tmp_path: Path) -> None:
+    """A reader (a mail, the report, job7's export) reads best.json, then the model it names,
+    while promotions replace both: it always gets the model whose sha256 the record holds, it
+    never finds best.json missing or cut short, and it saw every promoted record. Whatever the
+    reader raises fails the test (tests/gate_workspace.py Reader)."""
+    ws = make_workspace(tmp_path / "ws", 50.0, model_bytes=b"model 0")
+    assert promotion.main(["--workspace", str(ws)]) == 0
+    seen: list[str] = []
+
+    def read_pair() -> None:
+        best = json.loads((ws / "best.json").read_text())
+        try:
+            data = (ws / best["model"]).read_bytes()
+        except FileNotFoundError:
+            return  # superseded and pruned between the two reads: read the record again
+        assert hashlib.sha256(data).hexdigest() == best["model_sha256"], best["run_id"]
+        seen.append(best["run_id"])
+
+    reader = Reader(read_pair)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the threads take turns often: inside the promotion's steps
+    reader.start()
+    try:
+        for i in range(1, 25):
+            write_run(ws, 50.0 + i, run_id=f"r{i}", model_bytes=f"model {i}".encode() * 1000)
+            assert promotion.main(["--workspace", str(ws)]) == 0
+            reader.wait_past(reader.reads + 1)  # one whole read of this record before the next
+    finally:
+        sys.setswitchinterval(switch)
+        reader.finish()
+    assert {f"r{i}" for i in range(1, 25)} <= set(seen)
+    best = json.loads((ws / "best.json").read_text())
+    assert best["run_id"] == "r24" and (ws / best["model"]).read_bytes() == b"model 24" * 1000
