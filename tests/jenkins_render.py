@@ -52,3 +52,17 @@ def gated_trigger(root: ET.Element) -> ET.Element:
                            "SingleConditionalBuilder"))
     assert len(steps) == 1
     return steps[0]
+
+
+def started_after(xml: dict[str, ET.Element], job: str) -> set[str]:
+    """The jobs Jenkins starts when `job` ends: those its trigger publishers and trigger build
+    steps name, and those whose "build after other projects" (ReverseBuildTrigger) names it."""
+    def names(text: str | None) -> set[str]:
+        return {name.strip() for name in (text or "").split(",") if name.strip()}
+
+    started = set().union(*(names(p.text) for p in xml[job].iter("projects")))
+    for other, root in xml.items():
+        for trigger in root.iter("jenkins.triggers.ReverseBuildTrigger"):
+            if job in names(trigger.findtext("upstreamProjects")):
+                started.add(other)
+    return started

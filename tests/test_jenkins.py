@@ -3,14 +3,16 @@ jobs, the view, the chain and job6's hand-over in the XML. No Jenkins server nee
 
 from __future__ import annotations
 
+import itertools
 import re
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from ct import workspace as names
-from ct.pipeline import changes, process, records
+from ct.pipeline import changes
 from ct.pipeline.records import GATE_RECORD
+from tests import stand_ins
 from tests import test_jenkins_checks as jc
 from tests.jenkins_render import (
     JOBS,
@@ -21,7 +23,7 @@ from tests.jenkins_render import (
     chain_from,
     downstream_publishers,
     gated_trigger,
-    job_script,
+    started_after,
 )
 
 # ----------------------------------------------------------------------------- jobs and view
@@ -267,21 +269,24 @@ def test_accuracy_and_commit_pass_downstream_as_parameters(rendered):
     assert set(GATE_RECORD.required) <= declared("job5")
 
 
-def test_chain_order_equals_the_local_chain_runner(rendered):
-    jenkins_order = [job_script(rendered[job]) for job in chain_from(rendered, "job1")]
-    jenkins_order.append(job_script(rendered["job5"]))  # job4 -> job5 when below the threshold
-    pipeline = REPO / "scripts" / "pipeline.sh"
-    assert pipeline.is_file(), "scripts/pipeline.sh (the local chain runner) is missing"
-    code = "\n".join(line.split("#", 1)[0] for line in pipeline.read_text().splitlines())
-    functions = dict(re.findall(r"^(\w+)\(\)\s*\{[^\n]*\n(.*?)^\}", code, re.M | re.S))
-    main = functions.pop("main", code)
-    for name, body in functions.items():  # the functions main calls, read where it calls them
-        main = re.sub(rf"\b{name}\b", lambda _, b=body: b, main)
-    local_order: list[str] = []
-    for name in re.findall(r"\bjob[1-5]-[a-z]+\b", main):
-        if name not in local_order:
-            local_order.append(name)
-    assert local_order == jenkins_order
+@pytest.mark.parametrize(("tune", "expected"), [
+    ("false", ["job1", "job2", "job3", "job4", "job7"]),
+    ("true", ["job1", "job2", "job3", "job4", "job5", "job7"]),
+])
+def test_the_local_chain_runner_runs_the_jobs_as_jenkins_triggers_them(
+        rendered, script_env, tmp_path, tune, expected):
+    """The real scripts/pipeline.sh over stand-in jobs that log their runs (tests/stand_ins.py):
+    each job it runs is one that Jenkins starts after the job before (the rendered triggers), two
+    pushes are trained one whole chain after the other, oldest first."""
+    commits = ("a" * 40, "b" * 40)
+    proc, ran = stand_ins.run_chain(tmp_path, script_env, commits, STAND_IN_TUNE=tune)
+    assert proc.returncode == 0, proc.stderr
+    chain = [f"{job} local" for job in expected[1:]]
+    assert ran == [f"{expected[0]} local", *chain[:2], f"took {commits[0]}", *chain[2:],
+                   *chain[:2], f"took {commits[1]}", *chain[2:]]
+    assert rendered[VIEW].findtext("gridBuilder/firstJob") == expected[0]
+    for before, after in itertools.pairwise(expected):
+        assert after in started_after(rendered, before), f"Jenkins starts no {after} after {before}"
 
 
 def test_job4_plots_only_what_the_build_measured(rendered):
@@ -365,68 +370,6 @@ def test_job4_and_job5_publish_the_report_from_the_shared_workspace(rendered):
         assert rendered[job].findtext("customWorkspace") == "${CT_WORKSPACE}"
     for job in ("job1", "job2", "job3", "job6"):
         assert rendered[job].find(".//htmlpublisher.HtmlPublisher") is None, job
-
-
-# ------------------------------------------------------------------ self-healing hand-over
-
-
-def test_job6_hands_a_restarted_run_to_job4_with_its_commit_and_run_folder(rendered, tmp_path):
-    """parameterized-trigger 859.vb_e3907a_07a_16: FileBuildParameters.extractAllValues() reads
-    the properties file from the build's archived artifacts, then the workspace; when it is
-    missing and failTriggerOnMissing is set it throws DontTriggerException, which
-    BuildTriggerConfig.perform() and ParameterizedDependency.shouldTriggerBuild() (the freestyle
-    dependency-graph path) catch: nothing is triggered and the build result is untouched.
-    ResultCondition.ALWAYS triggers whatever job6's result."""
-    root = rendered["job6"]
-    config = job6_trigger(root, "job4")
-    assert config.findtext("condition") == "ALWAYS"
-    params = config.find(f"configs/{PT}FileBuildParameters")
-    assert params.findtext("propertiesFile") == "handover.properties"
-    assert params.findtext("failTriggerOnMissing") == "true"
-    # the build that writes it archives it, so the trigger reads this build's copy first
-    archived = root.find("publishers/hudson.tasks.ArtifactArchiver").findtext("artifacts")
-    assert "handover.properties" in {a.strip() for a in archived.split(",")}
-    # the keys job6 writes are parameters job4 declares (Jenkins drops undeclared ones), and
-    # job4 hands RUN_DIR to its script
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    process.write_handover(ws, {"COMMIT": "0123abc"})
-    written = set(records.parse_properties((ws / "handover.properties").read_text()))
-    assert written == {"COMMIT", "RUN_DIR"}, written
-    declared = {p.findtext("name") for p in rendered["job4"].iter(
-        "hudson.model.StringParameterDefinition")}
-    assert written <= declared
-    (command,) = jc.shell_commands(rendered["job4"])
-    assert re.search(r'scripts/job4-gate\.sh "\$RUN_DIR"', command)
-
-
-def job6_trigger(root, project: str):
-    configs = {c.findtext("projects"): c for c in downstream_publishers(root)}
-    assert set(configs) == {"job4", "job3"}, "job6 hands over to job4 and starts job3, nothing else"
-    return configs[project]
-
-
-def test_job6_starts_the_next_queued_push_with_job3(rendered):
-    """The same parameterized-trigger facts as the hand-over to job4 (859.vb_e3907a_07a_16,
-    FileBuildParameters / DontTriggerException, above): no next-push.properties, no job3 and
-    job6's result untouched; ALWAYS whatever job6's result. The two configs are independent: the
-    plugin's BuildTrigger.buildDependencyGraph() adds one ParameterizedDependency per config and
-    project, and core jenkins-2.492.1 core/src/main/java/hudson/model/DependencyGraph.java add()
-    groups dependencies only between the same two projects; hudson/tasks/BuildTrigger.java
-    execute() asks every downstream dependency's shouldTriggerBuild() in turn: a missing
-    handover.properties does not stop the next push, nor the other way round."""
-    root = rendered["job6"]
-    config = job6_trigger(root, "job3")
-    assert config.findtext("condition") == "ALWAYS"
-    (params,) = config.find("configs")
-    assert params.tag == f"{PT}FileBuildParameters"
-    assert params.findtext("propertiesFile") == names.NEXT_PUSH_PROPERTIES
-    assert params.findtext("failTriggerOnMissing") == "true"
-    archived = root.find("publishers/hudson.tasks.ArtifactArchiver").findtext("artifacts")
-    assert names.NEXT_PUSH_PROPERTIES in {a.strip() for a in archived.split(",")}
-    # the file holds COMMIT=<id>, which job3 declares and passes on to job4
-    # (test_accuracy_and_commit_pass_downstream_as_parameters)
-    assert chain_from(rendered, "job3") == ["job3", "job4"]
 
 
 def test_the_workspace_files_the_jobs_read_are_named_by_their_one_owner(rendered):
