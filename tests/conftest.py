@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -72,6 +73,27 @@ def real_service(start: Callable[[], AbstractContextManager[Any]],
     if os.environ.get(require) == "1":
         pytest.fail(f"{require}=1 but {reason}")
     pytest.skip(reason)
+
+
+def required_tool(found: str | Path | None, what: str, install: str, require: str) -> str:
+    """The path of a tool a test runs; without it (`found` empty) skip with the reason and how to
+    install it, or fail when the environment variable `require` is 1 (.ci/run sets every
+    CT_REQUIRE_*), so that a green CI run cannot hide a tool it lacked."""
+    if found:
+        return str(found)
+    reason = f"{what} is not installed ({install})"
+    if os.environ.get(require) == "1":
+        pytest.fail(f"{require}=1 but {reason}")
+    pytest.skip(f"{reason}; {require}=1 makes this a failure")
+
+
+def venv_tool(name: str) -> str | None:
+    """A tool requirements-dev.txt installs: beside the Python that runs the tests (make test's
+    .venv), else in .venv/bin, else on PATH; None where none is (pytest run outside make test)."""
+    for candidate in (Path(sys.executable).with_name(name), VENV_BIN / name):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which(name)
 
 
 def _project_files() -> list[str]:
