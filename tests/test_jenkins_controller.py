@@ -113,7 +113,7 @@ def required_compose() -> list[str]:
     pip-installable (PyPI's docker-compose is the retired v1), so it is a switch like Docker's."""
     cmd = compose_command()
     if cmd is None:
-        required_tool(None, "neither docker-compose nor the docker compose plugin",
+        required_tool(None, "docker-compose (or the docker compose plugin)",
                       "apt-get install -y docker-compose", "CT_REQUIRE_COMPOSE")
     assert cmd is not None
     return cmd
