@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, git, read_props
 
-VENV = REPO / ".venv"
+# the environment running these tests (make test's VENV), which make run of the clone then uses
+VENV = Path(sys.prefix) if sys.prefix != sys.base_prefix else REPO / ".venv"
 
 
 @pytest.fixture
