@@ -4,7 +4,6 @@ by the winner, rounds that grow one study, killed trials retried once."""
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from ct.trainer.engine import OPTIMIZERS
 from ct.trainer.tune import trial_dir
 from tests.conftest import REPO
 from tests.synthetic_cifar import make_cifar
-from tests.test_train import stop_after
-from tests.train_cli import run
-from tests.tune_workspace import TUNE, journal, rows, the_study, tune_dir, tune_dirs
+from tests.train_cli import run, signalled_at
+from tests.tune_workspace import TUNE, EpochClock, journal, rows, the_study, tune_dir, tune_dirs
 
 
 def test_a_round_tries_the_base_config_first_and_tests_only_the_best(
@@ -132,22 +130,30 @@ def the_study_named(storage: optuna.storages.BaseStorage, name: str) -> optuna.S
     return optuna.load_study(study_name=name, storage=storage)
 
 
-@pytest.mark.slow  # a round that runs for its time budget
+# Each epoch takes this long on the round's clock (tune_workspace.EpochClock): budgets in epochs.
+EPOCH_S = 10.0
+
+
+@pytest.mark.slow  # a whole round of real trials: 20-25 s on one core
 def test_time_budget_bounds_the_round(tmp_path: Path, tiny_cifar_root: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
-    common = ["--data-dir", tiny_cifar_root, *TUNE, "--epochs", "3"]
-    # The budget is three first trials long, measured here, so a busy machine cannot make the
-    # first trial miss it while fifty trials still cannot fit.
-    assert run(["--out", tmp_path / "probe", *common, "--trials", "1"], capsys)[0] == 0
-    budget = max(4.0, 3 * rows(tune_dir(tmp_path / "probe"))[0]["seconds"])
-    status, out, _ = run(["--out", tmp_path / "ws", *common, "--trials", "50",
-                          "--time-budget", str(budget)], capsys)
+                                      capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials start while the budget lasts and none after it: 7.5 epochs' time fits the base
+    and recipe trials (3 epochs each) and the start of sampled ones, never fifty trials."""
+    EpochClock(EPOCH_S).install(monkeypatch)
+    budget = 7.5 * EPOCH_S
+    status, out, _ = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE, "--epochs", "3",
+                          "--trials", "50", "--time-budget", str(budget)], capsys)
     assert status == 0, out
-    trials = rows(tune_dir(tmp_path / "ws"))
-    assert 1 <= len(trials) < 50
-    assert "time budget" in out
-    assert sum(t["seconds"] for t in trials[:-1]) <= budget, "no trial starts after the budget"
-    study = the_study(tmp_path / "ws")
+    trials = rows(tune_dir(tmp_path))
+    assert [(t["source"], t["status"], t["seconds"]) for t in trials[:2]] == [
+        ("base", "done", 3 * EPOCH_S), ("recipe", "done", 3 * EPOCH_S)]
+    assert 3 <= len(trials) < 50
+    starts = [sum(t["seconds"] for t in trials[:i]) for i in range(len(trials))]
+    assert all(start < budget for start in starts), "no trial starts after the budget"
+    assert starts[-1] + trials[-1]["seconds"] >= budget, "the round used its budget"
+    assert f"time budget of {budget:.0f}s spent" in out
+    study = the_study(tmp_path)
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING)), \
         "the round's unused slots are closed, so no later round pops them"
 
@@ -165,30 +171,34 @@ def test_a_restarted_round_continues_instead_of_starting_over(
 
 
 def test_a_budget_too_small_for_any_trial_is_a_clear_error(
-        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    EpochClock(EPOCH_S).install(monkeypatch)
     (tmp_path / "accuracy.txt").write_text("70.00\n")
     status, _, err = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, *TUNE,
-                          "--epochs", "50", "--time-budget", "0.5"], capsys)
+                          "--epochs", "50", "--time-budget", str(0.5 * EPOCH_S)], capsys)
     assert status == 2 and "no trial finished" in err
     assert (tmp_path / "accuracy.txt").read_text() == "70.00\n"
 
 
 def test_sigterm_mid_trial_then_the_retry_resumes_its_checkpoint_and_counts_once(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # One slot, the base config: batches of 32 make it long enough (3 epochs of 29 steps) to be
-    # stopped inside it.
+    # One slot, the base config, stopped during its second epoch.
     args = ["--data-dir", tiny_cifar_root, "--tune", "--epochs", "3", "--batch-size", "32",
             "--trials", "1"]
     assert run(["--out", tmp_path / "ref", *args], capsys)[0] == 0
     ws = tmp_path / "ws"
     cmd = [sys.executable, str(REPO / "train.py"), "--out", str(ws), *map(str, args)]
-    stop = stop_after(cmd, ["trial-000", "epoch 1/3"], signal.SIGTERM)
-    assert stop.status == 143, stop.stderr
+    stop = signalled_at(cmd, "during epoch 2/3 of trial-000", "SIGTERM")
+    assert stop.returncode == 143, stop.stderr
     (line,) = stop.stderr.splitlines()
-    assert line.startswith("train.py: stopped by SIGTERM ") and "of trial-000" in line, line
+    assert line.startswith("train.py: stopped by SIGTERM during epoch 2/3 of trial-000;"), line
+    assert "the checkpoint of epoch 1 is kept" in line, line
+    stopped_s = json.loads((tune_dir(ws) / "clock.json").read_text())["wall_seconds"]
     status, out, _ = run(["--out", ws, *args], capsys)
     assert status == 0, out
-    assert "trial-000 lost its worker" in out and "resuming trial-001 from its checkpoint" in out
+    assert "trial-000 lost its worker" in out
+    assert "resuming trial-001 from its checkpoint after epoch 1" in out
     (done,) = [r for r in rows(tune_dir(ws)) if r["status"] == "done"]
     (reference,) = rows(tune_dir(tmp_path / "ref"))
     assert done["val_accuracy"] == reference["val_accuracy"], "resumed as if never stopped"
@@ -198,7 +208,7 @@ def test_sigterm_mid_trial_then_the_retry_resumes_its_checkpoint_and_counts_once
     assert metrics["accuracy"] == json.loads((tmp_path / "ref" / "metrics.json").read_text())[
         "accuracy"]
     assert metrics["resumes"] == 1 and metrics["trials_finished"] == 1
-    assert metrics["wall_time_s"] >= stop.ran_s, "the stopped process's time counts"
+    assert metrics["wall_time_s"] > stopped_s, "the stopped process's time counts"
 
 
 def test_the_search_leaves_out_a_key_the_base_network_ignores() -> None:
@@ -236,26 +246,23 @@ def test_reports_reach_every_tenth_so_short_and_long_trials_compare(tmp_path: Pa
 # --- several workers on one round -------------------------------------------------------------
 
 
-@pytest.mark.slow  # a round that runs for its time budget
+@pytest.mark.slow  # a whole round of real trials: about 15 s on one core
 def test_a_trial_that_cannot_finish_in_the_budget_stops_early(
-        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A sampled trial whose pace says it would end after the deadline stops at once (its time
     goes to other trials) instead of running until the deadline cuts it."""
-    common = ["--data-dir", tiny_cifar_root, "--tune", "--epochs", "1", "--batch-size", "64"]
-    # The probe times the round's two fixed trials (the base config's, 1 epoch here, and the
-    # recipe trial), which run before any sampled one, on this machine at this moment.
-    assert run(["--out", tmp_path / "probe", *common, "--trials", "2"], capsys)[0] == 0
-    base, recipe = rows(tune_dir(tmp_path / "probe"))
-    # Sampled trials take 4 to 60 epochs (the seeded draws here include long ones): a long one
-    # cannot finish in the 12 epochs' time left after the fixed trials.
-    budget = base["seconds"] + recipe["seconds"] + max(6.0, 12 * base["seconds"])
-    status, out, _ = run(["--out", tmp_path / "ws", *common, "--trials", "4", "--max-epochs",
-                          "60", "--time-budget", str(budget)], capsys)
+    EpochClock(EPOCH_S).install(monkeypatch)
+    # The base config's trial (1 epoch here) runs first; 12 epochs' time is left after it.
+    # Sampled trials take 4 to 60 epochs, and the seeded draws here include longer ones than 12.
+    budget = EPOCH_S * (1 + 12)
+    status, out, _ = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, "--tune", "--epochs",
+                          "1", "--batch-size", "64", "--trials", "4", "--max-epochs", "60",
+                          "--no-recipe-trial", "--time-budget", str(budget)], capsys)
     assert status == 0, out
-    early = [r for r in rows(tune_dir(tmp_path / "ws")) if "would not finish" in (r["ended"] or "")]
+    early = [r for r in rows(tune_dir(tmp_path)) if "would not finish" in (r["ended"] or "")]
     assert early, out
     for row in early:
-        assert row["status"] == "stopped"
-        done = len((tune_dir(tmp_path / "ws") / f"trial-{row['trial']:03d}" / "epochs.jsonl")
-                   .read_text().splitlines())
-        assert done < row["params"]["epochs"], "stopped well before its last epoch"
+        assert row["status"] == "stopped" and row["params"]["epochs"] > 12
+        done = (tune_dir(tmp_path) / f"trial-{row['trial']:03d}" / "epochs.jsonl").read_text()
+        assert len(done.splitlines()) == 1, "stopped after its first epoch, not at the deadline"

@@ -3,11 +3,14 @@ runs the trainer's tests share."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 import train
+from ct.trainer.stopping import TEST_SIGNAL_ENV
 
 
 def run(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -37,3 +40,11 @@ def unfinished_run(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str
     run_dir = only_run_dir(ws)
     (run_dir / "metrics.json").unlink()  # as if killed before the end
     return ws
+
+
+def signalled_at(cmd: list[str], point: str, signame: str) -> subprocess.CompletedProcess[str]:
+    """Run `cmd`, which sends itself `signame` once it reaches `point` (ct.trainer.stopping's
+    CT_TEST_SIGNAL_AT): the same moment on every machine, where reading the log and then
+    signalling raced the next epoch."""
+    env = {**os.environ, TEST_SIGNAL_ENV: f"{signame}@{point}"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

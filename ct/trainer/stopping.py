@@ -5,10 +5,17 @@ unless a `deferred()` block is writing results: then at that block's end, so tha
 block writes (a checkpoint and the lines that go with it) are all new or all old. An epoch cut
 short is simply lost; the rerun continues from the last checkpoint. `train.py` turns `Stopped`
 into one line on stderr and exit status 128 + the signal (143 for SIGTERM, 130 for SIGINT).
+
+For tests only (unset in use): `CT_TEST_SIGNAL_AT=SIGNAME@POINT` makes the process send itself
+SIGNAME the first time it reaches a point (`at`) whose description starts with POINT, e.g.
+`SIGKILL@after epoch 2/4` (a kill -9 just after epoch 2's checkpoint) or `SIGTERM@during epoch 3/4`.
+A test that read the log and then signalled raced the next epoch; this lands on the same epoch on
+every machine.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+TEST_SIGNAL_ENV = "CT_TEST_SIGNAL_AT"
 
 
 class Stopped(BaseException):
@@ -42,6 +50,7 @@ class _State:
     finishing: bool = False  # results are being published: a stop would only waste them
     doing: str = "while starting up"
     kept: str = "any earlier checkpoint is kept"
+    test_signal_sent: bool = False  # CT_TEST_SIGNAL_AT fires once per process
 
 
 _state = _State()
@@ -101,6 +110,12 @@ def finishing() -> None:
 def at(doing: str, kept: str) -> None:
     """What the process is doing and what survives a stop now, for the one-line report."""
     _state.doing, _state.kept = doing, kept
+    wanted = os.environ.get(TEST_SIGNAL_ENV)
+    if wanted and not _state.test_signal_sent:
+        name, _, point = wanted.partition("@")
+        if doing.startswith(point):
+            _state.test_signal_sent = True
+            os.kill(os.getpid(), signal.Signals[name])
 
 
 def report(stop: Stopped) -> str:
