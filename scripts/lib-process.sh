@@ -152,8 +152,10 @@ follow() {
   name="$(process_get "$role" CONTAINER)" || exit $?
   if [[ "$CT_RUNTIME" == docker ]]; then
     docker logs -f ${since:+--since "$since"} "$name" 2>&1 || true
-    code="$(docker wait "$name" 2>/dev/null || echo 255)"
-    oom="$(docker inspect -f '{{.State.OOMKilled}}' "$name" 2>/dev/null || echo false)"
+    # a vanished container: docker prints a blank line before failing, so the fallback replaces
+    # its output rather than being appended to it
+    code="$(docker wait "$name" 2>/dev/null)" || code=255
+    oom="$(docker inspect -f '{{.State.OOMKilled}}' "$name" 2>/dev/null)" || oom=false
   else
     # a local process is followed by the shell that started it (start_process, same script)
     local pid="${name#pid-}" tailer

@@ -69,6 +69,7 @@ def test_job6_restarts_a_container_that_vanished_mid_run(source_repo, docker_env
     finally:
         job3.kill()
     assert job3.returncode == 1, err
+    assert "usage:" not in err and "restarts it from its last checkpoint" in err, err
     assert docker_engine.docker("ps", "-aq", "--filter", f"name=^{name}$").strip() == ""
     (run_dir,) = ws.glob("runs/train-*")
     assert not (run_dir / "metrics.json").exists()  # mid-run: it had not finished
