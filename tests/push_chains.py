@@ -46,28 +46,51 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> tuple[int
     return code, log.read_text()
 
 
-def wait_for_first_epoch(ws: Path, proc: subprocess.Popen, log: Path, timeout: float = 300
-                         ) -> Path:
-    """The run folder of the training run once it has recorded an epoch (a checkpoint)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+# How long a wait below gives a job before calling it hung: not a speed bound (run_script's
+# timeout, the same), only what keeps a broken job from holding the suite forever.
+HANG_GUARD_S = 600.0
+# ct.trainer.stopping's test hook: the trainer stops itself (SIGSTOP) once epoch 1 of 2 is
+# recorded, a state that lasts until the test continues or kills it: no epoch can slip by.
+STOP_AFTER_FIRST_EPOCH = {"CT_TEST_SIGNAL_AT": "SIGSTOP@after epoch 1/2 "}
+
+
+def wait_for_first_epoch(ws: Path, proc: subprocess.Popen, log: Path) -> Path:
+    """The run folder of the training run once it has recorded an epoch (a checkpoint). Only
+    for a container, which the hook cannot reach (it gets only the variables the pipeline names
+    with -e): the caller races the next epoch, so its run must be long enough never to lose."""
+    guard = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < guard:
         found = sorted((ws / "runs").glob("train-*/epochs.jsonl"))
         if found:
             return found[-1].parent
         if proc.poll() is not None:
             raise AssertionError(f"the job ended before an epoch:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
-    raise AssertionError("no epoch within the timeout")
+    raise AssertionError(f"hung: no epoch after {HANG_GUARD_S:.0f} s")
 
 
-def local_pid(ws: Path, role: str = "train") -> int:
-    name = read_props(ws / "status" / f"{role}.properties")["CONTAINER"]
-    assert name.startswith("pid-"), name
-    return int(name.removeprefix("pid-"))
+def _stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
-def pause(pid: int) -> None:
-    os.kill(pid, signal.SIGSTOP)
+def stopped_itself(ws: Path, proc: subprocess.Popen, log: Path, not_pid: int = 0) -> int:
+    """The pid of the training process (its record's) once it has stopped itself at its hook
+    (STOP_AFTER_FIRST_EPOCH); `not_pid`: one that stopped before and was dealt with."""
+    state = ws / "status" / "train.properties"
+    guard = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < guard:
+        name = read_props(state).get("CONTAINER", "") if state.exists() else ""
+        if name.startswith("pid-") and int(name[4:]) != not_pid and _stopped(int(name[4:])):
+            return int(name[4:])
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended before its run stopped itself:\n"
+                                 f"{log.read_text()[-4000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"hung: the run did not stop itself after {HANG_GUARD_S:.0f} s")
 
 
 def resume(pid: int) -> None:

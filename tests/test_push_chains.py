@@ -13,18 +13,17 @@ import pytest
 
 from tests.conftest import read_props, run_script
 from tests.push_chains import (
+    STOP_AFTER_FIRST_EPOCH,
     assert_each_commit_judged_once,
     assert_output_trained_its_commit,
     finish,
     kill,
-    local_pid,
-    pause,
     queued,
     resume,
     start,
+    stopped_itself,
     two_pushes,
     verdicts,
-    wait_for_first_epoch,
 )
 
 FAST = "--batch-size 64 --epochs 2 --seed 1"
@@ -37,17 +36,16 @@ def env(script_env):
 
 
 def train_a_then_push_b(ws: Path, env, repo: Path, tmp_path: Path):
-    """job1+job2 for A, job3 for A in the background until its first epoch, then job1 for B
-    while A is paused; returns (labels, job3 process, its log, A's pid). A stays paused."""
+    """job1+job2 for A, job3 for A in the background until A's run stops itself after its first
+    epoch, then job1 for B while A is stopped; returns (labels, job3 process, its log, A's pid).
+    A stays stopped."""
     labels = two_pushes(repo)
     a, b = list(labels)
     run_script("job1-pull.sh", env, str(repo), a)
     run_script("job2-image.sh", env)
     log = tmp_path / "job3-a.log"
-    job3 = start("job3-train.sh", env, log=log)
-    wait_for_first_epoch(ws, job3, log)
-    pid = local_pid(ws)
-    pause(pid)
+    job3 = start("job3-train.sh", {**env, **STOP_AFTER_FIRST_EPOCH}, log=log)
+    pid = stopped_itself(ws, job3, log)
     before = (ws / "code" / a / "network.py").read_text()
     assert run_script("job1-pull.sh", env, str(repo), b).stdout.strip() == b
     assert (ws / "code" / a / "network.py").read_text() == before  # A's code is pinned
@@ -125,21 +123,21 @@ def test_newest_order_trains_the_new_push_instead_of_restarting_the_old_one(env,
 @pytest.mark.slow  # the two other local cases run the same jobs, fast
 def test_the_local_chain_runner_trains_the_push_that_arrived_during_its_chain(env, source_repo,
                                                                               tmp_path):
-    """make run twice: the second finds A training (paused), leaves B queued and exits 0; A is
+    """make run twice: the second finds A training (stopped), leaves B queued and exits 0; A is
     killed before any job6 cycle; the first runner restarts A, judges it, then trains B."""
     ws = Path(env["CT_WORKSPACE"])
     labels = two_pushes(source_repo)
     a, b = list(labels)
     log = tmp_path / "pipeline-a.log"
-    first = start("pipeline.sh", env, str(source_repo), a, log=log)
-    wait_for_first_epoch(ws, first, log)
-    pid = local_pid(ws)
-    pause(pid)
+    # every fresh run of this runner stops itself after epoch 1: A's, and later B's
+    first = start("pipeline.sh", {**env, **STOP_AFTER_FIRST_EPOCH}, str(source_repo), a, log=log)
+    pid = stopped_itself(ws, first, log)
     try:
         second = run_script("pipeline.sh", env, str(source_repo), b)
     finally:
         kill(pid)
     assert "nothing trained now" in second.stderr and queued(ws) == [b]
+    resume(stopped_itself(ws, first, log, not_pid=pid))  # B's run (A's resumed run goes on)
     code, out = finish(first, log)
     assert code == 0, out[-4000:]
     assert "resuming" in out and "2 push(es) trained" in out
