@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -252,11 +251,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ET.Element]:
     """jenkins/jobs.yaml rendered once per session by the real Jenkins Job Builder."""
     from tests.jenkins_render import render_jobs
 
-    start = time.monotonic()
-    xml = render_jobs(tmp_path_factory.mktemp("jjb") / "out")
-    elapsed = time.monotonic() - start
-    assert elapsed < 5, f"jenkins-jobs test took {elapsed:.1f} s (target: under 5 s)"
-    return xml
+    return render_jobs(tmp_path_factory.mktemp("jjb") / "out")
 
 
 @pytest.fixture

