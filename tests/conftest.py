@@ -86,6 +86,14 @@ def required_tool(found: str | Path | None, what: str, install: str, require: st
     pytest.skip(f"{reason}; {require}=1 makes this a failure")
 
 
+def real_cifar() -> Path:
+    """The folder holding the real CIFAR-10 copy (SHARED_CIFAR); a skip without one, or a failure
+    under CT_REQUIRE_DATA=1."""
+    found = SHARED_CIFAR.parent if SHARED_CIFAR.is_file() else None
+    return Path(required_tool(found, f"the CIFAR-10 copy {SHARED_CIFAR}",
+                              "put it there or name it with CT_CIFAR_ARCHIVE", "CT_REQUIRE_DATA"))
+
+
 def venv_tool(name: str) -> str | None:
     """A tool requirements-dev.txt installs: beside the Python that runs the tests (make test's
     .venv), else in .venv/bin, else on PATH; None where none is (pytest run outside make test)."""

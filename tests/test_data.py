@@ -16,7 +16,7 @@ import torch
 
 from ct.trainer import data as data_module
 from ct.trainer.data import DataError, load_cifar, locate
-from tests.conftest import SHARED_CIFAR
+from tests.conftest import real_cifar
 from tests.synthetic_cifar import make_cifar_archive
 
 
@@ -76,9 +76,8 @@ def test_truncated_archive_is_reported(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"no CIFAR-10 copy at {SHARED_CIFAR}")
 def test_real_cifar_copy_passes_the_check() -> None:
-    data = load_cifar(SHARED_CIFAR.parent)
+    data = load_cifar(real_cifar())
     assert data.train_x.shape == (50000, 3, 32, 32) and data.test_x.shape == (10000, 3, 32, 32)
     assert torch.bincount(data.test_y).tolist() == [1000] * 10
     assert torch.bincount(data.train_y).tolist() == [5000] * 10

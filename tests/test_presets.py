@@ -6,7 +6,6 @@ bench/."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +13,7 @@ from pathlib import Path
 import pytest
 
 from ct.trainer import config
-from tests.conftest import REPO, SHARED_CIFAR
-
-
-def real_cifar() -> Path:
-    """The folder holding the real CIFAR-10 copy; a skip without one, unless CT_REQUIRE_DATA=1
-    (CI), which makes that a failure."""
-    if SHARED_CIFAR.is_file():
-        return SHARED_CIFAR.parent
-    missing = f"no CIFAR-10 copy at {SHARED_CIFAR} (CT_CIFAR_ARCHIVE names another)"
-    if os.environ.get("CT_REQUIRE_DATA") == "1":
-        pytest.fail(f"CT_REQUIRE_DATA=1 but {missing}")
-    pytest.skip(f"{missing}; CI sets CT_REQUIRE_DATA=1 to make this a failure")
+from tests.conftest import REPO, real_cifar
 
 
 @pytest.mark.slow
