@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -115,12 +114,12 @@ def test_a_decompression_bomb_is_refused_from_its_header() -> None:
     # just over the service's limit, still only a header
     with pytest.raises(ImageError, match="4097x4096 pixels is over the limit"):
         decode(png_header(4097, 4096), SERVING)
-    # a real JPEG whose frame header lies about its size, refused as fast
+    # a real JPEG whose frame header lies about its size, refused from the header: its pixels are
+    # never decoded (a decode would fail on the truncated data, not on the size)
     jpeg = with_jpeg_size(encoded(noise((64, 64)), "JPEG"), 30000, 30000)
-    start = time.perf_counter()
     with pytest.raises(ImageError) as caught:
         decode(jpeg, SERVING)
-    assert caught.value.kind == images.TOO_LARGE and time.perf_counter() - start < 1
+    assert caught.value.kind == images.TOO_LARGE
 
 
 def test_without_a_limit_pillow_guards_against_bombs_itself() -> None:
