@@ -22,8 +22,7 @@ _STAMP = re.compile(r"-(\d{8}-\d{6})-")  # runs/<kind>-<UTC time>-<config hash>[
 # imports nothing of the trainer's; tests/test_per_class.py checks that the two agree).
 RUN_CONFUSION = "confusion.png"
 # Everything here is the container's: read through ct.untrusted (no link below the workspace
-# followed, regular files only) under these caps.
-MAX_JSON = 4 << 20
+# followed, regular files only) under these caps; JSON objects under records.MAX_READ.
 MAX_TEXT = 64 << 20  # the accuracy history, the status records
 MAX_PICTURE = 16 << 20
 
@@ -71,19 +70,6 @@ def run_sort_key(path: Path) -> tuple[str, float, str]:
     return (match.group(1) if match else "", mtime, path.name)
 
 
-def read_object(root: Path, path: Path) -> tuple[dict[str, Any] | None, str]:
-    """For display: (the JSON object in `path`, "") or (None, why not: "no <name>" when it is
-    missing); never an exception, never a link followed."""
-    try:
-        text = untrusted.read_text(path, MAX_JSON, root=root)
-    except untrusted.Missing:
-        return None, f"no {path.name}"
-    except untrusted.UntrustedFile as err:
-        return None, f"{path.name} cannot be read ({err.cause})"
-    obj, problem = records.parse_json_object(text)
-    return obj, f"{path.name} {problem}" if problem else ""
-
-
 def regular(root: Path, path: Path) -> bool:
     """Whether `path` is a regular file reached without a link (one the page may show)."""
     try:
@@ -94,7 +80,7 @@ def regular(root: Path, path: Path) -> bool:
 
 
 def read_run(root: Path, path: Path) -> Run:
-    metrics, problem = read_object(root, path / names.RUN_METRICS)
+    metrics, problem = records.read_json_object(path / names.RUN_METRICS, root)
     if metrics is None and problem == f"no {names.RUN_METRICS}":
         started = (path / names.RUN_CHECKPOINT).exists() or (path / names.RUN_EPOCHS).exists()
         problem += " (not finished: still running, stopped or crashed)" if started else ""
@@ -130,10 +116,10 @@ def number(text: Any) -> float | None:
 
 def collect(root: Path) -> ReportInputs:
     inputs = ReportInputs(root)
-    best, problem = read_object(root, root / names.BEST_FILE)
+    best, problem = records.read_json_object(root / names.BEST_FILE, root)
     inputs.best, inputs.best_problem = best, ("" if problem == f"no {names.BEST_FILE}" else problem)
     inputs.history, inputs.history_problem = read_history(root, root / names.HISTORY_FILE)
-    inputs.latest, _ = read_object(root, root / names.METRICS_FILE)
+    inputs.latest, _ = records.read_json_object(root / names.METRICS_FILE, root)
     inputs.confusion, inputs.confusion_problem = read_confusion(root, inputs.latest)
     try:
         with untrusted.folder(root, (names.RUNS_DIR,)):  # runs/ itself no link
