@@ -303,14 +303,18 @@ ensure_service() {
   log "the service answers at $CT_SERVE_URL"
 }
 
-# start_service_container NAME IMAGE: the service's container, as locked down as it can be: not
-# root, a read-only root file system, no capabilities, no privilege gain, a memory limit, models/
-# and serving/ read-only and nothing else of the workspace; --network host, listening on loopback.
+# What every container of the serving image runs with, the service and the pipeline's own
+# measurement alike: not root, a read-only root file system, no capabilities, no privilege gain,
+# a process and a memory limit, an init that passes signals on.
+SERVING_LOCKDOWN=(--init --user 1000:1000 --read-only --tmpfs /tmp --cap-drop ALL
+  --security-opt no-new-privileges --pids-limit 256 --memory "$CT_SERVE_MEMORY"
+  --memory-swap "$CT_SERVE_MEMORY")
+
+# start_service_container NAME IMAGE: the service's container, locked down (SERVING_LOCKDOWN), with
+# models/ and serving/ read-only and nothing else of the workspace; --network host, on loopback.
 start_service_container() {
-  docker run -d --name "$1" --label ct.role=serve --label "ct.workspace=$CT_WORKSPACE" --init \
-    --restart unless-stopped --network host --user 1000:1000 --read-only --tmpfs /tmp \
-    --cap-drop ALL --security-opt no-new-privileges --pids-limit 256 \
-    --memory "$CT_SERVE_MEMORY" --memory-swap "$CT_SERVE_MEMORY" -e "CT_SERVE_PORT=$CT_SERVE_PORT" \
+  docker run -d --name "$1" --label ct.role=serve --label "ct.workspace=$CT_WORKSPACE" \
+    --restart unless-stopped --network host "${SERVING_LOCKDOWN[@]}" -e "CT_SERVE_PORT=$CT_SERVE_PORT" \
     -v "$CT_WORKSPACE/$SERVE_MODELS_DIR:/workspace/$SERVE_MODELS_DIR:ro" \
     -v "$CT_WORKSPACE/$SERVE_SERVING_DIR:/workspace/$SERVE_SERVING_DIR:ro" \
     --entrypoint python "$2" -m ct.serving --workspace /workspace --host 127.0.0.1 \

@@ -434,9 +434,7 @@ measure_candidate() {
     text="$(ct_py ct.pipeline.measured --workspace "$CT_WORKSPACE" mounts --runtime docker)" || exit $?
     mapfile -t mounts <<<"$text"
     line="$(docker run --rm --name "$(container_name measure-score)" --label ct.role=measure \
-      --label "ct.workspace=$CT_WORKSPACE" --init --network none --user 1000:1000 --read-only \
-      --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges --pids-limit 256 \
-      --memory "$CT_SERVE_MEMORY" --memory-swap "$CT_SERVE_MEMORY" "${mounts[@]}" \
+      --label "ct.workspace=$CT_WORKSPACE" --network none "${SERVING_LOCKDOWN[@]}" "${mounts[@]}" \
       --entrypoint python "$(serve_image)" -m ct.serving.measure "${args[@]}")" || rc=$?
   else
     line="$(ct_py ct.serving.measure "${args[@]}")" || rc=$?
