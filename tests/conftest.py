@@ -177,6 +177,13 @@ def run_script(
     return proc
 
 
+def lib_sh(env: dict[str, str], snippet: str) -> subprocess.CompletedProcess[str]:
+    """Run `snippet` after sourcing scripts/lib.sh, as a job script does."""
+    return subprocess.run(["bash", "-c", f"set -euo pipefail; source scripts/lib.sh; {snippet}"],
+                          cwd=REPO, env={**env, "CT_JOB": "test"}, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
 def read_props(path: Path) -> dict[str, str]:
     """A record as Jenkins reads it (java.util.Properties: escapes undone), through the pipeline's
     one properties reader, whose escaping tests/test_gate.py checks against literal text."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ct import cpu_budget
-from tests.conftest import REPO
+from tests.conftest import REPO, lib_sh, run_script
 
 
 def run_module(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -130,26 +130,19 @@ def test_a_container_limited_by_docker_cpus_trains_on_that_many_threads(docker_e
 
 # ------------------------------------------------------- the host gives each training its share
 
-def lib(env: dict[str, str], snippet: str) -> subprocess.CompletedProcess[str]:
-    """`snippet` after sourcing scripts/lib.sh, as a job script runs it."""
-    return subprocess.run(["bash", "-c", f"set -euo pipefail; source scripts/lib.sh; {snippet}"],
-                          cwd=REPO, env={**env, "CT_JOB": "test"}, capture_output=True,
-                          text=True, timeout=120, check=False)
-
-
 @pytest.mark.parametrize(("per_host", "role", "workers", "processes"), [
     ("1", "train", "4", 1), ("2", "train", "4", 2), ("1", "tune", "2", 2),
     ("1", "tune-w1", "2", 2), ("2", "tune", "3", 6)])
 def test_each_launch_gets_its_share_of_the_hosts_cores(script_env, per_host: str, role: str,
                                                        workers: str, processes: int) -> None:
     env = {**script_env, "CT_TRAININGS_PER_HOST": per_host, "CT_TUNE_WORKERS": workers}
-    proc = lib(env, f"thread_budget {role}")
+    proc = lib_sh(env, f"thread_budget {role}")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{cpu_budget.share(cpu_budget.usable_cores(), processes)}\n"
 
 
 def test_a_garbled_trainings_per_host_is_one_line_and_no_launch(script_env) -> None:
-    proc = lib({**script_env, "CT_TRAININGS_PER_HOST": "2*3"}, "thread_budget train")
+    proc = lib_sh({**script_env, "CT_TRAININGS_PER_HOST": "2*3"}, "thread_budget train")
     assert proc.returncode == 2 and proc.stdout == ""
     assert "CT_TRAININGS_PER_HOST" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
@@ -166,9 +159,8 @@ def test_a_local_training_gets_ct_threads_and_none_of_the_hosts_secrets(
     secrets = {"SMTP_PASSWORD": "smtp-s3cret", "SMTP_USER": "mailer",
                "JENKINS_API_TOKEN": "api-s3cret", "JENKINS_USER": "ct-retrain"}
     env = {**script_env, **secrets, "CT_PYTHON": str(stand_in), "CT_TRAININGS_PER_HOST": "1"}
-    from tests.conftest import run_script
     commit = run_script("job1-pull.sh", env, str(source_repo)).stdout.strip()
-    proc = lib(env, f"launch train local {commit} --preset fast; wait")
+    proc = lib_sh(env, f"launch train local {commit} --preset fast; wait")
     assert proc.returncode == 0, proc.stderr
     child = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
     assert child["CT_THREADS"] == str(cpu_budget.usable_cores())

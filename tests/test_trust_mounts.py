@@ -13,21 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_script
+from tests.conftest import lib_sh, run_script
 
 HIDDEN = ("code", "status", "serving", "outbox", "report", "plot", "artifacts")
 
 
-def lib(env: dict[str, str], snippet: str) -> subprocess.CompletedProcess[str]:
-    """Run `snippet` after sourcing scripts/lib.sh, as a job script does."""
-    return subprocess.run(["bash", "-c", f"set -euo pipefail; source scripts/lib.sh; {snippet}"],
-                          cwd=REPO, env={**env, "CT_JOB": "test"}, capture_output=True,
-                          text=True, timeout=120)
-
-
 def sandbox(env: dict[str, str], commit: str) -> subprocess.CompletedProcess[str]:
     """sandbox_args as launch and with_model_code call it; stdout: its options, NUL-separated."""
-    return lib(env, f"sandbox_args train ct-test {commit}; printf '%s\\0' \"${{SANDBOX[@]}}\"")
+    return lib_sh(env, f"sandbox_args train ct-test {commit}; printf '%s\\0' \"${{SANDBOX[@]}}\"")
 
 
 def one_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -162,7 +155,7 @@ def artifacts(pulled, script_env, tmp_path):
 def test_keep_artifact_copies_a_regular_file(pulled, artifacts):
     ws, _outside, commit = pulled
     env, kept = artifacts
-    proc = lib(env, f'keep_artifact "{ws}/commit.txt"')
+    proc = lib_sh(env, f'keep_artifact "{ws}/commit.txt"')
     assert proc.returncode == 0, proc.stderr
     assert (kept / "commit.txt").read_text() == commit + "\n"
 
@@ -182,7 +175,7 @@ def test_keep_artifact_never_copies_through_a_symlink_or_from_outside(pulled, ar
         given = ws / "status" / "secret"
     else:
         given = outside / "secret"
-    proc = lib(env, f'keep_artifact "{given}"')
+    proc = lib_sh(env, f'keep_artifact "{given}"')
     assert proc.returncode == 2 and "not archived" in one_line(proc)
     assert not any("host secret" in p.read_text() for p in kept.rglob("*") if p.is_file())
     assert not [p for p in kept.rglob("*") if p.is_symlink()]
@@ -293,7 +286,7 @@ def test_a_container_whose_mounted_record_is_gone_is_restarted_as_a_new_one(
     ws, _outside, commit = pulled
     (ws / "best.json").write_text("{}\n")  # mounted read-only as the container starts
     env = {**script_env, "DOCKER_HOST": docker_engine.host, "CT_RUNTIME": "docker"}
-    proc = lib(env, f"""resolve_runtime
+    proc = lib_sh(env, f"""resolve_runtime
         start_process train {docker_engine.base_image} {commit} --no-such-flag
         docker inspect -f '{{{{.Id}}}}' "$LAUNCHED"; docker wait "$LAUNCHED" >/dev/null
         rm "$CT_WORKSPACE/best.json"  # moved away by hand: no source for that mount any more

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from ct.pipeline import process, records
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, required_tool, run_script
 
 COMMIT = "c" * 40
 STARTED = "2000-01-01T00:00:00Z"
@@ -158,11 +158,10 @@ public class Read { public static void main(String[] a) throws Exception {
 
 
 def need_java() -> None:
-    """Skip without java, except under CT_REQUIRE_JAVA=1 (CI installs a JRE: there it must run)."""
-    if shutil.which("java") is None:
-        if os.environ.get("CT_REQUIRE_JAVA") == "1":
-            pytest.fail("CT_REQUIRE_JAVA=1 but no java is installed (openjdk-17-jre-headless)")
-        pytest.skip("no java here to read the file as Jenkins does")
+    """java, to read a file as Jenkins does: a skip without it, a failure under CT_REQUIRE_JAVA=1
+    (CI installs a JRE)."""
+    required_tool(shutil.which("java"), "java", "apt-get install openjdk-17-jre-headless",
+                  "CT_REQUIRE_JAVA")
 
 
 def java_properties(path: Path, tmp_path: Path) -> dict[str, str]:
