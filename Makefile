@@ -24,8 +24,10 @@ run: venv
 train: venv
 	$(PY) train.py --out out $(TRAIN_ARGS)
 
+# One pytest-xdist worker per core, each pinned to its core (tests/conftest.py): the trainings the
+# tests start share the cores instead of oversubscribing them.
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist worksteal $(PYTEST_ARGS)
 
 test-slow: venv
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

@@ -17,6 +17,7 @@ def _epoch_cost(*flags: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a benchmark run end to end
 def test_epoch_cost_adds_each_epochs_cost_and_scales_the_forecast() -> None:
     done = _epoch_cost("--presets", "fast", "--reference", "fast", "--rounds", "1",
                        "--batches", "1", "--epoch-seconds", "10")

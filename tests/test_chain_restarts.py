@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import git, read_props, run_script
 
 
@@ -66,6 +68,7 @@ def test_job6_restart_limit_local(source_repo, script_env, tmp_path):
     assert len(pids.read_text().split()) == 3
 
 
+@pytest.mark.slow  # the fast suite keeps the restart limit and the final bad input
 def test_job6_follow_judges_a_restarted_run_once_local(source_repo, script_env, smtp_server):
     """The local chain's self-healing: job3 fails when its process is killed just after epoch 1's
     checkpoint; job6 --follow restarts it, it resumes from that checkpoint, and job6 runs what

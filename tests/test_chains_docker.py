@@ -17,6 +17,7 @@ from tests.conftest import SCRIPTS, git, read_props, run_script
 
 
 @pytest.mark.docker
+@pytest.mark.slow  # two chains; the fast suite has the image hash (test_image_hash.py)
 def test_docker_image_reused_on_second_push(source_repo, docker_env, docker_engine):
     ws = Path(docker_env["CT_WORKSPACE"])
     run_script("job1-pull.sh", docker_env, str(source_repo))
@@ -54,8 +55,9 @@ def test_docker_image_reused_on_second_push(source_repo, docker_env, docker_engi
     [({"CT_TRAIN_ARGS": "--epochs -3"}, "bad input (exit code 2"),
      # importing torch alone needs more than 64 MiB: the kernel OOM-kills the container before
      # its first epoch, where a smaller batch would not help
-     ({"CT_MEMORY": "64m"}, "OOM-killed before its first epoch, while starting and loading the "
-                            "data (exit code 137, CT_MEMORY=64m): the batch size does not matter")],
+     pytest.param({"CT_MEMORY": "64m"}, "OOM-killed before its first epoch, while starting and "
+                  "loading the data (exit code 137, CT_MEMORY=64m): the batch size does not matter",
+                  marks=pytest.mark.slow)],  # the fast suite keeps exit-2's path to "final"
     ids=["exit-2", "oom"],
 )
 def test_docker_failures_a_restart_would_repeat_are_final(source_repo, docker_env, settings, why):
@@ -78,6 +80,7 @@ def test_docker_failures_a_restart_would_repeat_are_final(source_repo, docker_en
 
 
 @pytest.mark.docker
+@pytest.mark.slow  # the fast suite has the limit on the local runtime (test_chain_restarts.py)
 def test_docker_restart_limit(source_repo, docker_env, docker_engine):
     """Killed at every start (what a crash loop looks like): CT_MAX_RESTARTS restarts by plain
     monitor cycles (the way Jenkins runs job6), then job6 gives up and stays red."""
@@ -110,6 +113,7 @@ def test_docker_restart_limit(source_repo, docker_env, docker_engine):
 
 
 @pytest.mark.docker
+@pytest.mark.slow  # fast: a vanished unfinished container restarts (test_trust_mounts.py)
 def test_docker_finished_run_is_not_retrained_when_its_container_is_gone(
     source_repo, docker_env, docker_engine
 ):

@@ -37,6 +37,7 @@ def test_local_chain_passes_promotes_and_mails(source_repo, script_env, smtp_ser
     assert metrics["run_id"] in page and metrics["lineage"]["dataset_sha256"] in page
 
 
+@pytest.mark.slow  # a second chain; the fast suite's browser checks are test_report_browser.py
 def test_local_chain_report_page_shows_the_run_in_a_browser(source_repo, script_env, browser,
                                                            tmp_path):
     """The report job4 wrote for a real run, as a browser renders it: the best model's figures

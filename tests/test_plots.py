@@ -67,6 +67,7 @@ def test_every_epoch_redraws_one_small_figure_without_a_layout_engine(tmp_path: 
     assert struct.unpack(">II", png[16:24]) == (720, 216), "the IHDR's width and height"
 
 
+@pytest.mark.slow  # a tuning round for its picture
 def test_trials_png_after_a_small_tune(tmp_path: Path, tiny_cifar_root: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(["--out", tmp_path, "--data-dir", tiny_cifar_root, "--tune",

@@ -34,6 +34,7 @@ def make(checkout: Path, env: dict[str, str], *args: str) -> subprocess.Complete
                           capture_output=True, text=True, timeout=900, check=False)
 
 
+@pytest.mark.slow  # a second whole chain; the fast one is test_chains_local.py
 def test_make_run_trains_the_checkouts_committed_head(checkout, script_env):
     env = {k: v for k, v in script_env.items()
            if k not in ("GIT_URL", "GIT_COMMIT", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}

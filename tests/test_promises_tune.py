@@ -81,6 +81,7 @@ def test_max_tune_rounds_two_rounds_of_one_study_then_no_more(tune_env, source_r
     assert read_props(ws / "status" / "tune-rounds.properties")["ROUNDS"] == "2"
 
 
+@pytest.mark.slow  # a whole tuning round; the fast suite keeps the chain's mail with curves
 def test_job5_keeps_the_best_runs_curves_for_the_mail(tune_env, source_repo, tmp_path):
     artifacts = tmp_path / "artifacts"
     ws = handed_to_tuning(tune_env, source_repo)
@@ -120,6 +121,7 @@ exec {python} "$@"
 """
 
 
+@pytest.mark.slow  # a tuning round left to hang until its deadline
 def test_job5_stops_a_hung_tuning_process_at_its_deadline(tune_env, source_repo, tmp_path):
     stand_in = tmp_path / "python"
     stand_in.write_text(STAND_IN_PYTHON.format(python=sys.executable))

@@ -79,6 +79,7 @@ def test_a_push_during_training_waits_and_each_commit_trains_its_own_code(env, s
     assert queued(ws) == []
 
 
+@pytest.mark.slow  # the fast suite keeps the push that waits for a paused run, above
 def test_a_killed_run_is_restarted_on_its_own_code_and_the_push_waits_for_it(env, source_repo,
                                                                              tmp_path):
     """Killed before job3 for B: job3 must not resume A's run as B, nor drop B."""

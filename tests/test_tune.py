@@ -69,8 +69,11 @@ def test_a_round_tries_the_base_config_first_and_tests_only_the_best(
 
 @pytest.mark.parametrize("push, second", [
     (["--optimizer", "adam", "--lr", "0.003"], "recipe"),  # a push that is not the recipe
-    (["--optimizer", "adam", "--lr", "0.003", "--no-recipe-trial"], "sampled"),
-    (["--epochs", "3", "--batch-size", "512"], "sampled"),  # the push is the recipe already
+    # (slow: two more rounds; the fast suite keeps the first case)
+    pytest.param(["--optimizer", "adam", "--lr", "0.003", "--no-recipe-trial"], "sampled",
+                 marks=pytest.mark.slow),
+    pytest.param(["--epochs", "3", "--batch-size", "512"], "sampled",  # the push is the recipe
+                 marks=pytest.mark.slow),
 ])
 def test_the_default_recipe_is_the_second_trial_unless_the_push_is_it(
         tmp_path: Path, tiny_cifar_root: Path, capsys: pytest.CaptureFixture[str],
