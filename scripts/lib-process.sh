@@ -105,6 +105,8 @@ launch() {
       -e "CT_IMAGE=$image" -e "CT_IMAGE_ID=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null)")
     # the study's URL holds a password: passed by name, so it is in no argument list or record
     [[ -n "$CT_TUNE_STORAGE" ]] && run+=(-e CT_TUNE_STORAGE)
+    # the trainer's test hook (ct.trainer.stopping), unset in use: a test stops the run at a point
+    [[ -n "${CT_TEST_SIGNAL_AT:-}" ]] && run+=(-e CT_TEST_SIGNAL_AT)
     "${run[@]}" "$image" /code/train.py "$@" "${INCREMENT_ARGS[@]}" >/dev/null ||
       die "docker run of $image failed"
     LAUNCHED="$name"

@@ -55,9 +55,8 @@ STOP_AFTER_FIRST_EPOCH = {"CT_TEST_SIGNAL_AT": "SIGSTOP@after epoch 1/2 "}
 
 
 def wait_for_first_epoch(ws: Path, proc: subprocess.Popen, log: Path) -> Path:
-    """The run folder of the training run once it has recorded an epoch (a checkpoint). Only
-    for a container, which the hook cannot reach (it gets only the variables the pipeline names
-    with -e): the caller races the next epoch, so its run must be long enough never to lose."""
+    """The run folder of the training run once it has recorded an epoch (a checkpoint): in a
+    container, whose process the test cannot see, started with a hook that stops it there."""
     guard = time.monotonic() + HANG_GUARD_S
     while time.monotonic() < guard:
         found = sorted((ws / "runs").glob("train-*/epochs.jsonl"))

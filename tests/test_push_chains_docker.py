@@ -51,7 +51,9 @@ def test_docker_push_during_training_and_a_kill_keep_every_run_on_its_commit(
     run_script("job1-pull.sh", env, str(source_repo), a)
     run_script("job2-image.sh", env)
     log = tmp_path / "job3-a.log"
-    job3 = start("job3-train.sh", env, log=log)
+    # A stops itself once its first epoch is recorded: nothing races the pause and kill below
+    job3 = start("job3-train.sh", {**env, "CT_TEST_SIGNAL_AT": "SIGSTOP@after epoch 1/3 "},
+                 log=log)
     wait_for_first_epoch(ws, job3, log)
     name = read_props(ws / "status" / "train.properties")["CONTAINER"]
     # the container sees A's snapshot read-only at /code and none of the others
