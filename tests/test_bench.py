@@ -72,3 +72,20 @@ def test_the_speed_benchmarks_refuse_bad_input_in_one_line(script: str, flags: l
                           capture_output=True, text=True, timeout=300, check=False)
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+@pytest.mark.slow  # a unit, a test of 10,000 images and a fresh interpreter
+def test_outside_training_lists_each_piece_in_units_and_their_sum(tmp_path) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "outside_training.py"),
+                           "--preset", "fast", "--data-dir", str(tmp_path / "no-copy")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    unit = float(re.search(r"plain, ([\d.]+) s here\)", done.stdout).group(1))
+    rows = dict(re.findall(r"^  (.+?) +([\d.]+) s = [\d.]+ units$", done.stdout, re.M))
+    # --preset fast: 3 epochs; without a data copy the data row is left out, not made up
+    assert {"glance x3", "checkpoint x3", "curves x4", "test (the preset's TTA, untrained)",
+            "start (python, torch, train.py)"} <= set(rows)
+    assert not any(name.startswith("data") for name in rows)
+    total = float(rows.pop("total"))
+    assert abs(total - sum(map(float, rows.values()))) < 0.02 * len(rows)
+    assert all(float(seconds) > 0 for seconds in rows.values()) and unit > 0

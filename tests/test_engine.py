@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ct.trainer.config import PLAIN_RECIPE
+from ct.trainer.config import PLAIN_RECIPE, check_config, default_config, with_added_keys
 from ct.trainer.engine import (
     EVAL_BATCH_CPU,
     LOOKAHEAD_DECAY,
@@ -22,7 +22,9 @@ from ct.trainer.engine import (
     make_optimizer,
     normalise,
 )
+from ct.trainer.errors import UsageError
 from ct.trainer.state import TrainingState
+from ct.trainer.views import translated_logits, translated_where_unsure, view_logits
 from network import build_model
 
 CPU = Compute(torch.device("cpu"), None)
@@ -84,6 +86,46 @@ def test_translated_tta_weights_are_airbench_s() -> None:
                      + 0.25 * mirror(padded[:, :, 2:, 2:]))
     _, loss = evaluate(model, x, y, CPU, translate=True)
     assert loss == pytest.approx(float(F.cross_entropy(expected, y)), rel=1e-5)
+
+
+def test_shifted_views_go_only_to_the_images_left_unsure() -> None:
+    """--tta-translate-margin M: the images whose two likeliest classes (image and mirror) lie
+    less than M apart get the shifted views, the others keep the first views' logits; M = 1
+    shifts every image, as airbench's tta_level 2."""
+    x, _ = _batch(8)
+    model = build_model({"width": 4}).eval()
+    inputs = normalise(x)
+    with torch.no_grad():
+        first = view_logits(model, inputs, True)
+        every = translated_logits(model, inputs, first, True)
+        top = first.softmax(1).topk(2, dim=1).values
+        gaps = top[:, 0] - top[:, 1]
+        margin = float(gaps.median())
+        unsure = gaps < margin
+        mixed = translated_where_unsure(model, inputs, first, True, margin)
+        assert torch.equal(translated_where_unsure(model, inputs, first, True, 1.0), every)
+    assert 0 < int(unsure.sum()) < len(x)
+    assert torch.equal(mixed[~unsure], first[~unsure])
+    assert torch.allclose(mixed[unsure], every[unsure], atol=1e-5)
+
+
+def test_the_margin_spares_the_sure_images_the_shifted_forwards() -> None:
+    x, y = _batch(8)
+    recorder = Recorder()
+    evaluate(recorder, x, y, CPU, flip_tta=True, translate=True, translate_margin=1e-9)
+    assert [len(v) for v in recorder.seen] == [8, 8], "no image is that unsure: 2 forwards"
+    recorder = Recorder()
+    evaluate(recorder, x, y, CPU, flip_tta=True, translate=True, translate_margin=1.0)
+    assert [len(v) for v in recorder.seen] == [8] * 6
+
+
+def test_the_margin_is_checked_and_old_records_shift_every_image() -> None:
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(UsageError, match="--tta-translate-margin must be in"):
+            check_config({**default_config(), "tta_translate_margin": bad})
+    recorded = {k: v for k, v in default_config().items() if k != "tta_translate_margin"}
+    assert with_added_keys(recorded)["tta_translate_margin"] == 1.0
+    assert default_config()["tta_translate_margin"] == 0.3
 
 
 def test_evaluation_batches_cover_every_image_once() -> None:

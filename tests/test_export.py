@@ -28,10 +28,9 @@ from ct.trainer.engine import (
     evaluate_as_configured,
     make_compute,
     normalise,
-    translated_logits,
-    view_logits,
 )
 from ct.trainer.state import load_model
+from ct.trainer.views import translated_logits, view_logits
 from tests.conftest import REPO
 from tests.synthetic_cifar import make_cifar
 

@@ -44,6 +44,7 @@ PLAIN_RECIPE: dict[str, Any] = {
     # airbench94's levers, off here; the presets turn them on (README "Benchmarks").
     "flip": "random",
     "tta_translate": False,
+    "tta_translate_margin": 1.0,  # 1: the shifted views for every image
     "crop_pad": 4,
     "cutout": 0,
     "train_sizes": "",  # e.g. "24,32": the first epoch on 24x24 images, 56% of the pixels
@@ -88,6 +89,9 @@ CONFIG_HELP: dict[str, str] = {
                      "decay divided by it), as airbench's 64",
     "tta_translate": "also evaluate on two copies shifted by 1 pixel (reflect padding), weighted "
                      "1/4 each against 1/2 for the image (airbench's tta_level 2)",
+    "tta_translate_margin": "with --tta-translate: shift only the images whose two likeliest "
+                            "classes (image and mirror) are less than this apart in "
+                            "probability, in (0, 1]; 1: every image",
     "whiten_bias_epochs": "with --stem whiten: epochs the whitening bias trains before it freezes",
     "lookahead": "every 5 steps pull an average of the weights toward the net and the net back "
                  "to it, harder as training ends; the net is the average after each epoch "
@@ -111,7 +115,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     DEFAULT_PRESET: {"epochs": 15, "block_widths": "32,128,128",
                      "train_sizes": "24,24,24,24,32", "crop_pad": 2, "stem": "whiten",
                      "dirac_init": True, "flip": "alternate", "lr": 0.8, "lookahead": True,
-                     "label_smoothing": 0.1, "tta_translate": True},
+                     "label_smoothing": 0.1, "tta_translate": True,
+                     "tta_translate_margin": 0.3},
     "plain": {},
     "fast": {"epochs": 3, "warmup_frac": 0.1, "width": 16, "blocks": 3, "convs_per_block": 2,
              "train_sizes": "24,32", "crop_pad": 0, "stem": "whiten", "dirac_init": True,
@@ -160,6 +165,7 @@ def check_config(cfg: dict[str, Any]) -> None:
         (cfg["whiten_bias_epochs"] >= 0,
          f"--whiten-bias-epochs must be 0 or positive, not {cfg['whiten_bias_epochs']}"),
         (0 <= cfg["lookahead_start"] < 1, "--lookahead-start must be in [0, 1)"),
+        (0 < cfg["tta_translate_margin"] <= 1, "--tta-translate-margin must be in (0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -179,7 +185,7 @@ def check_config(cfg: dict[str, Any]) -> None:
 ADDED_KEYS: tuple[str, ...] = (
     "tta_translate", "stem", "whiten_bias_epochs", "lookahead", "lookahead_start", "flip",
     "block_widths", "bn_scales", "bias_lr_scale", "crop_pad", "train_sizes", "dirac_init",
-    "cutout",
+    "cutout", "tta_translate_margin",
 )
 
 

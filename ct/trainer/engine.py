@@ -21,6 +21,7 @@ from torch import nn
 
 from ct import cpu_budget
 from ct.trainer.errors import UsageError
+from ct.trainer.views import translated_where_unsure, view_logits
 
 # Per-channel statistics of the CIFAR-10 training set, for normalisation.
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -38,7 +39,6 @@ LOOKAHEAD_EVERY = 5
 LOOKAHEAD_DECAY = 0.95
 LOOKAHEAD_POWER = 3
 FLIP_SEED_OFFSET = 1  # the alternating flip's own generator: seed + this
-TTA_SHIFT = 1  # pixels of the two shifted test views (reflect padding), as airbench's tta_level 2
 
 
 @dataclass
@@ -342,9 +342,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Compute,
              flip_tta: bool = True, max_batches: int | None = None, translate: bool = False,
-             predictions: list[torch.Tensor] | None = None) -> tuple[float, float]:
+             predictions: list[torch.Tensor] | None = None, translate_margin: float = 1.0
+             ) -> tuple[float, float]:
     """(accuracy %, mean loss); `flip_tta` averages each image's logits with its mirror's;
-    `translate` adds two shifted views; `predictions` gets each batch's predicted classes."""
+    `translate` adds two shifted views (for the images `translate_margin` leaves unsure);
+    `predictions` gets each batch's predicted classes."""
     model.eval()
     correct = torch.zeros((), device=x.device)
     loss_sum = torch.zeros((), device=x.device)
@@ -356,7 +358,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Comput
         with compute.autocast():
             logits = view_logits(model, inputs, flip_tta)
             if translate:
-                logits = translated_logits(model, inputs, logits, flip_tta)
+                logits = translated_where_unsure(model, inputs, logits, flip_tta,
+                                                 translate_margin)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         predicted = logits.argmax(1)
         correct += (predicted == labels).sum()
@@ -371,25 +374,5 @@ def evaluate_as_configured(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                            predictions: list[torch.Tensor] | None = None) -> tuple[float, float]:
     """`evaluate` with the test-time augmentation the config asks for (tta, tta_translate)."""
     return evaluate(model, x, y, compute, flip_tta=cfg["tta"], max_batches=max_batches,
-                    translate=cfg["tta_translate"], predictions=predictions)
-
-
-def view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool) -> torch.Tensor:
-    """The logits of one view, averaged with its mirror's when `flip_tta`."""
-    logits = model(inputs).float()
-    if flip_tta:
-        logits = (logits + model(inputs.flip(-1)).float()) / 2
-    return logits
-
-
-def translated_logits(model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor,
-                       flip_tta: bool) -> torch.Tensor:
-    """airbench's infer_mirror_translate: half the weight on the image (`logits`, its view), a
-    quarter each on the image shifted by TTA_SHIFT pixels up-left and down-right, cut from its
-    reflect-padded copy (reflection invents no black border the training crops never had)."""
-    size = inputs.shape[-1]
-    padded = F.pad(inputs, (TTA_SHIFT,) * 4, mode="reflect")
-    shifted = [padded[:, :, o:o + size, o:o + size].contiguous(memory_format=torch.channels_last)
-               for o in (0, 2 * TTA_SHIFT)]
-    views = [view_logits(model, view, flip_tta) for view in shifted]
-    return 0.5 * logits + 0.25 * (views[0] + views[1])
+                    translate=cfg["tta_translate"], predictions=predictions,
+                    translate_margin=cfg["tta_translate_margin"])

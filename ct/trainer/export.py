@@ -70,12 +70,11 @@ from ct.trainer.engine import (
     evaluate_as_configured,
     make_compute,
     normalise,
-    translated_logits,
-    view_logits,
 )
 from ct.trainer.errors import UsageError
 from ct.trainer.evaluate import load_saved, model_digest
 from ct.trainer.runs import Log, LogLine, RunOptions, Workspace, load_data, test_version
+from ct.trainer.views import translated_logits, view_logits
 
 KIND = "export"  # runs/export-<UTC time>-<model sha256[:10]>/
 FORMAT = "ct-export/1"
