@@ -55,8 +55,8 @@ STOP_AFTER_FIRST_EPOCH = {"CT_TEST_SIGNAL_AT": "SIGSTOP@after epoch 1/2 "}
 
 
 def wait_for_first_epoch(ws: Path, proc: subprocess.Popen, log: Path) -> Path:
-    """The run folder of the training run once it has recorded an epoch (a checkpoint): in a
-    container, whose process the test cannot see, started with a hook that stops it there."""
+    """The run folder of the training run once it has recorded an epoch (a checkpoint): for a
+    container, whose record names no pid; `container_stopped_itself` then waits for its hook."""
     guard = time.monotonic() + HANG_GUARD_S
     while time.monotonic() < guard:
         found = sorted((ws / "runs").glob("train-*/epochs.jsonl"))
@@ -90,6 +90,21 @@ def stopped_itself(ws: Path, proc: subprocess.Popen, log: Path, not_pid: int = 0
                                  f"{log.read_text()[-4000:]}")
         time.sleep(0.1)
     raise AssertionError(f"hung: the run did not stop itself after {HANG_GUARD_S:.0f} s")
+
+
+def container_stopped_itself(docker_engine, name: str) -> bool:
+    """Whether train.py in container `name` stops itself at its hook before the container ends:
+    its process is the host's to see, as `stopped_itself` sees a local run's."""
+    guard = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < guard:
+        rows = docker_engine.docker("top", name, "-o", "pid,args", check=False).splitlines()[1:]
+        if any("train.py" in row and _stopped(int(row.split()[0])) for row in rows):
+            return True
+        if docker_engine.docker("inspect", "-f", "{{.State.Running}}", name,
+                                check=False).strip() != "true":
+            return False
+        time.sleep(0.2)
+    return False
 
 
 def resume(pid: int) -> None:

@@ -16,9 +16,9 @@ import pytest
 
 from tests.conftest import REPO, read_props, run_script
 from tests.push_chains import (
-    HANG_GUARD_S,
     assert_each_commit_judged_once,
     assert_output_trained_its_commit,
+    container_stopped_itself,
     finish,
     queued,
     start,
@@ -39,21 +39,6 @@ def monitor_until(env, predicate, what: str, timeout: float = 600) -> str:
     raise AssertionError(f"no job6 cycle saw {what}:\n{seen[-3000:]}")
 
 
-def stopped_itself(docker_engine, name: str) -> bool:
-    """Whether train.py in container `name` stops itself (state T) at its hook, before the
-    container ends."""
-    guard = time.monotonic() + HANG_GUARD_S
-    while time.monotonic() < guard:
-        top = docker_engine.docker("top", name, "-o", "pid,stat,args", check=False).splitlines()
-        if any(row.split()[1].startswith("T") and "train.py" in row for row in top[1:]):
-            return True
-        if docker_engine.docker("inspect", "-f", "{{.State.Running}}", name,
-                                check=False).strip() != "true":
-            return False
-        time.sleep(0.2)
-    return False
-
-
 @pytest.mark.docker
 @pytest.mark.slow
 def test_docker_push_during_training_and_a_kill_keep_every_run_on_its_commit(
@@ -72,7 +57,7 @@ def test_docker_push_during_training_and_a_kill_keep_every_run_on_its_commit(
                  log=log)
     wait_for_first_epoch(ws, job3, log)
     name = read_props(ws / "status" / "train.properties")["CONTAINER"]
-    assert stopped_itself(docker_engine, name), "A did not stop itself after its first epoch"
+    assert container_stopped_itself(docker_engine, name), "A did not stop itself after epoch 1"
     # the container sees A's snapshot read-only at /code and none of the others
     seen = docker_engine.docker("exec", name, "sh", "-c",
                                 "ls -A /workspace/code; touch /code/x 2>&1 || echo read-only",
