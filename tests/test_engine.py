@@ -119,13 +119,53 @@ def test_the_margin_spares_the_sure_images_the_shifted_forwards() -> None:
     assert [len(v) for v in recorder.seen] == [8] * 6
 
 
-def test_the_margin_is_checked_and_old_records_shift_every_image() -> None:
+def test_the_mirror_goes_only_to_the_images_the_image_alone_leaves_unsure() -> None:
+    """--tta-margin M: the images whose two likeliest classes on the image alone lie less than M
+    apart are averaged with their mirror, the others keep the image's logits; M = 1 mirrors
+    every image."""
+    x, _ = _batch(8)
+    model = build_model({"width": 4}).eval()
+    inputs = normalise(x)
+    with torch.no_grad():
+        alone = view_logits(model, inputs, False)
+        every = view_logits(model, inputs, True)
+        margin = float(unsure_gaps(alone).median())
+        unsure = unsure_gaps(alone) < margin
+        mixed = view_logits(model, inputs, True, margin)
+        assert torch.equal(view_logits(model, inputs, True, 1.0), every)
+    assert 0 < int(unsure.sum()) < len(x)
+    assert torch.equal(mixed[~unsure], alone[~unsure])
+    assert torch.allclose(mixed[unsure], every[unsure], atol=1e-5)
+
+
+def unsure_gaps(logits: torch.Tensor) -> torch.Tensor:
+    top = logits.softmax(1).topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
+
+
+def test_the_mirror_margin_spares_the_sure_images_their_mirror() -> None:
+    x, y = _batch(8)
+    recorder = Recorder()
+    evaluate(recorder, x, y, CPU, flip_tta=True, mirror_margin=1e-9)
+    assert [len(v) for v in recorder.seen] == [8], "no image is that unsure: 1 forward"
+    recorder = Recorder()
+    evaluate(recorder, x, y, CPU, flip_tta=True, mirror_margin=1.0)
+    assert [len(v) for v in recorder.seen] == [8, 8]
+    assert torch.equal(recorder.seen[1], recorder.seen[0].flip(-1))
+
+
+@pytest.mark.parametrize(("key", "flag", "preset_value"), [
+    ("tta_translate_margin", "--tta-translate-margin", 0.3),
+    ("tta_margin", "--tta-margin", 0.8),
+])
+def test_a_margin_is_checked_and_old_records_show_every_image_every_view(
+        key: str, flag: str, preset_value: float) -> None:
     for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(UsageError, match="--tta-translate-margin must be in"):
-            check_config({**default_config(), "tta_translate_margin": bad})
-    recorded = {k: v for k, v in default_config().items() if k != "tta_translate_margin"}
-    assert with_added_keys(recorded)["tta_translate_margin"] == 1.0
-    assert default_config()["tta_translate_margin"] == 0.3
+        with pytest.raises(UsageError, match=f"{flag} must be in"):
+            check_config({**default_config(), key: bad})
+    recorded = {k: v for k, v in default_config().items() if k != key}
+    assert with_added_keys(recorded)[key] == 1.0
+    assert default_config()[key] == preset_value
 
 
 def test_evaluation_batches_cover_every_image_once() -> None:

@@ -18,9 +18,8 @@ from tests.conftest import REPO, real_cifar
 
 @pytest.mark.slow
 def test_the_fast_preset_reaches_81_percent_in_3_epochs(tmp_path: Path) -> None:
-    """README: `--preset fast` is 82% in 3 epochs (81.98-82.05% over 3 seeds with bf16,
-    81.65-81.95% in fp32); 81% leaves room for a CPU's and a torch's rounding, none for a worse
-    recipe."""
+    """README: `--preset fast` is 82% in 3 epochs (81.71-82.13% over 3 seeds with bf16, 82.28%
+    in fp32); 81% leaves room for a CPU's and a torch's rounding, none for a worse recipe."""
     data = real_cifar()
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--preset", "fast",
                            "--data-dir", str(data), "--out", str(tmp_path)],

@@ -154,11 +154,13 @@ def test_hashed_names_ignore_added_keys_at_legacy_values() -> None:
 
 
 # The run folders' and studies' hashes of each preset: a change would orphan every unfinished run
-# and start every study afresh. The default's changed once on purpose, with its test-time views
-# (tta_translate_margin 0.3; before: 88914f9a70, cifar10-9612e3061aae).
+# and start every study afresh. The default's changed on purpose with its test-time views: with
+# tta_translate_margin 0.3 (before: 88914f9a70, cifar10-9612e3061aae), then with tta_margin 0.8
+# (before: 10cc7e6eed, cifar10-cf5276216d3d). The fast preset's changed with its recipe (ReLU,
+# 20/26/32, batches of 256, shifted views; before: 50c516fbbf, cifar10-2959e51009d8).
 HASHED_NAMES = {
-    "default": ("10cc7e6eed", "cifar10-cf5276216d3d"),
-    "fast": ("50c516fbbf", "cifar10-2959e51009d8"),
+    "default": ("e436471b82", "cifar10-1c413cdae948"),
+    "fast": ("c18484d684", "cifar10-40f27d333a6b"),
     "gpu": ("7acee6a89b", "cifar10-5b6dc13fef85"),
     "original": ("1fb2928598", "cifar10-54bad21bef21"),
     "plain": ("0b04b86d12", "cifar10-721ae5fc7671"),

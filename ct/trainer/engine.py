@@ -342,11 +342,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Compute,
              flip_tta: bool = True, max_batches: int | None = None, translate: bool = False,
-             predictions: list[torch.Tensor] | None = None, translate_margin: float = 1.0
-             ) -> tuple[float, float]:
-    """(accuracy %, mean loss); `flip_tta` averages each image's logits with its mirror's;
-    `translate` adds two shifted views (for the images `translate_margin` leaves unsure);
-    `predictions` gets each batch's predicted classes."""
+             predictions: list[torch.Tensor] | None = None, translate_margin: float = 1.0,
+             mirror_margin: float = 1.0) -> tuple[float, float]:
+    """(accuracy %, mean loss); `flip_tta` averages each image's logits with its mirror's (for
+    the images `mirror_margin` leaves unsure); `translate` adds two shifted views (for the images
+    `translate_margin` leaves unsure); `predictions` gets each batch's predicted classes."""
     model.eval()
     correct = torch.zeros((), device=x.device)
     loss_sum = torch.zeros((), device=x.device)
@@ -356,7 +356,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, compute: Comput
             break
         inputs, labels = normalise(x[first:first + batch]), y[first:first + batch]
         with compute.autocast():
-            logits = view_logits(model, inputs, flip_tta)
+            logits = view_logits(model, inputs, flip_tta, mirror_margin)
             if translate:
                 logits = translated_where_unsure(model, inputs, logits, flip_tta,
                                                  translate_margin)
@@ -375,4 +375,5 @@ def evaluate_as_configured(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """`evaluate` with the test-time augmentation the config asks for (tta, tta_translate)."""
     return evaluate(model, x, y, compute, flip_tta=cfg["tta"], max_batches=max_batches,
                     translate=cfg["tta_translate"], predictions=predictions,
-                    translate_margin=cfg["tta_translate_margin"])
+                    translate_margin=cfg["tta_translate_margin"],
+                    mirror_margin=cfg["tta_margin"])

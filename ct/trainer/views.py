@@ -1,7 +1,9 @@
 """The test-time views of an image and how their logits combine: the image, its mirror, and two
-copies shifted by a pixel (airbench's tta_level 2), the last only where the first views leave the
-prediction unsure. A run's test (ct.trainer.engine.evaluate) and the exported graph
-(ct.trainer.export) compute the same views with these functions.
+copies shifted by a pixel (airbench's tta_level 2). Each later view can be kept to the images the
+earlier ones leave unsure (a margin): the mirror where the image alone is unsure, the shifted
+copies where the image and its mirror are. A run's test (ct.trainer.engine.evaluate) and the
+exported graph (ct.trainer.export, every view for every image) compute the views with these
+functions.
 """
 
 from __future__ import annotations
@@ -13,12 +15,30 @@ from torch import nn
 TTA_SHIFT = 1  # pixels of the two shifted test views (reflect padding), as airbench's tta_level 2
 
 
-def view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool) -> torch.Tensor:
-    """The logits of one view, averaged with its mirror's when `flip_tta`."""
+def view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool,
+                mirror_margin: float = 1.0) -> torch.Tensor:
+    """The logits of one view, averaged with its mirror's when `flip_tta`: for every image with
+    `mirror_margin` 1, else for the images the view alone leaves `unsure` by that margin. The
+    mirror never changed the prediction of an image whose two likeliest classes lay 0.8 or more
+    apart, on eight trained runs (docs/benchmarks.md)."""
     logits = model(inputs).float()
-    if flip_tta:
-        logits = (logits + model(inputs.flip(-1)).float()) / 2
-    return logits
+    if not flip_tta:
+        return logits
+    if mirror_margin >= 1:
+        return (logits + model(inputs.flip(-1)).float()) / 2
+    mirrored = unsure(logits, mirror_margin)
+    if not bool(mirrored.any()):
+        return logits
+    mixed = logits.clone()
+    mixed[mirrored] = (logits[mirrored] + model(inputs[mirrored].flip(-1)).float()) / 2
+    return mixed
+
+
+def unsure(logits: torch.Tensor, margin: float) -> torch.Tensor:
+    """Which images' two likeliest classes under `logits` lie less than `margin` apart in
+    probability."""
+    top_two = logits.softmax(1).topk(2, dim=1).values
+    return (top_two[:, 0] - top_two[:, 1]) < margin
 
 
 def translated_logits(model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor,
@@ -43,10 +63,9 @@ def translated_where_unsure(model: nn.Module, inputs: torch.Tensor, logits: torc
     for a third to a half of the cost. Margin 1 shifts every image (airbench's tta_level 2)."""
     if margin >= 1:
         return translated_logits(model, inputs, logits, flip_tta)
-    top_two = logits.softmax(1).topk(2, dim=1).values
-    unsure = (top_two[:, 0] - top_two[:, 1]) < margin
-    if not bool(unsure.any()):
+    shifted = unsure(logits, margin)
+    if not bool(shifted.any()):
         return logits
     mixed = logits.clone()
-    mixed[unsure] = translated_logits(model, inputs[unsure], logits[unsure], flip_tta)
+    mixed[shifted] = translated_logits(model, inputs[shifted], logits[shifted], flip_tta)
     return mixed
