@@ -113,7 +113,7 @@ CONFIG_HELP: dict[str, str] = {
 # PLAIN_RECIPE alone. "fast" is the time-to-80% recipe: 3 epochs on 20x20, 26x26 and 32x32
 # images in batches of 256, ReLU, no crops (3 epochs are too few to profit from them), the same
 # levers and peak rate, and the shifted test views for the unsure images (81.71-82.13% over 3
-# seeds at 1.5-1.6 units of training, 0.70x the recipe before it, which had the first epoch on
+# seeds at 1.53-1.66 units of training, 0.70x the recipe before it, which had the first epoch on
 # 24x24, the rest at 32, GELU and batches of 512). "original" is the recipe this project started
 # from, the benchmark's baseline.
 DEFAULT_PRESET = "default"
