@@ -98,8 +98,7 @@ def test_shifted_views_go_only_to_the_images_left_unsure() -> None:
     with torch.no_grad():
         first = view_logits(model, inputs, True)
         every = translated_logits(model, inputs, first, True)
-        top = first.softmax(1).topk(2, dim=1).values
-        gaps = top[:, 0] - top[:, 1]
+        gaps = unsure_gaps(first)
         margin = float(gaps.median())
         unsure = gaps < margin
         mixed = translated_where_unsure(model, inputs, first, True, margin)

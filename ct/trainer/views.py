@@ -8,6 +8,8 @@ functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,14 +26,8 @@ def view_logits(model: nn.Module, inputs: torch.Tensor, flip_tta: bool,
     logits = model(inputs).float()
     if not flip_tta:
         return logits
-    if mirror_margin >= 1:
-        return (logits + model(inputs.flip(-1)).float()) / 2
-    mirrored = unsure(logits, mirror_margin)
-    if not bool(mirrored.any()):
-        return logits
-    mixed = logits.clone()
-    mixed[mirrored] = (logits[mirrored] + model(inputs[mirrored].flip(-1)).float()) / 2
-    return mixed
+    return _where_unsure(logits, mirror_margin,
+                         lambda i: (logits[i] + model(inputs[i].flip(-1)).float()) / 2)
 
 
 def unsure(logits: torch.Tensor, margin: float) -> torch.Tensor:
@@ -39,6 +35,20 @@ def unsure(logits: torch.Tensor, margin: float) -> torch.Tensor:
     probability."""
     top_two = logits.softmax(1).topk(2, dim=1).values
     return (top_two[:, 0] - top_two[:, 1]) < margin
+
+
+def _where_unsure(logits: torch.Tensor, margin: float,
+                  refined: Callable[[torch.Tensor | slice], torch.Tensor]) -> torch.Tensor:
+    """`logits` with the images `unsure` by `margin` replaced by `refined(their index)`, the
+    logits with a later view added; margin 1 refines the whole batch (index `:`), as one batch."""
+    if margin >= 1:
+        return refined(slice(None))
+    chosen = unsure(logits, margin)
+    if not bool(chosen.any()):
+        return logits
+    mixed = logits.clone()
+    mixed[chosen] = refined(chosen)
+    return mixed
 
 
 def translated_logits(model: nn.Module, inputs: torch.Tensor, logits: torch.Tensor,
@@ -61,11 +71,5 @@ def translated_where_unsure(model: nn.Module, inputs: torch.Tensor, logits: torc
     changed the prediction of unsure images: on four trained runs (docs/benchmarks.md), margin
     0.3 shifted 14-39% of the test images and predicted every image as shifting all of them did,
     for a third to a half of the cost. Margin 1 shifts every image (airbench's tta_level 2)."""
-    if margin >= 1:
-        return translated_logits(model, inputs, logits, flip_tta)
-    shifted = unsure(logits, margin)
-    if not bool(shifted.any()):
-        return logits
-    mixed = logits.clone()
-    mixed[shifted] = translated_logits(model, inputs[shifted], logits[shifted], flip_tta)
-    return mixed
+    return _where_unsure(logits, margin,
+                         lambda i: translated_logits(model, inputs[i], logits[i], flip_tta))
