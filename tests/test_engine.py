@@ -23,6 +23,7 @@ from ct.trainer.engine import (
     normalise,
 )
 from ct.trainer.errors import UsageError
+from ct.trainer.muon import MuonSGD
 from ct.trainer.state import TrainingState
 from ct.trainer.views import translated_logits, translated_where_unsure, view_logits
 from network import build_model
@@ -271,9 +272,10 @@ def test_every_listed_optimizer_is_built_and_no_other() -> None:
     built = {name: make_optimizer(model, {**PLAIN_RECIPE, "optimizer": name})
              for name in OPTIMIZERS}
     assert {name: type(o) for name, o in built.items()} == {
-        "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+        "muon": MuonSGD}
     assert built["sgd"].defaults["nesterov"] and built["sgd"].defaults["momentum"] == 0.9
-    with pytest.raises(ValueError, match="use sgd, adam, adamw"):
+    with pytest.raises(ValueError, match="use sgd, adam, adamw, muon"):
         make_optimizer(model, {**PLAIN_RECIPE, "optimizer": "rmsprop"})
 
 

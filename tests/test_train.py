@@ -297,7 +297,8 @@ def test_every_training_flag_says_its_meaning_and_the_default_presets_value(
         value = default[key]
         shown = ("yes" if value else "no") if isinstance(value, bool) else value
         assert f"{' '.join(meaning.split())} (default: {shown})" in flat, key
-    assert "--optimizers OPTIMIZERS optimizers the search uses (default: sgd,adam,adamw)" in flat
+    assert ("--optimizers OPTIMIZERS optimizers the search uses (default: sgd,adam,adamw,muon)"
+            in flat)
 
 
 # --- lineage and --reproduce ------------------------------------------------------------------
@@ -305,7 +306,7 @@ def test_every_training_flag_says_its_meaning_and_the_default_presets_value(
 LEVERS = ["--stem", "whiten", "--whiten-bias-epochs", "2", "--lookahead", "yes",
            "--lookahead-start", "0.2", "--tta-translate", "yes", "--flip", "alternate",
            "--bn-scales", "no", "--bias-lr-scale", "8", "--dirac-init", "yes", "--crop-pad", "2",
-           "--train-sizes", "16,24,32", "--cutout", "8"]
+           "--train-sizes", "16,24,32", "--cutout", "8", "--optimizer", "muon"]
 
 
 @pytest.fixture(scope="module")
@@ -320,13 +321,15 @@ def reference_levers(tmp_path_factory: pytest.TempPathFactory, tiny_cifar_root: 
 def test_killed_run_with_airbench_levers_resumes_to_the_same_result(
         tmp_path: Path, tiny_cifar_root: Path, reference_levers: Path) -> None:
     """Killed after epoch 2 of 4: the lookahead average (started in epoch 1: 32 steps an epoch,
-    start at step 26) comes back from the checkpoint, and the whitening bias, trained for 2
-    epochs, is frozen in the resumed process as it was in the uninterrupted one."""
+    start at step 26) and Muon's momentum for the filters come back from the checkpoint, and the
+    whitening bias, trained for 2 epochs, is frozen in the resumed process as it was in the
+    uninterrupted one."""
     cmd = _train_cmd(tmp_path / "cut", tiny_cifar_root, *LEVERS)
     killed = signalled_at(cmd, "after epoch 2/4", "SIGKILL")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     ckpt = torch.load(only_run_dir(tmp_path / "cut") / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and isinstance(ckpt["lookahead"], dict), "the average is kept"
+    assert ckpt["optimizer"]["param_groups"][-1]["muon"], "the filters' Muon group is kept"
     for name, tensor in ckpt["model"].items():
         if tensor.is_floating_point():
             assert torch.equal(tensor, ckpt["lookahead"][name]), f"{name}: net == average"

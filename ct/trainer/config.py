@@ -34,6 +34,7 @@ PLAIN_RECIPE: dict[str, Any] = {
     "batch_size": 512,
     "optimizer": "sgd",
     "lr": 0.4,
+    "muon_lr": 0.08,  # with --optimizer muon only
     "momentum": 0.9,
     "weight_decay": 5e-4,
     "label_smoothing": 0.2,  # softer targets: faster, better calibrated training on short budgets
@@ -69,8 +70,11 @@ def _either(choices: tuple[str, ...]) -> str:
 CONFIG_HELP: dict[str, str] = {
     "epochs": "passes over the training images",
     "batch_size": "images per training step",
-    "optimizer": f"{_either(OPTIMIZERS)}; sgd uses Nesterov momentum",
+    "optimizer": f"{_either(OPTIMIZERS)}; sgd uses Nesterov momentum, muon (Muon for the "
+                 "convolution filters, SGD for the rest) too",
     "lr": "peak learning rate",
+    "muon_lr": "with --optimizer muon: the convolution filters' peak step, as a share of their "
+               "norm (held fixed); --lr drives the other weights by SGD",
     "momentum": "SGD momentum; 0 for plain SGD",
     "weight_decay": "L2 penalty on the weights",
     "label_smoothing": "share of each target spread over the other classes, in [0, 1)",
@@ -153,6 +157,7 @@ def check_config(cfg: dict[str, Any]) -> None:
     checks = [
         (cfg["epochs"] > 0, f"--epochs must be at least 1, not {cfg['epochs']}"),
         (cfg["lr"] > 0, f"--lr must be positive, not {cfg['lr']}"),
+        (cfg["muon_lr"] > 0, f"--muon-lr must be positive, not {cfg['muon_lr']}"),
         (cfg["batch_size"] > 0, f"--batch-size must be at least 1, not {cfg['batch_size']}"),
         (cfg["optimizer"] in OPTIMIZERS,
          f"--optimizer must be {_either(OPTIMIZERS)}, not {cfg['optimizer']!r}"),
@@ -193,7 +198,7 @@ def check_config(cfg: dict[str, Any]) -> None:
 ADDED_KEYS: tuple[str, ...] = (
     "tta_translate", "stem", "whiten_bias_epochs", "lookahead", "lookahead_start", "flip",
     "block_widths", "bn_scales", "bias_lr_scale", "crop_pad", "train_sizes", "dirac_init",
-    "cutout", "tta_translate_margin", "tta_margin",
+    "cutout", "tta_translate_margin", "tta_margin", "muon_lr",
 )
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ct import cpu_budget
 from ct.trainer.errors import UsageError
+from ct.trainer.muon import make_muon
 from ct.trainer.views import translated_where_unsure, view_logits
 
 # Per-channel statistics of the CIFAR-10 training set, for normalisation.
@@ -191,7 +192,7 @@ def _adamw(groups: list[dict[str, Any]], cfg: dict[str, Any]) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
-_OPTIMIZER_MAKERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+_OPTIMIZER_MAKERS = {"sgd": _sgd, "adam": _adam, "adamw": _adamw, "muon": make_muon}
 # make_optimizer's names, in the order help texts list them: the choices of --optimizer, of
 # --optimizers and of the tuner's search.
 OPTIMIZERS = tuple(_OPTIMIZER_MAKERS)

@@ -47,8 +47,7 @@ from network import ignored_keys
 STORAGE_ENV = "CT_TUNE_STORAGE"  # a database URL shared by several machines; empty: the journal
 
 # The search space, written once. Learning rate and weight decay have one range per optimizer
-# (each of ct.trainer.engine.OPTIMIZERS; Optuna names them lr_sgd, lr_adam, ...), since their
-# scales differ by orders of magnitude.
+# (ct.trainer.engine.OPTIMIZERS; Optuna names them lr_sgd, ...): their scales differ by 1000x.
 LR: dict[str, FloatDistribution] = {
     # Nesterov at batch 256-1024: the plain recipe takes 0.4, the default preset 0.8.
     "sgd": FloatDistribution(0.05, 1.0, log=True),
@@ -60,6 +59,7 @@ WEIGHT_DECAY: dict[str, FloatDistribution] = {
     "adam": FloatDistribution(1e-6, 1e-3, log=True),  # L2 through Adam's scaling: keep it small
     "adamw": FloatDistribution(1e-3, 0.3, log=True),  # decoupled decay: large values are normal
 }
+LR["muon"], WEIGHT_DECAY["muon"] = LR["sgd"], WEIGHT_DECAY["sgd"]  # SGD drives its non-filters
 # Epochs: more almost always help; --max-epochs' default, 24, is where one trial of the plain
 # recipe's width eats a tenth of --time-budget's default hour on 2 CPU cores.
 MIN_EPOCHS = 4
