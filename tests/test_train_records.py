@@ -159,8 +159,8 @@ def test_hashed_names_ignore_added_keys_at_legacy_values() -> None:
 # (before: 10cc7e6eed, cifar10-cf5276216d3d). The fast preset's changed with its recipe (ReLU,
 # 20/26/32, batches of 256, shifted views; before: 50c516fbbf, cifar10-2959e51009d8).
 HASHED_NAMES = {
-    "default": ("e436471b82", "cifar10-1c413cdae948"),
-    "fast": ("c18484d684", "cifar10-40f27d333a6b"),
+    "default": ("4b9c5bd9a2", "cifar10-1c413cdae948"),
+    "fast": ("2f93657189", "cifar10-830fc93519c8"),
     "gpu": ("7acee6a89b", "cifar10-5b6dc13fef85"),
     "original": ("1fb2928598", "cifar10-54bad21bef21"),
     "plain": ("0b04b86d12", "cifar10-721ae5fc7671"),

@@ -30,7 +30,7 @@ def test_a_round_tries_the_base_config_first_and_tests_only_the_best(
     trials = rows(run_dir)
     assert [t["trial"] for t in trials] == [0, 1, 2]
     default = default_config()
-    assert trials[0]["params"] == {"optimizer": "sgd", "lr": default["lr"],
+    assert trials[0]["params"] == {"optimizer": default["optimizer"], "lr": default["lr"],
                                    "weight_decay": default["weight_decay"], "epochs": 2,
                                    "batch_size": 64,
                                    "convs_per_block": default["convs_per_block"],
