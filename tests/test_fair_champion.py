@@ -348,7 +348,7 @@ def test_the_chain_re_scores_the_champion_on_a_new_test_set(source_repo, script_
 
     add_increment(ws)
     # a challenger that learns next to nothing: the champion must stay, on the fair number
-    env["CT_TRAIN_ARGS"] += " --subset 100 --lr 0.000001"
+    env["CT_TRAIN_ARGS"] += " --subset 100 --lr 0.000001 --muon-lr 0.000001"
     run_script("job2-image.sh", env)
     run_script("job3-train.sh", env)
     second = json.loads((ws / "metrics.json").read_text())

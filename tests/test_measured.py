@@ -267,7 +267,7 @@ def test_the_chain_promotes_the_measured_figure_and_refuses_a_forged_one(source_
     assert export["served_accuracy"] is None and export["tta"]["mirror"]
 
     champion = {name: (ws / name).read_bytes() for name in ("best.json", best["model"])}
-    env["CT_TRAIN_ARGS"] += " --subset 100 --lr 0.000001"
+    env["CT_TRAIN_ARGS"] += " --subset 100 --lr 0.000001 --muon-lr 0.000001"  # learns nothing
     second = train(env)
     claim(ws, 99.0)  # what the run's own code can write about itself
     refused = run_script("job4-gate.sh", env, check=False)
