@@ -129,9 +129,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "plain": {},
     "fast": {"epochs": 2, "batch_size": 256, "optimizer": "muon", "warmup_frac": 0.1,
              "width": 16, "blocks": 3, "convs_per_block": 2, "activation": "relu",
-             "train_sizes": "24,32",
-             "crop_pad": 0, "stem": "whiten", "dirac_init": True, "flip": "alternate",
-             "lr": 0.8, "tta_translate": True, "tta_translate_margin": 0.3},
+             "train_sizes": "24,32", "crop_pad": 0, "stem": "whiten", "dirac_init": True,
+             "flip": "alternate", "lr": 0.8, "tta_translate": True, "tta_translate_margin": 0.3},
     # The most accurate GPU recipe measured (README "Benchmarks", H200): airbench96's widths,
     # 40 epochs, 91.63% mean over 3 seeds; every recipe tried on the JPEG copy ended at 91-92%.
     "gpu": {"epochs": 40, "convs_per_block": 3, "block_widths": "128,384,512",
