@@ -5,6 +5,7 @@ train.py, and imports torch.
 - `increments`: labelled increments (docs/data.md) decoded, checked and appended to CIFAR-10.
 - `engine`: the device set-up (`Compute`), batched augmentation, one epoch, weight averaging
   (`Lookahead`), evaluation.
+- `allocator`: malloc told to keep the memory a training step frees, for the next to reuse.
 - `muon`: `--optimizer muon`, Muon for the convolution filters and SGD for the other weights.
 - `views`: the test-time views (mirror, shifted copies) and how their logits combine.
 - `config`: the plain recipe every preset overrides, the presets, each key's help line, config
