@@ -4,8 +4,8 @@ Every training step allocates and frees the same large buffers: at batch 512, ac
 their gradients of up to 32 MB each. glibc's malloc, by default, hands such blocks back to the
 kernel (it maps blocks above a threshold with mmap and unmaps them on free, and trims the top of
 its heap), so each step faults every page of them in again: 2.2 million page faults in 20 steps
-of the default run, 0.15 million with these settings, which make a plain epoch 13% faster on
-2 cores and the default run's training 8% (docs/benchmarks.md, "The memory allocator"). Which
+of the default run, 0.15 million with these settings, which make a plain epoch 9-16% faster on
+2 cores and the default run's training 0-9% (docs/benchmarks.md, "The memory allocator"). Which
 memory holds a tensor does not change what is computed: results stay the same to the last
 digit. Peak memory may grow (the fast preset's by 18%).
 """

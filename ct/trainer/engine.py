@@ -80,7 +80,7 @@ def make_compute(name: str, precision: str = "auto") -> Compute:
     plain fp32 elsewhere; fp32: plain fp32 everywhere. On the CPU, torch gets the process's thread
     budget (ct.cpu_budget: CT_THREADS when set, else the cores the affinity and the cgroup quota
     leave), so trainings sharing a host do not oversubscribe it, and malloc keeps the memory a
-    step frees for the next (ct.trainer.allocator: 8-13% of an epoch on 2 cores)."""
+    step frees for the next (ct.trainer.allocator: up to 16% of an epoch on 2 cores)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if precision not in PRECISIONS:
