@@ -51,9 +51,12 @@ def transparent_huge_pages_always() -> bool:
 
 
 def test_steps_reuse_the_memory_earlier_steps_freed() -> None:
-    assert settled_faults("keep") < SETTLED_PAGES // 4  # a stray block at most
+    kept = settled_faults("keep")
+    assert kept < SETTLED_PAGES // 4  # a stray block at most
+    # Compared with the default in the same kernel, not with a page count: kernels that fault
+    # anonymous memory in larger folios (mTHP) count fewer faults for the same pages.
     if not transparent_huge_pages_always():  # 2 MB pages would hide the default's faults
-        assert settled_faults("default") > SETTLED_PAGES // 2  # what it saves: most pages
+        assert kept < settled_faults("default") // 4  # what it saves: most of the faults
 
 
 def test_the_cpu_compute_set_up_keeps_freed_memory() -> None:
