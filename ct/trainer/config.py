@@ -117,7 +117,8 @@ CONFIG_HELP: dict[str, str] = {
 # "plain" is PLAIN_RECIPE alone. "fast" is the time-to-80% recipe: 2 epochs, at 24x24 then
 # 32x32, in batches of 256, Muon, ReLU, no crops (too few epochs to profit from them), the same
 # levers, and the shifted test views for the unsure images (81.96-82.27% over 3 seeds at
-# 1.26 units of training, where its 3-epoch SGD predecessor took 1.53-1.66 for 81.88%).
+# 1.26 units of training, where its 3-epoch SGD predecessor took 1.53-1.66 for 81.88%; units
+# of before the allocator setting, which made the unit cheaper: 1.48-1.51 units since).
 # "original" is the recipe this project started from, the benchmark's baseline.
 DEFAULT_PRESET = "default"
 PRESETS: dict[str, dict[str, Any]] = {
